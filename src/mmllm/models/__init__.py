@@ -1,0 +1,1 @@
+"""Model parts: configuration, vision tower, projector, language model, the multimodal model."""

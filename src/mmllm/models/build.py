@@ -1,0 +1,96 @@
+"""Assemble a multimodal model from named parts, or load a saved one: the two ways models come to be."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from mmllm.errors import MmllmError
+from mmllm.images import ImageProcessor
+from mmllm.models.configuration import MultimodalConfig
+from mmllm.models.language import load_language_model, load_tokenizer
+from mmllm.models.multimodal import MultimodalLM
+from mmllm.models.projector import match_embedding_scale
+from mmllm.models.vision import load_vision_tower
+from mmllm.processor import PROCESSOR_FILE, MultimodalProcessor
+
+log = logging.getLogger("mmllm")
+
+# `--model default`: the stack named by ModelConfig's defaults, until a trained model ships.
+DEFAULT_MODEL = "default"
+
+
+@dataclass
+class ModelConfig:
+    """Parts of a multimodal model: which language model, which vision tower, how they are joined."""
+
+    lm: str = "qwen2.5-0.5b-instruct"
+    """Language model: registry name (`mmllm weights list`), hub id, local directory or .gguf file."""
+    vision: str = "clip-vit-base-patch32"
+    """Vision tower: registry name, hub id or local directory of a CLIP checkpoint (or of its config alone)."""
+    vision_feature_mode: Literal["pooled", "patch"] = "pooled"
+    """`pooled`: CLIP's 512-d image embedding, 1 token per image; `patch`: one token per patch (LLaVA)."""
+    vision_feature_layer: int = -2
+    """Vision layer read in `patch` mode (-2: penultimate, as LLaVA)."""
+    vision_use_cls: bool = False
+    """In `patch` mode, also pass the CLS token."""
+    projector: Literal["mlp_ln", "mlp_gelu"] = "mlp_ln"
+    """`mlp_ln`: Linear-ReLU-LayerNorm-Linear (seed design); `mlp_gelu`: LLaVA-1.5's Linear-GELU-Linear."""
+
+
+def build_model(
+    cfg: ModelConfig, dtype: torch.dtype | None = None
+) -> tuple[MultimodalLM, MultimodalProcessor]:
+    """A new model: pretrained LM (and vision tower when available) plus a fresh projector."""
+    language_model = load_language_model(cfg.lm, dtype)
+    tower, tower_pretrained = load_vision_tower(cfg.vision, cfg.vision_feature_mode)
+    config = MultimodalConfig(
+        vision_config=tower.config,
+        text_config=language_model.config,
+        vision_feature_mode=cfg.vision_feature_mode,
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_use_cls=cfg.vision_use_cls,
+        projector_type=cfg.projector,
+        text_model_name_or_path=cfg.lm,
+        vision_model_name_or_path=cfg.vision if tower_pretrained else None,
+        trained_parts=["language_model", *(["vision_tower"] if tower_pretrained else [])],
+    )
+    processor = MultimodalProcessor(
+        load_tokenizer(cfg.lm), config.num_image_tokens, ImageProcessor(size=tower.config.image_size)
+    )
+    config.image_token_id = processor.image_token_id
+    model = MultimodalLM(config, language_model=language_model, vision_tower=tower)
+    match_embedding_scale(model.projector, language_model.get_input_embeddings().weight)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.eval(), processor
+
+
+def _is_multimodal_checkpoint(path: Path) -> bool:
+    config = path / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == MultimodalConfig.model_type
+
+
+def load_model(
+    name_or_path: str, dtype: torch.dtype | None = None
+) -> tuple[MultimodalLM, MultimodalProcessor]:
+    """Load what a user names: a saved mmllm model, `default`, or a bare LM (wrapped with untrained vision)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and _is_multimodal_checkpoint(path):
+        if not (path / PROCESSOR_FILE).is_file():
+            raise MmllmError(f"{path} holds a model but no processor ({PROCESSOR_FILE})")
+        model = MultimodalLM.from_pretrained(path, dtype=dtype)
+        return model.eval(), MultimodalProcessor.from_pretrained(path)
+    cfg = ModelConfig() if name_or_path == DEFAULT_MODEL else ModelConfig(lm=name_or_path)
+    return build_model(cfg, dtype)
+
+
+def untrained_parts(model: MultimodalLM) -> list[str]:
+    """Parts holding random weights: a model with any of these cannot really see."""
+    trained = set(model.config.trained_parts or ())
+    return [p for p in ("vision_tower", "projector", "language_model") if p not in trained]

@@ -1,0 +1,97 @@
+"""`MultimodalConfig`: one config.json that composes a CLIP vision config and any causal-LM config."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# The exact openai/clip-vit-base-patch32 vision architecture, so the default stack can be built
+# (untrained) where the hub is unreachable.
+CLIP_VIT_B32 = {
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "projection_dim": 512,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "num_channels": 3,
+    "image_size": 224,
+    "patch_size": 32,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "initializer_factor": 1.0,
+}
+
+PARTS = ("vision_tower", "projector", "language_model")
+
+
+@strict
+class MultimodalConfig(PreTrainedConfig):
+    r"""
+    vision_feature_mode: `pooled` (CLIP's projected `image_embeds`, 1 token per image) or `patch`
+        (hidden states of `vision_feature_layer`, one token per patch: the LLaVA design).
+    vision_feature_layer: vision layer read in `patch` mode (-2 = penultimate, as LLaVA).
+    vision_use_cls: in `patch` mode, keep the CLS token in front of the patch tokens.
+    projector_type: `mlp_ln` (Linear-ReLU-LayerNorm-Linear) or `mlp_gelu` (LLaVA's Linear-GELU-Linear).
+    image_token / image_token_id: the placeholder the processor expands to `num_image_tokens` per image.
+    text_model_name_or_path / vision_model_name_or_path: where the base weights came from; used to
+        rebuild a checkpoint that stores only its trained parts.
+    saved_parts: the parts whose weights the checkpoint's safetensors hold (all when None).
+    trained_parts: the parts carrying learned weights (loaded pretrained or trained by us); a part
+        not listed is randomly initialised, and the CLI says so.
+    """
+
+    model_type = "mmllm"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="clip_vision_model", init_kwargs=CLIP_VIT_B32
+        ),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    vision_feature_mode: Literal["pooled", "patch"] = "pooled"
+    vision_feature_layer: int = -2
+    vision_use_cls: bool = False
+    projector_type: Literal["mlp_ln", "mlp_gelu"] = "mlp_ln"
+    image_token: str = "<image>"
+    image_token_id: int = 0
+    text_model_name_or_path: str | None = None
+    vision_model_name_or_path: str | None = None
+    saved_parts: list[str] | None = None
+    trained_parts: list[str] | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.vision_feature_mode not in ("pooled", "patch"):
+            raise ValueError(f"vision_feature_mode must be 'pooled' or 'patch', got {self.vision_feature_mode!r}")
+        if self.projector_type not in ("mlp_ln", "mlp_gelu"):
+            raise ValueError(f"projector_type must be 'mlp_ln' or 'mlp_gelu', got {self.projector_type!r}")
+        for field in ("saved_parts", "trained_parts"):
+            unknown = set(getattr(self, field) or ()) - set(PARTS)
+            if unknown:
+                raise ValueError(f"{field} has unknown parts {sorted(unknown)}; known: {list(PARTS)}")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder tokens per image; the processor and the model both read it from here."""
+        if self.vision_feature_mode == "pooled":
+            return 1
+        patches = (self.vision_config.image_size // self.vision_config.patch_size) ** 2
+        return patches + int(self.vision_use_cls)
+
+    @property
+    def vision_feature_dim(self) -> int:
+        """Width of one vision feature token, i.e. the projector's input."""
+        if self.vision_feature_mode == "pooled":
+            return self.vision_config.projection_dim
+        return self.vision_config.hidden_size
+
+
+__all__ = ["CLIP_VIT_B32", "PARTS", "MultimodalConfig"]

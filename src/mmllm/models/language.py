@@ -1,0 +1,35 @@
+"""Language model: any HF causal LM, from a registry name, hub id, local directory or GGUF file."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from mmllm.errors import MmllmError
+from mmllm.weights import resolve
+
+log = logging.getLogger("mmllm")
+
+
+def load_language_model(name_or_path: str, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+    resolved = resolve(name_or_path, kind="lm")
+    log.info("language model: %s", resolved.source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            resolved.path, gguf_file=resolved.gguf_file, dtype=dtype or torch.float32
+        )
+    except OSError as err:
+        raise MmllmError(f"cannot load language model '{name_or_path}': {err}") from err
+    # A GGUF load leaves a quantizer attached though the weights are plain tensors.
+    model.hf_quantizer = None
+    return model
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    resolved = resolve(name_or_path, kind="lm")
+    try:
+        return AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
+    except OSError as err:
+        raise MmllmError(f"cannot load tokenizer of '{name_or_path}': {err}") from err

@@ -1,0 +1,220 @@
+"""`MultimodalLM`: vision tower -> projector -> features scattered into a causal LM's input embeddings."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import cached_file
+
+from mmllm.models.configuration import PARTS, MultimodalConfig
+from mmllm.models.projector import build_projector
+from mmllm.models.vision import VisionTower, image_features, load_vision_tower, vision_tower_class
+
+IMAGE_INPUTS = ("pixel_values", "image_features")
+
+
+class MultimodalLM(PreTrainedModel, GenerationMixin):
+    config: MultimodalConfig
+    config_class = MultimodalConfig
+    base_model_prefix = "mmllm"  # no attribute of that name: the model is its own base model
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def __init__(
+        self,
+        config: MultimodalConfig,
+        language_model: PreTrainedModel | None = None,
+        vision_tower: VisionTower | None = None,
+    ):
+        # Pretrained parts passed in bring their own configs; the composite config must describe them.
+        if language_model is not None:
+            config.text_config = language_model.config
+        if vision_tower is not None:
+            config.vision_config = vision_tower.config
+        super().__init__(config)
+        self.vision_tower = vision_tower or vision_tower_class(config.vision_feature_mode)._from_config(
+            config.vision_config
+        )
+        self.projector = build_projector(
+            config.projector_type, config.vision_feature_dim, config.text_config.hidden_size
+        )
+        self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # -- embeddings -------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(I, 3, H, W) -> (I, N, D_v): what the feature cache stores and `image_features=` accepts."""
+        return image_features(self.vision_tower, pixel_values.to(self.vision_tower.dtype), self.config)
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) ids with N placeholders per image -> (B, T, D) embeddings with image tokens scattered in."""
+        placeholders = input_ids == self.config.image_token_id  # (B, T)
+        # The placeholder id may lie outside the LM's vocabulary: never look it up.
+        embeds = self.get_input_embeddings()(input_ids.masked_fill(placeholders, 0))  # (B, T, D)
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("pass either pixel_values or image_features, not both")
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+        n_placeholders = int(placeholders.sum())
+        if image_features is None:
+            if n_placeholders:
+                raise ValueError(
+                    f"input_ids hold {n_placeholders} image placeholder tokens but no pixel_values "
+                    "or image_features were given"
+                )
+            return embeds
+        projected = self.projector(image_features.to(self.projector[0].weight.dtype))  # (I, N, D)
+        n_images, per_image = projected.shape[:2]
+        if n_placeholders != n_images * per_image:
+            raise ValueError(
+                f"image placeholders and image features do not match: input_ids hold {n_placeholders} "
+                f"'{self.config.image_token}' tokens, but {n_images} image(s) x {per_image} tokens = "
+                f"{n_images * per_image} features were given. Each image needs exactly {per_image} "
+                "placeholder tokens; MultimodalProcessor expands '<image>' for you."
+            )
+        return embeds.masked_scatter(placeholders.unsqueeze(-1), projected.to(embeds.dtype))
+
+    # -- forward / generate -------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """`labels` follow HF convention: -100 is ignored, the shift happens inside the LM's loss."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, pixel_values, image_features)
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+    def prepare_inputs_for_generation(self, *args: Any, is_first_iteration: bool = False, **kwargs: Any) -> dict:
+        inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        # Images live in the KV cache after prefill (generate drops pixel_values itself, not ours).
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            inputs.pop("image_features", None)
+        return inputs
+
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs: Any,
+    ) -> tuple[torch.LongTensor, dict]:
+        # Beams repeat each row; a row's images must repeat with it, and rows hold different image counts.
+        images = {k: model_kwargs.pop(k) for k in IMAGE_INPUTS if model_kwargs.get(k) is not None}
+        if expand_size > 1 and images:
+            per_row = (input_ids == self.config.image_token_id).sum(1) // self.config.num_image_tokens
+            for key, value in images.items():
+                rows = value.split(per_row.tolist())
+                images[key] = torch.cat([row for row in rows for _ in range(expand_size)])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        return input_ids, model_kwargs | images
+
+    # -- parts, saving, loading ------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *, parts: list[str] | None = None, **kwargs):
+        """Save the whole model, or only `parts` (e.g. the trained projector) with references to the bases.
+
+        A parts-only checkpoint must be able to rebuild what it leaves out: the language model from
+        `config.text_model_name_or_path`, the vision tower from `config.vision_model_name_or_path`
+        (or, when that is unset, from its config alone, i.e. untrained).
+        """
+        if parts is not None:
+            unknown = set(parts) - set(PARTS)
+            if unknown:
+                raise ValueError(f"unknown parts {sorted(unknown)}; known: {list(PARTS)}")
+            if "language_model" not in parts and not self.config.text_model_name_or_path:
+                raise ValueError("saving without the language model needs config.text_model_name_or_path")
+            if "vision_tower" not in parts and not self.config.vision_model_name_or_path:
+                raise ValueError(
+                    "the vision tower has no base reference (it is random or was trained here): save it too"
+                )
+            kwargs["state_dict"] = {
+                k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in parts
+            }
+        previous, self.config.saved_parts = self.config.saved_parts, parts
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.config.saved_parts = previous
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+        config = kwargs.get("config")
+        if not isinstance(config, MultimodalConfig):
+            config = MultimodalConfig.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
+        if not config.saved_parts or set(config.saved_parts) == set(PARTS):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return cls._from_saved_parts(pretrained_model_name_or_path, config, kwargs.get("dtype"), kwargs)
+
+    @classmethod
+    def _from_saved_parts(cls, path: str | os.PathLike, config: MultimodalConfig, dtype, kwargs: dict):
+        from mmllm.models.language import load_language_model
+
+        saved = set(config.saved_parts)
+        language_model = vision_tower = None
+        if "language_model" not in saved:
+            language_model = load_language_model(config.text_model_name_or_path, dtype=dtype)
+        if "vision_tower" not in saved and config.vision_model_name_or_path:
+            vision_tower, _ = load_vision_tower(config.vision_model_name_or_path, config.vision_feature_mode)
+        model = cls(config, language_model=language_model, vision_tower=vision_tower)
+        state = load_file(cached_file(str(path), "model.safetensors", **_hub_kwargs(kwargs)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing_saved = sorted(k for k in missing if k.split(".", 1)[0] in saved)
+        if unexpected or missing_saved:
+            raise ValueError(
+                f"checkpoint {path} does not match its saved_parts {sorted(saved)}: "
+                f"missing {missing_saved[:5]}, unexpected {sorted(unexpected)[:5]}"
+            )
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.eval()
+
+
+def _hub_kwargs(kwargs: dict) -> dict:
+    keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+    return {k: kwargs[k] for k in keys if k in kwargs}

@@ -1,0 +1,59 @@
+"""Vision tower: a HF CLIP vision model, and the features the projector reads from it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+from mmllm.models.configuration import MultimodalConfig
+
+log = logging.getLogger("mmllm")
+
+VisionTower = CLIPVisionModel | CLIPVisionModelWithProjection
+
+
+def vision_tower_class(feature_mode: str) -> type[VisionTower]:
+    """`pooled` needs CLIP's projection head; `patch` reads hidden states, so it carries none."""
+    return CLIPVisionModelWithProjection if feature_mode == "pooled" else CLIPVisionModel
+
+
+def image_features(tower: VisionTower, pixel_values: torch.Tensor, config: MultimodalConfig) -> torch.Tensor:
+    """(I, 3, H, W) pixels -> (I, N, D_v) features, N = `config.num_image_tokens`."""
+    if config.vision_feature_mode == "pooled":
+        return tower(pixel_values=pixel_values).image_embeds.unsqueeze(1)  # (I, 1, projection_dim)
+    hidden = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+    features = hidden[config.vision_feature_layer]  # (I, 1 + P, hidden_size), CLS first
+    return features if config.vision_use_cls else features[:, 1:]
+
+
+def load_vision_tower(name_or_path: str, feature_mode: str) -> tuple[VisionTower, bool]:
+    """Load a CLIP vision tower; returns (tower, pretrained).
+
+    Accepts a registry name, hub id or local directory. A directory holding only a config, or a
+    registry name whose weights cannot be had offline, gives a randomly initialised tower of that
+    exact architecture, and says so.
+    """
+    from transformers import AutoConfig
+
+    from mmllm.models.configuration import CLIP_VIT_B32
+    from mmllm.weights import resolve
+
+    resolved = resolve(name_or_path, kind="vision")
+    tower_class = vision_tower_class(feature_mode)
+    has_weights = resolved.pretrained and not (
+        Path(resolved.path).is_dir() and not any(Path(resolved.path).glob("*.safetensors"))
+        and not any(Path(resolved.path).glob("*.bin"))
+    )
+    if has_weights:
+        log.info("vision tower: %s", resolved.source)
+        return tower_class.from_pretrained(resolved.path), True
+    if resolved.pretrained:
+        config = AutoConfig.from_pretrained(resolved.path)
+        config = getattr(config, "vision_config", config)  # a full CLIPConfig holds the vision part
+    else:
+        config = CLIPVisionConfig(**CLIP_VIT_B32)
+    log.warning("vision tower: %s -> UNTRAINED (random init of the architecture)", resolved.source)
+    return tower_class._from_config(config), False

@@ -1,0 +1,144 @@
+"""Tiny but real fixtures: BPE tokenizers trained here with real chat templates, tiny HF configs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import CLIPVisionConfig, LlamaConfig, Phi3Config, PreTrainedTokenizerFast, Qwen2Config
+
+from mmllm import MultimodalConfig, MultimodalLM, MultimodalProcessor
+from mmllm.images import ImageProcessor
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Qwen2.5's ChatML structure: a default system prompt when none is given.
+CHATML = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Phi-3.5-mini-instruct's template, verbatim.
+PHI3 = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+# Llama 3's header structure, as SmolLM-class Llama chat models use.
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+TEMPLATES = {
+    "qwen2": (CHATML, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], {"eos_token": "<|im_end|>",
+                                                                           "pad_token": "<|endoftext|>"}),
+    "phi3": (PHI3, ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"],
+             {"eos_token": "<|endoftext|>"}),
+    "llama": (LLAMA3, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+              {"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>"}),
+}
+
+CORPUS = [
+    "What is in this image? A red circle on a white background.",
+    "What shape is it? It is a blue square. What colour is the triangle? Green.",
+    "Describe the image briefly. A cat sleeps on a sofa next to a cup of coffee.",
+    "You are a helpful assistant. The answer is yes. The answer is no. How many? Two.",
+] * 20
+
+
+def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
+    template, special, roles = TEMPLATES[kind]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=special,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(CORPUS, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **roles)
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def tiny_text_config(kind: str, tokenizer: PreTrainedTokenizerFast):
+    common = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 512,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    if kind == "qwen2":
+        return Qwen2Config(num_key_value_heads=2, tie_word_embeddings=True, **common)
+    if kind == "phi3":
+        return Phi3Config(num_key_value_heads=4, **common)
+    return LlamaConfig(num_key_value_heads=2, **common)
+
+
+TINY_CLIP = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+    "projection_dim": 24,
+}
+
+
+def make_tiny(kind: str = "qwen2", feature_mode: str = "pooled", projector: str = "mlp_ln", **extra):
+    """A random tiny MultimodalLM and its processor, seeded so every call gives the same weights."""
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer(kind)
+    text_config = tiny_text_config(kind, tokenizer)
+    config = MultimodalConfig(
+        vision_config=CLIPVisionConfig(**TINY_CLIP),
+        text_config=text_config,
+        vision_feature_mode=feature_mode,
+        projector_type=projector,
+        **extra,
+    )
+    processor = MultimodalProcessor(tokenizer, config.num_image_tokens, ImageProcessor(size=32))
+    config.image_token_id = processor.image_token_id
+    model = MultimodalLM(config).eval()
+    return model, processor
+
+
+@pytest.fixture(params=["qwen2", "phi3", "llama"])
+def lm_kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny(lm_kind):
+    return make_tiny(lm_kind)
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """Two small photos drawn with PIL, saved as files."""
+    from PIL import Image, ImageDraw
+
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, (shape, colour) in enumerate([("ellipse", "red"), ("rectangle", "blue")]):
+        image = Image.new("RGB", (64, 48), "white")
+        getattr(ImageDraw.Draw(image), shape)([10, 8, 50, 40], fill=colour)
+        paths.append(folder / f"img{i}.png")
+        image.save(paths[-1])
+    return paths

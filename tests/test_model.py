@@ -1,0 +1,174 @@
+"""MultimodalLM on tiny random Qwen2 / Phi-3 / Llama LMs and a tiny CLIP: forward, generate, save, load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny
+from PIL import Image
+from transformers import AutoModel, AutoModelForImageTextToText
+
+from mmllm import MultimodalLM
+from mmllm.pipeline import GenerationSettings
+
+QUESTION = [{"role": "user", "content": "What is in this image?"}]
+CHAT = [*QUESTION, {"role": "assistant", "content": "A red circle."}]
+
+
+def generate(model, processor, batch, **settings):
+    config = GenerationSettings(**{"max_new_tokens": 6, **settings}).generation_config(processor)
+    return model.generate(**batch, generation_config=config)
+
+
+def test_forward_loss_and_gradients_reach_projector(tiny, images):
+    model, processor = tiny
+    model.train()
+    batch = processor([CHAT], [[images[0]]], train=True, padding_side="right")
+    out = model(**batch)
+    assert out.logits.shape[:2] == batch["input_ids"].shape
+    assert torch.isfinite(out.loss) and out.loss > 0
+    out.loss.backward()
+    for name in ("projector", "vision_tower"):
+        grads = [p.grad for p in getattr(model, name).parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), f"no gradient reached {name}"
+
+
+def test_loss_only_counts_assistant_tokens(tiny, images):
+    model, processor = tiny
+    batch = processor([CHAT], [[images[0]]], train=True, padding_side="right")
+    logits = model(**batch).logits[0, :-1]
+    labels = batch["labels"][0, 1:]
+    expected = torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100])
+    assert torch.allclose(model(**batch).loss, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [{}, {"num_beams": 3}, {"temperature": 0.8, "top_p": 0.9, "seed": 0}])
+def test_generate_modes(tiny, images, settings):
+    model, processor = tiny
+    batch = processor([QUESTION], [[images[0]]])
+    if "seed" in settings:
+        torch.manual_seed(settings.pop("seed"))
+    out = generate(model, processor, batch, **settings)
+    assert out.shape[0] == 1 and out.shape[1] > batch["input_ids"].shape[1]
+    assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+
+
+def test_kv_cache_matches_no_cache(tiny, images):
+    model, processor = tiny
+    batch = processor([QUESTION], [[images[0]]])
+    with_cache = generate(model, processor, batch, max_new_tokens=8)
+    config = GenerationSettings(max_new_tokens=8).generation_config(processor)
+    without = model.generate(**batch, generation_config=config, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_prompt_alone_equals_prompt_in_left_padded_batch(tiny, images):
+    model, processor = tiny
+    long_question = [{"role": "user", "content": "Describe the image briefly. What colour is the triangle?"}]
+    alone = processor([QUESTION], [[images[0]]])
+    batch = processor([long_question, QUESTION], [[images[1]], [images[0]]])
+    assert batch["attention_mask"][1, 0] == 0, "the short prompt must be left-padded"
+    out_alone = generate(model, processor, alone, max_new_tokens=8)[0, alone["input_ids"].shape[1] :]
+    out_batch = generate(model, processor, batch, max_new_tokens=8)[1, batch["input_ids"].shape[1] :]
+    assert torch.equal(out_alone, out_batch[: len(out_alone)])
+
+
+def test_two_images_in_one_prompt_each_reach_their_placeholders(images):
+    model, processor = make_tiny("qwen2")
+    messages = [{"role": "user", "content": "<image> and <image>: which is red?"}]
+    batch = processor([messages], [[images[0], images[1]]])
+    assert batch["pixel_values"].shape[0] == 2
+    logits = model(**batch).logits
+    swapped = processor([messages], [[images[1], images[0]]])
+    assert not torch.allclose(logits, model(**swapped).logits), "image order must matter"
+    out = generate(model, processor, batch, num_beams=2)
+    assert out.shape[0] == 1
+
+
+def test_beam_search_with_different_image_counts_per_row(images):
+    model, processor = make_tiny("qwen2")
+    two = [{"role": "user", "content": "<image> <image> compare"}]
+    batch = processor([two, QUESTION], [[images[0], images[1]], [images[0]]])
+    beams = generate(model, processor, batch, num_beams=2)
+    singles = [processor([two], [[images[0], images[1]]]), processor([QUESTION], [[images[0]]])]
+    assert beams.shape[0] == 2
+    for row, single in zip(beams, singles, strict=True):
+        expected = generate(model, processor, single, num_beams=2)[0, single["input_ids"].shape[1] :]
+        assert torch.equal(row[batch["input_ids"].shape[1] :][: len(expected)], expected)
+
+
+def test_text_only_prompt(tiny):
+    model, processor = tiny
+    batch = processor([[{"role": "user", "content": "The answer is yes?"}]])
+    assert "pixel_values" not in batch
+    assert generate(model, processor, batch).shape[1] > batch["input_ids"].shape[1]
+
+
+def test_image_features_equal_pixel_values(images):
+    model, processor = make_tiny("qwen2", feature_mode="patch")
+    batch = processor([QUESTION], [[images[0]]])
+    features = model.get_image_features(batch["pixel_values"])
+    assert features.shape == (1, 16, 32)  # 32px / 8px patches = 16 tokens of width 32
+    from_features = {k: v for k, v in batch.items() if k != "pixel_values"}
+    assert torch.allclose(model(**batch).logits, model(**from_features, image_features=features).logits)
+
+
+@pytest.mark.parametrize(("mode", "use_cls", "tokens"), [("pooled", False, 1), ("patch", False, 16), ("patch", True, 17)])
+def test_feature_modes_set_placeholder_count(images, mode, use_cls, tokens):
+    model, processor = make_tiny("llama", feature_mode=mode, vision_use_cls=use_cls, projector="mlp_gelu")
+    assert model.config.num_image_tokens == processor.num_image_tokens == tokens
+    batch = processor([QUESTION], [[images[0]]])
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) == tokens
+    assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]
+
+
+def test_placeholder_feature_mismatch_raises(images):
+    model, processor = make_tiny("qwen2", feature_mode="patch")
+    batch = processor([QUESTION], [[images[0]]])
+    with pytest.raises(ValueError, match="do not match: input_ids hold 16"):
+        model(input_ids=batch["input_ids"], pixel_values=torch.cat([batch["pixel_values"]] * 2))
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=batch["input_ids"])
+
+
+def test_save_load_round_trip_and_auto_classes(tmp_path, images):
+    model, processor = make_tiny("phi3")
+    batch = processor([QUESTION], [[images[0]]])
+    model.save_pretrained(tmp_path)
+    for loader in (MultimodalLM, AutoModel, AutoModelForImageTextToText):
+        loaded = loader.from_pretrained(tmp_path).eval()
+        assert isinstance(loaded, MultimodalLM)
+        # Same weights; loaded tensors may differ in memory layout, so kernels may round differently.
+        torch.testing.assert_close(model(**batch).logits, loaded(**batch).logits, rtol=0, atol=1e-6)
+
+
+def test_parts_only_checkpoint_rebuilds_lm_from_reference(tmp_path, images):
+    model, processor = make_tiny("qwen2")
+    lm_dir = tmp_path / "lm"
+    model.language_model.save_pretrained(lm_dir)
+    model.config.text_model_name_or_path = str(lm_dir)
+    with pytest.raises(ValueError, match="vision tower has no base reference"):
+        model.save_pretrained(tmp_path / "bad", parts=["projector"])
+    model.save_pretrained(tmp_path / "parts", parts=["projector", "vision_tower"])
+    stored = (tmp_path / "parts" / "model.safetensors").stat().st_size
+    assert stored < (lm_dir / "model.safetensors").stat().st_size
+    loaded = MultimodalLM.from_pretrained(tmp_path / "parts")
+    batch = processor([QUESTION], [[images[0]]])
+    torch.testing.assert_close(model(**batch).logits, loaded(**batch).logits, rtol=0, atol=1e-6)
+    assert loaded.config.saved_parts == ["projector", "vision_tower"]
+
+
+def test_pretrained_parts_are_not_reinitialised_when_composed():
+    model, _ = make_tiny("llama")
+    lm, tower = model.language_model, model.vision_tower
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    rebuilt = MultimodalLM(model.config, language_model=lm, vision_tower=tower)
+    for key, value in rebuilt.language_model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_image_size_is_checked_before_the_vision_tower():
+    model, processor = make_tiny("qwen2")
+    image = Image.new("RGB", (300, 120), "green")
+    pixels = processor.image_processor([image])
+    assert pixels.shape == (1, 3, 32, 32)
