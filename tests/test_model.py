@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
 from PIL import Image
 from transformers import AutoModel, AutoModelForImageTextToText
 
+from conftest import make_tiny
 from mmllm import MultimodalLM
 from mmllm.pipeline import GenerationSettings
 
@@ -113,7 +113,9 @@ def test_image_features_equal_pixel_values(images):
     assert torch.allclose(model(**batch).logits, model(**from_features, image_features=features).logits)
 
 
-@pytest.mark.parametrize(("mode", "use_cls", "tokens"), [("pooled", False, 1), ("patch", False, 16), ("patch", True, 17)])
+@pytest.mark.parametrize(
+    ("mode", "use_cls", "tokens"), [("pooled", False, 1), ("patch", False, 16), ("patch", True, 17)]
+)
 def test_feature_modes_set_placeholder_count(images, mode, use_cls, tokens):
     model, processor = make_tiny("llama", feature_mode=mode, vision_use_cls=use_cls, projector="mlp_gelu")
     assert model.config.num_image_tokens == processor.num_image_tokens == tokens
@@ -168,7 +170,19 @@ def test_pretrained_parts_are_not_reinitialised_when_composed():
 
 
 def test_image_size_is_checked_before_the_vision_tower():
-    model, processor = make_tiny("qwen2")
+    _, processor = make_tiny("qwen2")
     image = Image.new("RGB", (300, 120), "green")
     pixels = processor.image_processor([image])
     assert pixels.shape == (1, 3, 32, 32)
+
+
+def test_composed_pretrained_parts_keep_their_attention_backend():
+    model, _ = make_tiny("qwen2")
+    lm, tower = model.language_model, model.vision_tower
+    from mmllm import MultimodalConfig
+
+    # Composing configs (as build_model does) resets sub-configs' attention backend.
+    config = MultimodalConfig(vision_config=tower.config, text_config=lm.config, image_token_id=1)
+    rebuilt = MultimodalLM(config, language_model=lm, vision_tower=tower)
+    assert rebuilt.language_model.config._attn_implementation == "sdpa"
+    assert rebuilt.vision_tower.config._attn_implementation == "sdpa"

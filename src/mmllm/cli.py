@@ -54,7 +54,9 @@ def cmd_caption(args: argparse.Namespace) -> None:
     settings = _settings(args)
     for start in range(0, len(images), args.batch_size):
         chunk = images[start : start + args.batch_size]
-        for path, caption in zip(args.images[start:], pipeline.caption(chunk, settings, args.prompt), strict=False):
+        for path, caption in zip(
+            args.images[start:], pipeline.caption(chunk, settings, args.prompt), strict=False
+        ):
             print(f"{path}\t{caption}")
 
 
@@ -70,8 +72,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         f"{config.vision_feature_dim}-d), projector: {config.projector_type}, "
         f"image size: {processor.image_processor.size}"
     )
-    print(f"language model: {config.text_config.model_type} ({config.text_model_name_or_path or 'stored'}), "
-          f"end of turn: {processor.end_of_turn}")
+    print(
+        f"language model: {config.text_config.model_type} ({config.text_model_name_or_path or 'stored'}), "
+        f"end of turn: {processor.end_of_turn}"
+    )
     print(f"{'part':<16}{'class':<34}{'parameters':>14}  {'dtype':<10}state")
     total = 0
     for name in ("vision_tower", "projector", "language_model"):
@@ -125,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     caption = command("caption", cmd_caption, "caption one or more images")
     caption.add_argument("images", nargs="+", metavar="IMAGE")
-    caption.add_argument("--prompt", default="Describe this image briefly.", help="instruction given per image")
+    caption.add_argument(
+        "--prompt", default="Describe this image briefly.", help="instruction given per image"
+    )
     caption.add_argument("--batch-size", type=int, default=8, help="images per generate call")
     caption.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     add_arguments(caption, GenerationSettings)
@@ -146,7 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(format="mmllm: %(message)s", level=logging.INFO, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("mmllm: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
     if not verbose:
         from transformers.utils import logging as hf_logging
 
@@ -170,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if args.debug:
             raise
-        print(f"mmllm: error: {type(err).__name__}: {err} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(
+            f"mmllm: error: {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import itertools
 import textwrap
 import types
 import typing
@@ -33,7 +34,7 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
         body = tree.body[0].body
-        for node, following in zip(body, body[1:], strict=False):
+        for node, following in itertools.pairwise(body):
             if (
                 isinstance(node, ast.AnnAssign)
                 and isinstance(node.target, ast.Name)
@@ -101,7 +102,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise MmllmError(f"unknown config keys {', '.join(prefix + k for k in unknown)}; known: {sorted(known)}")
+        raise MmllmError(
+            f"unknown config keys {', '.join(prefix + k for k in unknown)}; known: {sorted(known)}"
+        )
     kwargs = {}
     for key, value in data.items():
         tp = types_[key]
@@ -152,7 +155,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, dest_prefix: str =
         default = next(f for f in dataclasses.fields(cls) if f.name == field).default
         tp, _ = _strip_optional(tp)
         option = "--" + field.replace("_", "-")
-        kwargs: dict[str, Any] = {"dest": dest_prefix + field, "default": default, "help": docs.get(field, "")}
+        kwargs: dict[str, Any] = {
+            "dest": dest_prefix + field,
+            "default": default,
+            "help": docs.get(field, ""),
+        }
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is Literal:

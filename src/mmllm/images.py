@@ -92,7 +92,7 @@ class ImageProcessor:
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """One RGB image -> (3, size, size) float32."""
         scale = self.size / min(image.size)
-        width, height = (max(self.size, round(d * scale)) for d in image.size)
+        width, height = (max(self.size, int(d * scale)) for d in image.size)  # int(): as transformers
         image = image.resize((width, height), Image.Resampling.BICUBIC)
         left, top = (width - self.size) // 2, (height - self.size) // 2
         image = image.crop((left, top, left + self.size, top + self.size))

@@ -1,4 +1,4 @@
-"""Inference pipeline: ask / caption / chat, batched or streamed. The CLI (and later the server and app) call it."""
+"""Inference pipeline: ask / caption / chat, batched or streamed; the CLI, server and app all call it."""
 
 from __future__ import annotations
 
@@ -45,7 +45,9 @@ class GenerationSettings:
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.num_beams < 1:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1 and num_beams >= 1")
         sampling = self.temperature > 0
-        options = {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k} if sampling else {}
+        options = (
+            {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k} if sampling else {}
+        )
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens,
             do_sample=sampling,
@@ -74,7 +76,8 @@ class Pipeline:
         if missing := untrained_parts(model):
             log.warning(
                 "%s: %s untrained (random weights): answers do not reflect the image",
-                name_or_path, " and ".join(missing),
+                name_or_path,
+                " and ".join(missing),
             )
         return cls(model.to(device), processor)
 
@@ -99,7 +102,9 @@ class Pipeline:
         return [self.processor.decode(row[prompt_length:]).strip() for row in output]
 
     def stream(
-        self, messages: list[Message], images: list[ImageInput] | None = None,
+        self,
+        messages: list[Message],
+        images: list[ImageInput] | None = None,
         settings: GenerationSettings | None = None,
     ) -> Iterator[str]:
         """Yield the answer to one conversation piece by piece as it is generated."""
@@ -116,7 +121,9 @@ class Pipeline:
             try:
                 with torch.inference_mode():
                     self.model.generate(
-                        **inputs, generation_config=settings.generation_config(self.processor), streamer=streamer
+                        **inputs,
+                        generation_config=settings.generation_config(self.processor),
+                        streamer=streamer,
                     )
             except BaseException as err:  # re-raised in the caller's thread below
                 failure.append(err)
@@ -132,10 +139,15 @@ class Pipeline:
     def ask(self, image: ImageInput | None, question: str, settings: GenerationSettings | None = None) -> str:
         if not question.strip():
             raise ValueError("the question is empty")
-        return self.generate([[{"role": "user", "content": question}]], [[image] if image else []], settings)[0]
+        return self.generate([[{"role": "user", "content": question}]], [[image] if image else []], settings)[
+            0
+        ]
 
     def caption(
-        self, images: list[ImageInput], settings: GenerationSettings | None = None, prompt: str = CAPTION_PROMPT
+        self,
+        images: list[ImageInput],
+        settings: GenerationSettings | None = None,
+        prompt: str = CAPTION_PROMPT,
     ) -> list[str]:
         conversations = [[{"role": "user", "content": prompt}] for _ in images]
         return self.generate(conversations, [[image] for image in images], settings)

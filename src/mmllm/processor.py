@@ -23,10 +23,11 @@ PROCESSOR_FILE = "mmllm_processor.json"
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
 # For tokenizers that ship no chat template (base models): one turn per line, EOS ends answers.
+# Answers start on a fresh line so no token straddles the prompt/answer boundary.
 PLAIN_TEMPLATE = (
-    "{% for message in messages %}{{ message['role'] | capitalize }}: {{ message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}Assistant: {% endif %}"
+    "{% for message in messages %}{{ message['role'] | capitalize + ':\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:\n' }}{% endif %}"
 )
 _PROBE = "\x00mmllm-probe\x00"
 
@@ -44,7 +45,9 @@ class MultimodalProcessor:
         self.image_processor = image_processor or ImageProcessor()
         self.image_token = image_token
         if image_token not in tokenizer.get_vocab():
-            tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+            tokenizer.add_tokens(
+                [AddedToken(image_token, special=True, normalized=False)], special_tokens=True
+            )
         if tokenizer.chat_template is None:
             tokenizer.chat_template = PLAIN_TEMPLATE
         if tokenizer.pad_token is None:
@@ -63,7 +66,7 @@ class MultimodalProcessor:
         return list(dict.fromkeys(i for i in ids if i is not None))
 
     def _find_end_of_turn(self) -> str:
-        """The special token the template puts right after an assistant answer (`<|im_end|>`, `<|end|>`...)."""
+        """The special token the template puts right after an answer (`<|im_end|>`, `<|end|>`, ...)."""
         rendered = self.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}])
         suffix = rendered[rendered.index(_PROBE) + len(_PROBE) :]
         special = set(self.tokenizer.all_special_tokens) | {
@@ -73,7 +76,9 @@ class MultimodalProcessor:
             if token in special:
                 return token
         if self.tokenizer.eos_token is None:
-            raise ValueError("the chat template ends answers with no special token and the tokenizer has no EOS")
+            raise ValueError(
+                "the chat template ends answers with no special token and the tokenizer has no EOS"
+            )
         return self.tokenizer.eos_token
 
     # -- text ----------------------------------------------------------------------------------------
@@ -83,7 +88,7 @@ class MultimodalProcessor:
         )
 
     def _place_images(self, messages: list[Message], n_images: int) -> list[Message]:
-        """Expand each `<image>` to N placeholders; with no marker at all, images go before the first user text."""
+        """Expand each `<image>` to N placeholders; with no marker, images go before the first user text."""
         n_markers = sum(m["content"].count(self.image_token) for m in messages)
         if n_markers == 0 and n_images:
             first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
@@ -94,7 +99,9 @@ class MultimodalProcessor:
             messages[first_user] = {**messages[first_user], "content": content}
             n_markers = n_images
         if n_markers != n_images:
-            raise ValueError(f"the conversation has {n_markers} '{self.image_token}' markers but {n_images} images")
+            raise ValueError(
+                f"the conversation has {n_markers} '{self.image_token}' markers but {n_images} images"
+            )
         expanded = self.image_token * self.num_image_tokens
         return [{**m, "content": m["content"].replace(self.image_token, expanded)} for m in messages]
 
@@ -118,9 +125,10 @@ class MultimodalProcessor:
         result: dict[str, Any] = {"input_ids": encoding["input_ids"]}
         if train:
             spans = self._answer_spans(messages, text)
+            # A token is trained when it overlaps an answer span.
             result["labels"] = [
-                token if any(s <= start < e for s, e in spans) else IGNORE_INDEX
-                for token, (start, _) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True)
+                token if any(start < e and end > s for s, e in spans) else IGNORE_INDEX
+                for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True)
             ]
         result["pixel_values"] = self.image_processor(images) if images else None
         return result
@@ -138,7 +146,7 @@ class MultimodalProcessor:
                     "labels cannot be derived from it"
                 )
             # Templates may close a conversation (Phi-3 appends EOS), so compare, don't assume a prefix.
-            through_turn = os.path.commonprefix([self.render(messages[: i + 1]), text])
+            through_turn = os.path.commonprefix([self.render(messages[: i + 1]), text])  # noqa: RUF071 (chars wanted)
             turn = text[len(prompt) : len(through_turn)]
             end = turn.find(self.end_of_turn)
             end = end + len(self.end_of_turn) if end >= 0 else len(turn.rstrip())

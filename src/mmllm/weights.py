@@ -298,7 +298,12 @@ def weights_table() -> list[dict[str, str]]:
         else:
             offline = "installed" if is_installed(entry) else "not installed"
         rows.append(
-            {"name": entry.name, "kind": entry.kind, "hub": entry.hub_id or "-", "offline": offline,
-             "description": entry.description}
+            {
+                "name": entry.name,
+                "kind": entry.kind,
+                "hub": entry.hub_id or "-",
+                "offline": offline,
+                "description": entry.description,
+            }
         )
     return rows

@@ -32,7 +32,7 @@ class ModelConfig:
     lm: str = "qwen2.5-0.5b-instruct"
     """Language model: registry name (`mmllm weights list`), hub id, local directory or .gguf file."""
     vision: str = "clip-vit-base-patch32"
-    """Vision tower: registry name, hub id or local directory of a CLIP checkpoint (or of its config alone)."""
+    """Vision tower: registry name, hub id, or local directory of a CLIP checkpoint or of its config alone."""
     vision_feature_mode: Literal["pooled", "patch"] = "pooled"
     """`pooled`: CLIP's 512-d image embedding, 1 token per image; `patch`: one token per patch (LLaVA)."""
     vision_feature_layer: int = -2
@@ -73,13 +73,15 @@ def build_model(
 
 def _is_multimodal_checkpoint(path: Path) -> bool:
     config = path / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") == MultimodalConfig.model_type
+    return (
+        config.is_file() and json.loads(config.read_text()).get("model_type") == MultimodalConfig.model_type
+    )
 
 
 def load_model(
     name_or_path: str, dtype: torch.dtype | None = None
 ) -> tuple[MultimodalLM, MultimodalProcessor]:
-    """Load what a user names: a saved mmllm model, `default`, or a bare LM (wrapped with untrained vision)."""
+    """Load what a user names: a saved mmllm model, `default`, or a bare LM (given untrained vision)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir() and _is_multimodal_checkpoint(path):
         if not (path / PROCESSOR_FILE).is_file():

@@ -70,7 +70,9 @@ class MultimodalConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         if self.vision_feature_mode not in ("pooled", "patch"):
-            raise ValueError(f"vision_feature_mode must be 'pooled' or 'patch', got {self.vision_feature_mode!r}")
+            raise ValueError(
+                f"vision_feature_mode must be 'pooled' or 'patch', got {self.vision_feature_mode!r}"
+            )
         if self.projector_type not in ("mlp_ln", "mlp_gelu"):
             raise ValueError(f"projector_type must be 'mlp_ln' or 'mlp_gelu', got {self.projector_type!r}")
         for field in ("saved_parts", "trained_parts"):

@@ -49,6 +49,11 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
             config.projector_type, config.vision_feature_dim, config.text_config.hidden_size
         )
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
+        # Building a composite config resets its sub-configs' attention backend to None, which
+        # pretrained parts passed in would then run with (no causal mask dispatch): restore it.
+        for part in (self.language_model, self.vision_tower):
+            if part.config._attn_implementation is None:
+                part.config._attn_implementation = self.config._attn_implementation
         self.post_init()
 
     # -- embeddings -------------------------------------------------------------------------------
@@ -129,7 +134,9 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
-    def prepare_inputs_for_generation(self, *args: Any, is_first_iteration: bool = False, **kwargs: Any) -> dict:
+    def prepare_inputs_for_generation(
+        self, *args: Any, is_first_iteration: bool = False, **kwargs: Any
+    ) -> dict:
         inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
         # Images live in the KV cache after prefill (generate drops pixel_values itself, not ours).
         if not is_first_iteration and kwargs.get("use_cache", True):
@@ -173,9 +180,7 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(
                     "the vision tower has no base reference (it is random or was trained here): save it too"
                 )
-            kwargs["state_dict"] = {
-                k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in parts
-            }
+            kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in parts}
         previous, self.config.saved_parts = self.config.saved_parts, parts
         try:
             super().save_pretrained(save_directory, **kwargs)

@@ -44,7 +44,8 @@ def load_vision_tower(name_or_path: str, feature_mode: str) -> tuple[VisionTower
     resolved = resolve(name_or_path, kind="vision")
     tower_class = vision_tower_class(feature_mode)
     has_weights = resolved.pretrained and not (
-        Path(resolved.path).is_dir() and not any(Path(resolved.path).glob("*.safetensors"))
+        Path(resolved.path).is_dir()
+        and not any(Path(resolved.path).glob("*.safetensors"))
         and not any(Path(resolved.path).glob("*.bin"))
     )
     if has_weights:

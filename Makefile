@@ -1,0 +1,38 @@
+# Set-up and checks. Everything runs inside .venv; torch is installed first and pinned, so pip
+# never pulls another build.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+
+.PHONY: install install-dev demo test test-slow lint format
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[samples]"
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e ".[dev]"
+
+demo: install
+	$(BIN)/mmllm weights install qwen2.5-0.5b-instruct
+	$(BIN)/mmllm ask sample:chelsea "What is in this image?"
+
+test: install-dev
+	$(BIN)/pytest -m "not slow"
+
+test-slow: install-dev
+	$(BIN)/pytest -m slow
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .

@@ -1,0 +1,70 @@
+"""Config system: YAML + dotted overrides into typed dataclasses; docstrings become --help."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from mmllm.config import add_arguments, field_docs, from_namespace, load_config
+from mmllm.errors import MmllmError
+from mmllm.models.build import ModelConfig
+from mmllm.pipeline import GenerationSettings
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    steps: int = 10
+    """Optimizer steps."""
+    mode: Literal["a", "b"] = "a"
+    tags: list[str] = field(default_factory=list)
+
+
+def test_yaml_then_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  lm: smollm2-135m-instruct\n  vision_feature_mode: patch\nsteps: 5\n")
+    cfg = load_config(Recipe, recipe, ["steps=7", "model.vision_use_cls=true", "tags=[x, y]"])
+    assert cfg.model.lm == "smollm2-135m-instruct" and cfg.model.vision_feature_mode == "patch"
+    assert cfg.steps == 7 and cfg.model.vision_use_cls is True and cfg.tags == ["x", "y"]
+    assert cfg.model.projector == "mlp_ln"  # untouched default
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stepz=3", "unknown config keys stepz"),
+        ("model.nope=1", "unknown config keys model.nope"),
+        ("steps=many", "steps: 'many' is not a valid int"),
+        ("steps=2.5", "not an integer"),
+        ("mode=c", "mode: 'c' is not one of a, b"),
+        ("model.vision_use_cls=maybe", "not a boolean"),
+        ("steps", "not of the form"),
+    ],
+)
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(MmllmError, match=message):
+        load_config(Recipe, None, [override])
+
+
+def test_bad_yaml_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(MmllmError, match="invalid YAML"):
+        load_config(Recipe, bad)
+    with pytest.raises(MmllmError, match="no such config file"):
+        load_config(Recipe, tmp_path / "missing.yaml")
+
+
+def test_docstrings_become_help_and_options_are_typed():
+    assert field_docs(GenerationSettings)["top_p"].startswith("Nucleus sampling")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, GenerationSettings)
+    assert "Nucleus sampling" in parser.format_help()
+    args = parser.parse_args(["--max-new-tokens", "9", "--temperature", "0.5"])
+    settings = from_namespace(GenerationSettings, args)
+    assert settings.max_new_tokens == 9 and settings.temperature == 0.5 and settings.seed is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--num-beams", "two"])

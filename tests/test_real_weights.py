@@ -1,0 +1,43 @@
+"""Real offline weights (SmolLM2-135M, Qwen2.5-0.5B): install, load, answer. Slow: `pytest -m slow`."""
+
+from __future__ import annotations
+
+import pytest
+
+from mmllm.cli import main
+from mmllm.pipeline import GenerationSettings, Pipeline
+
+pytestmark = pytest.mark.slow
+
+CAPITAL = "What is the capital of France? Answer with one word."
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "qwen2.5-0.5b-instruct"])
+def test_install_load_and_answer(name, capsys):
+    assert main(["weights", "install", name]) == 0
+    assert "installed at" in capsys.readouterr().out
+    pipeline = Pipeline.load(name, device="cpu")
+    settings = GenerationSettings(max_new_tokens=12)
+    text_only = pipeline.generate([[{"role": "user", "content": CAPITAL}]], settings=settings)[0]
+    assert "Paris" in text_only
+    # With an image the whole path runs: pixels -> CLIP -> projector -> scatter -> LM -> text.
+    with_image = pipeline.ask("sample:chelsea", "What is in this image?", settings)
+    assert isinstance(with_image, str)
+    batch = pipeline.processor([[{"role": "user", "content": "Describe it."}]], [["sample:chelsea"]])
+    assert batch["pixel_values"].shape == (1, 3, 224, 224)
+    assert int((batch["input_ids"] == pipeline.model.config.image_token_id).sum()) == 1
+
+
+def test_cli_ask_and_info_on_real_weights(capsys):
+    assert (
+        main(
+            ["ask", "sample:astronaut", CAPITAL, "--model", "smollm2-135m-instruct", "--max-new-tokens", "8"]
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert captured.out.strip()
+    assert "offline fallback SmolLM2-135M-Instruct" in captured.err
+    assert main(["info", "smollm2-135m-instruct"]) == 0
+    out = capsys.readouterr().out
+    assert "LlamaForCausalLM" in out and "CLIPVisionModelWithProjection" in out
