@@ -12,8 +12,8 @@ from mmllm.errors import MmllmError
 
 log = logging.getLogger("mmllm")
 MODEL_HELP = (
-    "a saved mmllm model directory, `default` (the default stack), or a language model name/path "
-    "(wrapped with an untrained vision tower)"
+    "a saved mmllm model directory, a model recipe (configs/models/*.yaml), `default` (the default "
+    "stack), or a language model name/path (wrapped with an untrained vision tower)"
 )
 
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_logging(verbose: bool, progress_bars: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("mmllm: %(message)s"))
     log.handlers[:] = [handler]
@@ -161,12 +161,14 @@ def _configure_logging(verbose: bool) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
+        if not progress_bars:
+            hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    # Long one-off work (weight conversion) keeps its progress bars; quick commands stay quiet.
+    _configure_logging(args.verbose, progress_bars=args.command == "weights")
     try:
         args.handler(args)
     except (MmllmError, ValueError) as err:

@@ -103,6 +103,12 @@ REGISTRY: dict[str, WeightsEntry] = {
             ),
         ),
         WeightsEntry(
+            "phi-3.5-mini-instruct",
+            "lm",
+            "microsoft/Phi-3.5-mini-instruct",
+            "Phi-3.5-mini Instruct (3.8B, hidden 3072): the large option; hub only",
+        ),
+        WeightsEntry(
             "clip-vit-base-patch32",
             "vision",
             "openai/clip-vit-base-patch32",
@@ -196,8 +202,10 @@ def resolve(name_or_path: str | os.PathLike, kind: str | None = None) -> Resolve
         return Resolved(hub_path, f"{entry.name}: {entry.hub_id} from the Hugging Face hub")
     if entry.offline and is_installed(entry):
         return Resolved(str(entry.install_dir), f"{entry.name}: offline fallback {entry.offline.label}")
-    if entry.offline is None:
+    if entry.offline is None and entry.kind == "vision":
         return Resolved(name, f"{entry.name}: hub unreachable, no offline weights", pretrained=False)
+    if entry.offline is None:
+        raise MmllmError(f"weights '{name}' need the Hugging Face hub ({entry.hub_id}), which is unreachable")
     raise MmllmError(
         f"weights '{name}' are not available: the hub ({entry.hub_id}) is unreachable and the offline "
         f"copy is not installed. Run: mmllm weights install {name}"

@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from mmllm.config import load_config
 from mmllm.errors import MmllmError
 from mmllm.images import ImageProcessor
 from mmllm.models.configuration import MultimodalConfig
@@ -81,8 +82,13 @@ def _is_multimodal_checkpoint(path: Path) -> bool:
 def load_model(
     name_or_path: str, dtype: torch.dtype | None = None
 ) -> tuple[MultimodalLM, MultimodalProcessor]:
-    """Load what a user names: a saved mmllm model, `default`, or a bare LM (given untrained vision)."""
+    """Load what a user names: a saved mmllm model, a ModelConfig YAML, `default`, or a bare LM.
+
+    A YAML recipe or a bare LM builds a new model, whose projector (and vision tower, offline) is untrained.
+    """
     path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        return build_model(load_config(ModelConfig, path), dtype)
     if path.is_dir() and _is_multimodal_checkpoint(path):
         if not (path / PROCESSOR_FILE).is_file():
             raise MmllmError(f"{path} holds a model but no processor ({PROCESSOR_FILE})")

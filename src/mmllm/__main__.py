@@ -1,0 +1,5 @@
+import sys
+
+from mmllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,82 @@
+"""build_model / load_model from local parts: what a user does with their own checkpoints."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from conftest import TINY_CLIP, make_tokenizer, tiny_text_config
+from mmllm import ModelConfig, build_model, load_model
+from mmllm.errors import MmllmError
+from mmllm.models.build import untrained_parts
+
+QUESTION = [{"role": "user", "content": "What is in this image?"}]
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A tiny Llama LM (with tokenizer), a tiny CLIP with weights, and a CLIP config alone."""
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer("llama")
+    AutoModelForCausalLM.from_config(tiny_text_config("llama", tokenizer)).save_pretrained(root / "lm")
+    tokenizer.save_pretrained(root / "lm")
+    vision_config = CLIPVisionConfig(**TINY_CLIP)
+    CLIPVisionModelWithProjection(vision_config).save_pretrained(root / "clip")
+    vision_config.save_pretrained(root / "clip-config-only")
+    return root
+
+
+def test_build_from_local_parts_keeps_their_weights(parts):
+    model, processor = build_model(ModelConfig(lm=str(parts / "lm"), vision=str(parts / "clip")))
+    saved = CLIPVisionModelWithProjection.from_pretrained(parts / "clip")
+    for key, value in saved.state_dict().items():
+        assert torch.equal(model.vision_tower.state_dict()[key], value), key
+    assert untrained_parts(model) == ["projector"]
+    assert processor.image_processor.size == 32 and processor.end_of_turn == "<|eot_id|>"
+    assert model.config.text_model_name_or_path == str(parts / "lm")
+
+
+def test_config_only_vision_is_random_and_says_so(parts, caplog):
+    with caplog.at_level(logging.WARNING, logger="mmllm"):
+        model, _ = build_model(ModelConfig(lm=str(parts / "lm"), vision=str(parts / "clip-config-only")))
+    assert "UNTRAINED" in caplog.text
+    assert untrained_parts(model) == ["vision_tower", "projector"]
+
+
+def test_fresh_projector_speaks_at_the_scale_of_token_embeddings(parts):
+    model, _ = build_model(ModelConfig(lm=str(parts / "lm"), vision=str(parts / "clip")))
+    features = torch.randn(64, 1, model.config.vision_feature_dim)
+    with torch.no_grad():
+        out_rms = model.projector(features).pow(2).mean().sqrt()
+    embed_rms = model.get_input_embeddings().weight.pow(2).mean().sqrt()
+    assert 0.5 < float(out_rms / embed_rms) < 2.0
+
+
+def test_yaml_recipe_as_model(parts, tmp_path):
+    recipe = tmp_path / "model.yaml"
+    recipe.write_text(
+        f"lm: {parts / 'lm'}\nvision: {parts / 'clip'}\nvision_feature_mode: patch\nprojector: mlp_gelu\n"
+    )
+    model, processor = load_model(str(recipe))
+    assert model.config.num_image_tokens == processor.num_image_tokens == 16
+    assert model.config.projector_type == "mlp_gelu"
+
+
+def test_saved_parts_only_model_loads_by_directory(parts, tmp_path, images):
+    model, processor = build_model(ModelConfig(lm=str(parts / "lm"), vision=str(parts / "clip")))
+    model.save_pretrained(tmp_path / "m", parts=["projector"])
+    processor.save_pretrained(tmp_path / "m")
+    loaded, loaded_processor = load_model(str(tmp_path / "m"))
+    batch = processor([QUESTION], [[images[0]]])
+    assert torch.equal(batch["input_ids"], loaded_processor([QUESTION], [[images[0]]])["input_ids"])
+    torch.testing.assert_close(model(**batch).logits, loaded(**batch).logits, rtol=0, atol=1e-6)
+
+
+def test_hub_only_language_model_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MmllmError, match="need the Hugging Face hub"):
+        build_model(ModelConfig(lm="phi-3.5-mini-instruct"))
