@@ -52,7 +52,7 @@ def test_fresh_projector_speaks_at_the_scale_of_token_embeddings(parts):
     features = torch.randn(64, 1, model.config.vision_feature_dim)
     with torch.no_grad():
         out_rms = model.projector(features).pow(2).mean().sqrt()
-    embed_rms = model.get_input_embeddings().weight.pow(2).mean().sqrt()
+        embed_rms = model.get_input_embeddings().weight.pow(2).mean().sqrt()
     assert 0.5 < float(out_rms / embed_rms) < 2.0
 
 

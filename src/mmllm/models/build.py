@@ -13,11 +13,11 @@ import torch
 from mmllm.config import load_config
 from mmllm.errors import MmllmError
 from mmllm.images import ImageProcessor
-from mmllm.models.configuration import MultimodalConfig
+from mmllm.models.configuration import MultimodalConfig, num_image_tokens
 from mmllm.models.language import load_language_model, load_tokenizer
 from mmllm.models.multimodal import MultimodalLM
 from mmllm.models.projector import match_embedding_scale
-from mmllm.models.vision import load_vision_tower
+from mmllm.models.vision import load_vision_config, load_vision_tower
 from mmllm.processor import PROCESSOR_FILE, MultimodalProcessor
 
 log = logging.getLogger("mmllm")
@@ -96,6 +96,20 @@ def load_model(
         return model.eval(), MultimodalProcessor.from_pretrained(path)
     cfg = ModelConfig() if name_or_path == DEFAULT_MODEL else ModelConfig(lm=name_or_path)
     return build_model(cfg, dtype)
+
+
+def load_processor(name_or_path: str) -> MultimodalProcessor:
+    """The processor of what `load_model` would load, without loading any weights."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and _is_multimodal_checkpoint(path):
+        return MultimodalProcessor.from_pretrained(path)
+    if path.suffix in (".yaml", ".yml"):
+        cfg = load_config(ModelConfig, path)
+    else:
+        cfg = ModelConfig() if name_or_path == DEFAULT_MODEL else ModelConfig(lm=name_or_path)
+    vision_config, _, _ = load_vision_config(cfg.vision)
+    tokens = num_image_tokens(vision_config, cfg.vision_feature_mode, cfg.vision_use_cls)
+    return MultimodalProcessor(load_tokenizer(cfg.lm), tokens, ImageProcessor(size=vision_config.image_size))
 
 
 def untrained_parts(model: MultimodalLM) -> list[str]:

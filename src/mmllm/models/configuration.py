@@ -29,6 +29,13 @@ CLIP_VIT_B32 = {
 PARTS = ("vision_tower", "projector", "language_model")
 
 
+def num_image_tokens(vision_config: PreTrainedConfig, feature_mode: str, use_cls: bool) -> int:
+    """Placeholder tokens per image: 1 pooled embedding, or one per patch (plus CLS)."""
+    if feature_mode == "pooled":
+        return 1
+    return (vision_config.image_size // vision_config.patch_size) ** 2 + int(use_cls)
+
+
 @strict
 class MultimodalConfig(PreTrainedConfig):
     r"""
@@ -83,10 +90,7 @@ class MultimodalConfig(PreTrainedConfig):
     @property
     def num_image_tokens(self) -> int:
         """Placeholder tokens per image; the processor and the model both read it from here."""
-        if self.vision_feature_mode == "pooled":
-            return 1
-        patches = (self.vision_config.image_size // self.vision_config.patch_size) ** 2
-        return patches + int(self.vision_use_cls)
+        return num_image_tokens(self.vision_config, self.vision_feature_mode, self.vision_use_cls)
 
     @property
     def vision_feature_dim(self) -> int:
@@ -96,4 +100,4 @@ class MultimodalConfig(PreTrainedConfig):
         return self.vision_config.hidden_size
 
 
-__all__ = ["CLIP_VIT_B32", "PARTS", "MultimodalConfig"]
+__all__ = ["CLIP_VIT_B32", "PARTS", "MultimodalConfig", "num_image_tokens"]

@@ -29,6 +29,31 @@ def image_features(tower: VisionTower, pixel_values: torch.Tensor, config: Multi
     return features if config.vision_use_cls else features[:, 1:]
 
 
+def _has_weights(directory: str) -> bool:
+    path = Path(directory)
+    return not path.is_dir() or any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+
+
+def load_vision_config(name_or_path: str) -> tuple[CLIPVisionConfig, str, bool]:
+    """The CLIP vision config a name points to: (config, where its weights are, whether it has weights)."""
+    from transformers import AutoConfig
+
+    from mmllm.models.configuration import CLIP_VIT_B32
+    from mmllm.weights import resolve
+
+    resolved = resolve(name_or_path, kind="vision")
+    if not resolved.pretrained:
+        log.warning("vision tower: %s -> UNTRAINED (random init of the architecture)", resolved.source)
+        return CLIPVisionConfig(**CLIP_VIT_B32), resolved.path, False
+    config = AutoConfig.from_pretrained(resolved.path)
+    config = getattr(config, "vision_config", config)  # a full CLIPConfig holds the vision part
+    if not _has_weights(resolved.path):
+        log.warning("vision tower: %s has no weights -> UNTRAINED (random init)", resolved.source)
+        return config, resolved.path, False
+    log.info("vision tower: %s", resolved.source)
+    return config, resolved.path, True
+
+
 def load_vision_tower(name_or_path: str, feature_mode: str) -> tuple[VisionTower, bool]:
     """Load a CLIP vision tower; returns (tower, pretrained).
 
@@ -36,25 +61,8 @@ def load_vision_tower(name_or_path: str, feature_mode: str) -> tuple[VisionTower
     registry name whose weights cannot be had offline, gives a randomly initialised tower of that
     exact architecture, and says so.
     """
-    from transformers import AutoConfig
-
-    from mmllm.models.configuration import CLIP_VIT_B32
-    from mmllm.weights import resolve
-
-    resolved = resolve(name_or_path, kind="vision")
+    config, path, pretrained = load_vision_config(name_or_path)
     tower_class = vision_tower_class(feature_mode)
-    has_weights = resolved.pretrained and not (
-        Path(resolved.path).is_dir()
-        and not any(Path(resolved.path).glob("*.safetensors"))
-        and not any(Path(resolved.path).glob("*.bin"))
-    )
-    if has_weights:
-        log.info("vision tower: %s", resolved.source)
-        return tower_class.from_pretrained(resolved.path), True
-    if resolved.pretrained:
-        config = AutoConfig.from_pretrained(resolved.path)
-        config = getattr(config, "vision_config", config)  # a full CLIPConfig holds the vision part
-    else:
-        config = CLIPVisionConfig(**CLIP_VIT_B32)
-    log.warning("vision tower: %s -> UNTRAINED (random init of the architecture)", resolved.source)
+    if pretrained:
+        return tower_class.from_pretrained(path), True
     return tower_class._from_config(config), False

@@ -1,0 +1,27 @@
+"""Train-time image augmentation (off by default), applied to PIL images before CLIP preprocessing."""
+
+from __future__ import annotations
+
+import random
+
+from PIL import Image, ImageEnhance
+
+from mmllm.data.config import AugmentConfig
+
+
+def augment(image: Image.Image, cfg: AugmentConfig, rng: random.Random) -> Image.Image:
+    if not cfg.enabled:
+        return image
+    if cfg.crop_scale < 1.0:
+        area = rng.uniform(cfg.crop_scale, 1.0)
+        aspect = rng.uniform(3 / 4, 4 / 3)
+        width = min(image.width, round(image.width * (area * aspect) ** 0.5))
+        height = min(image.height, round(image.height * (area / aspect) ** 0.5))
+        left, top = rng.randint(0, image.width - width), rng.randint(0, image.height - height)
+        image = image.crop((left, top, left + width, top + height))
+    if cfg.hflip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if cfg.jitter > 0:
+        image = ImageEnhance.Brightness(image).enhance(1 + rng.uniform(-cfg.jitter, cfg.jitter))
+        image = ImageEnhance.Contrast(image).enhance(1 + rng.uniform(-cfg.jitter, cfg.jitter))
+    return image

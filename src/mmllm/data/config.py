@@ -1,0 +1,90 @@
+"""Data recipes: which datasets, how they mix, and how samples become batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+from mmllm.config import load_config
+from mmllm.data.records import CAPTION_INSTRUCTIONS
+from mmllm.errors import MmllmError
+
+DatasetFormat = Literal["llava", "coco", "karpathy", "vqav2", "webdataset", "tsv", "easy-vqa", "jsonl"]
+
+
+@dataclass
+class DatasetSpec:
+    """One dataset in a recipe."""
+
+    format: DatasetFormat = "llava"
+    """llava (JSON/JSONL conversations), coco (captions_*.json), karpathy (dataset_coco.json),
+    vqav2 (questions JSON), webdataset (.tar shards), tsv (caption<TAB>image), easy-vqa (the
+    package), jsonl (custom)."""
+    path: str = ""
+    """Main file: JSON/JSONL/TSV, or a glob of .tar shards for webdataset. Unused for easy-vqa."""
+    images: str = ""
+    """Folder that relative image paths are resolved against (default: the main file's folder)."""
+    annotations: str = ""
+    """VQAv2 annotations JSON with the answers (empty: questions only, e.g. test-dev)."""
+    split: str = "train"
+    """Split for karpathy (train includes restval) and easy-vqa (train / test)."""
+    per_image: bool = False
+    """Captions: one sample per image, all captions kept as references. VQA: one multi-turn conversation
+    per image holding all its questions (divides the image work by the questions per image)."""
+    limit: int | None = None
+    """Use at most this many samples (after per_image grouping)."""
+    weight: float = 1.0
+    """Share in a mixture: each epoch draws weight x size samples of this dataset (2.0 = twice over)."""
+
+
+@dataclass
+class AugmentConfig:
+    """Train-time image augmentation. Off by default: VQA answers may depend on left/right and colour."""
+
+    enabled: bool = False
+    """Apply the augmentations below to training images."""
+    crop_scale: float = 0.8
+    """Random resized crop keeps at least this fraction of the image area (1.0: no crop)."""
+    hflip: bool = False
+    """Mirror images half of the time (wrong for left/right questions)."""
+    jitter: float = 0.0
+    """Brightness/contrast jitter strength, 0..1 (wrong for colour questions)."""
+
+
+@dataclass
+class DataConfig:
+    """Datasets and how they are turned into batches."""
+
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    """The datasets to read and mix."""
+    instructions: list[str] = field(default_factory=lambda: list(CAPTION_INSTRUCTIONS))
+    """Instructions that turn a caption into a conversation (one drawn per sample)."""
+    max_length: int = 1024
+    """Longest token sequence; longer samples lose their last answers, never image placeholders."""
+    batch_size: int = 8
+    """Samples per batch."""
+    group_by_length: bool = True
+    """Batch samples of similar length together to cut padding."""
+    num_workers: int = 2
+    """DataLoader worker processes (0: load in the main process)."""
+    feature_cache: str = ""
+    """Directory of precomputed vision features (`mmllm features`); used when the vision tower is frozen."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """Train-time image augmentation."""
+    seed: int = 0
+    """Seed for instruction choice, mixing and shuffling."""
+
+
+def data_config_from_arg(value: str, overrides: list[str] = (), images: str = "") -> DataConfig:
+    """`--data` on the command line: a recipe YAML, or one dataset as FORMAT:PATH (easy-vqa:SPLIT)."""
+    if value.endswith((".yaml", ".yml")):
+        return load_config(DataConfig, value, overrides)
+    fmt, _, rest = value.partition(":")
+    if fmt not in get_args(DatasetFormat):
+        raise MmllmError(
+            f"--data {value!r}: expected a recipe .yaml or FORMAT:PATH with FORMAT one of "
+            f"{', '.join(get_args(DatasetFormat))}"
+        )
+    spec = {"format": fmt, "images": images}
+    spec.update({"split": rest or "train"} if fmt == "easy-vqa" else {"path": rest})
+    return load_config(DataConfig, None, overrides, base={"datasets": [spec]})
