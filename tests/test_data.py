@@ -447,3 +447,31 @@ def test_features_and_stats_commands(folder, tmp_path, capsys):
     stats = json.loads((tmp_path / "stats" / "stats.json").read_text())
     assert stats["top answers"] == [["A circle.", 3]]
     assert (tmp_path / "stats" / "token_lengths.png").stat().st_size > 1000
+
+
+def test_cache_is_used_only_for_a_frozen_tower_and_plain_images(folder, tmp_path):
+    from mmllm.data.features import cache_for_training
+
+    model, processor = make_tiny("qwen2")
+    spec = llava_spec(tmp_path, folder, ["img0.png"])
+    build_feature_cache(model, processor, open_dataset(DataConfig(datasets=[spec])).samples, tmp_path / "c")
+    directory = str(tmp_path / "c")
+    assert cache_for_training("", False, False, model, processor) is None
+    assert cache_for_training(directory, True, False, model, processor) is None
+    assert cache_for_training(directory, False, True, model, processor) is None
+    assert len(cache_for_training(directory, False, False, model, processor)) == 1
+
+
+def test_augmentation_is_off_by_default_and_varies_images_when_on(folder):
+    import random
+
+    from mmllm.data.augment import augment
+    from mmllm.data.config import AugmentConfig
+
+    image = Image.open(folder / "img0.png").convert("RGB")
+    assert augment(image, AugmentConfig(), random.Random(0)) is image
+    on = AugmentConfig(enabled=True, crop_scale=0.5, jitter=0.3)
+    outputs = {augment(image, on, random.Random(seed)).tobytes() for seed in range(4)}
+    assert len(outputs) == 4
+    unflipped = AugmentConfig(enabled=True, crop_scale=1.0)
+    assert augment(image, unflipped, random.Random(0)).tobytes() == image.tobytes()

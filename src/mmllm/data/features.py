@@ -188,3 +188,24 @@ def build_feature_cache(
             flush()
     flush()
     return counts
+
+
+def cache_for_training(
+    directory: str, augmenting: bool, vision_trains: bool, model: MultimodalLM, processor: MultimodalProcessor
+) -> FeatureCache | None:
+    """The feature cache a run should use: only with a frozen vision tower and un-augmented images.
+
+    A cache made by another encoder is refused (FeatureCache.open raises), never silently used.
+    """
+    if not directory:
+        return None
+    if vision_trains or augmenting:
+        log.info(
+            "feature cache %s not used: %s",
+            directory,
+            "the vision tower trains" if vision_trains else "images are augmented",
+        )
+        return None
+    cache = FeatureCache.open(directory, encoder_fingerprint(model, processor))
+    log.info("feature cache %s: %d images", directory, len(cache))
+    return cache
