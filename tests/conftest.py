@@ -81,8 +81,9 @@ def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_text_config(kind: str, tokenizer: PreTrainedTokenizerFast):
+def tiny_text_config(kind: str, tokenizer: PreTrainedTokenizerFast, init_std: float = 0.02):
     common = {
+        "initializer_range": init_std,
         "vocab_size": len(tokenizer),
         "hidden_size": 64,
         "intermediate_size": 128,
@@ -111,11 +112,21 @@ TINY_CLIP = {
 }
 
 
-def make_tiny(kind: str = "qwen2", feature_mode: str = "pooled", projector: str = "mlp_ln", **extra):
-    """A random tiny MultimodalLM and its processor, seeded so every call gives the same weights."""
+def make_tiny(
+    kind: str = "qwen2",
+    feature_mode: str = "pooled",
+    projector: str = "mlp_ln",
+    lm_init_std: float = 0.02,
+    **extra,
+):
+    """A random tiny MultimodalLM and its processor, seeded so every call gives the same weights.
+
+    A larger `lm_init_std` gives an LM whose outputs react strongly to its inputs, as a trained
+    one does (at 0.02 a random LM predicts near-uniformly whatever it is fed).
+    """
     torch.manual_seed(0)
     tokenizer = make_tokenizer(kind)
-    text_config = tiny_text_config(kind, tokenizer)
+    text_config = tiny_text_config(kind, tokenizer, lm_init_std)
     config = MultimodalConfig(
         vision_config=CLIPVisionConfig(**TINY_CLIP),
         text_config=text_config,

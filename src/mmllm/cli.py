@@ -126,6 +126,32 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
         print("wrote " + ", ".join(map(str, written)))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from mmllm.config import load_config
+    from mmllm.train.config import TrainConfig
+    from mmllm.train.loop import train
+
+    cfg = load_config(TrainConfig, args.recipe, args.overrides)
+    print(f"final model: {train(cfg, resume=args.resume)}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from mmllm.models.build import load_model
+
+    source = Path(args.checkpoint)
+    source = source / "model" if (source / "state.pt").is_file() else source
+    model, processor = load_model(str(source))
+    if not model.has_lora:
+        raise MmllmError(f"{source} has no LoRA adapter to merge")
+    model.merge_lora()
+    model.config.text_model_name_or_path = None  # merged weights are no longer the base model's
+    model.save_pretrained(args.out)
+    processor.save_pretrained(args.out)
+    print(f"merged model: {args.out}")
+
+
 def cmd_weights_list(args: argparse.Namespace) -> None:
     from mmllm.weights import mmllm_home, weights_table
 
@@ -190,6 +216,19 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--out", required=True, help="cache directory (resumed if it exists)")
     features.add_argument("--batch-size", type=int, default=64, help="images per vision-tower call")
     features.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+
+    train = command(
+        "train", cmd_train, "train with a recipe (configs/*.yaml) and key=value overrides", model=False
+    )
+    train.add_argument("recipe", help="training recipe YAML")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. optim.lr_projector=5e-4")
+    train.add_argument(
+        "--resume", default="", help="`auto` (newest checkpoint in output_dir) or a checkpoint path"
+    )
+
+    merge = command("merge", cmd_merge, "merge a LoRA checkpoint into its language model", model=False)
+    merge.add_argument("checkpoint", help="checkpoint directory or saved model with a LoRA adapter")
+    merge.add_argument("out", help="directory for the merged, plain model")
 
     data = commands.add_parser("data", help="inspect datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

@@ -268,6 +268,9 @@ def build_dataloader(
         "pin_memory": torch.cuda.is_available(),
         "persistent_workers": workers > 0,
         "prefetch_factor": 4 if workers > 0 else None,
+        # Own generator: starting an iterator must not draw from the global RNG that dropout
+        # uses, or a resumed run would see different dropout masks than an uninterrupted one.
+        "generator": torch.Generator().manual_seed(cfg.seed),
     }
     if isinstance(dataset, StreamedMixture):
         return DataLoader(dataset, batch_size=cfg.batch_size, **common)

@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -45,10 +45,10 @@ class ModelConfig:
 
 
 def build_model(
-    cfg: ModelConfig, dtype: torch.dtype | None = None
+    cfg: ModelConfig, dtype: torch.dtype | None = None, quantization_config: Any = None
 ) -> tuple[MultimodalLM, MultimodalProcessor]:
     """A new model: pretrained LM (and vision tower when available) plus a fresh projector."""
-    language_model = load_language_model(cfg.lm, dtype)
+    language_model = load_language_model(cfg.lm, dtype, quantization_config)
     tower, tower_pretrained = load_vision_tower(cfg.vision, cfg.vision_feature_mode)
     config = MultimodalConfig(
         vision_config=tower.config,

@@ -48,6 +48,7 @@ class MultimodalConfig(PreTrainedConfig):
     text_model_name_or_path / vision_model_name_or_path: where the base weights came from; used to
         rebuild a checkpoint that stores only its trained parts.
     saved_parts: the parts whose weights the checkpoint's safetensors hold (all when None).
+    adapter: subfolder holding a PEFT LoRA adapter for the language model, applied on load.
     trained_parts: the parts carrying learned weights (loaded pretrained or trained by us); a part
         not listed is randomly initialised, and the CLI says so.
     """
@@ -71,6 +72,7 @@ class MultimodalConfig(PreTrainedConfig):
     text_model_name_or_path: str | None = None
     vision_model_name_or_path: str | None = None
     saved_parts: list[str] | None = None
+    adapter: str | None = None
     trained_parts: list[str] | None = None
     tie_word_embeddings: bool = False
 

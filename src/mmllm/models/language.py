@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -13,17 +14,22 @@ from mmllm.weights import resolve
 log = logging.getLogger("mmllm")
 
 
-def load_language_model(name_or_path: str, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+def load_language_model(
+    name_or_path: str, dtype: torch.dtype | str | None = None, quantization_config: Any = None
+) -> PreTrainedModel:
     resolved = resolve(name_or_path, kind="lm")
     log.info("language model: %s", resolved.source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            resolved.path, gguf_file=resolved.gguf_file, dtype=dtype or torch.float32
+            resolved.path,
+            gguf_file=resolved.gguf_file,
+            dtype=dtype or torch.float32,
+            quantization_config=quantization_config,
         )
     except OSError as err:
         raise MmllmError(f"cannot load language model '{name_or_path}': {err}") from err
-    # A GGUF load leaves a quantizer attached though the weights are plain tensors.
-    model.hf_quantizer = None
+    if resolved.gguf_file:  # a GGUF load leaves a quantizer attached though the weights are plain tensors
+        model.hf_quantizer = None
     return model
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -163,6 +164,47 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         return input_ids, model_kwargs | images
 
     # -- parts, saving, loading ------------------------------------------------------------------------
+    def _state_dict_without_lora(self) -> dict[str, torch.Tensor]:
+        """State dict with PEFT's wrapping undone: plain LM keys, adapter weights left out."""
+        state = self.state_dict()
+        if not self.has_lora:
+            return state
+        return {_without_lora(key): value for key, value in state.items() if "lora_" not in key}
+
+    def load_plain_state_dict(self, state: dict[str, torch.Tensor]) -> list[str]:
+        """Load weights saved without LoRA wrapping (as `save_pretrained` writes them); returns unexpected keys."""
+        if self.has_lora:
+            actual = {_without_lora(key): key for key in self.state_dict() if "lora_" not in key}
+            state = {actual.get(key, key): value for key, value in state.items()}
+        return self.load_state_dict(state, strict=False).unexpected_keys
+
+    def parts_without_base(self) -> list[str]:
+        """Parts that cannot be rebuilt from a base reference: the projector always, others once trained."""
+        parts = ["projector"]
+        if not self.config.vision_model_name_or_path:
+            parts.append("vision_tower")
+        if not self.config.text_model_name_or_path:
+            parts.append("language_model")
+        return parts
+
+    # -- LoRA ------------------------------------------------------------------------------------------
+    @property
+    def has_lora(self) -> bool:
+        return hasattr(self.language_model, "peft_config")
+
+    def add_lora(self, lora_config: Any) -> None:
+        """Wrap the language model (and only it: CLIP's q_proj/v_proj stay untouched) with LoRA."""
+        from peft import get_peft_model
+
+        self.language_model = get_peft_model(self.language_model, lora_config)
+
+    def merge_lora(self) -> None:
+        """Fold LoRA weights into the language model and drop the adapter (lossless in fp32)."""
+        if self.has_lora:
+            self.language_model = self.language_model.merge_and_unload()
+            self.config.text_config = self.language_model.config
+            self.config.adapter = None
+
     def save_pretrained(self, save_directory: str | os.PathLike, *, parts: list[str] | None = None, **kwargs):
         """Save the whole model, or only `parts` (e.g. the trained projector) with references to the bases.
 
@@ -170,6 +212,9 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         `config.text_model_name_or_path`, the vision tower from `config.vision_model_name_or_path`
         (or, when that is unset, from its config alone, i.e. untrained).
         """
+        if self.has_lora:  # the adapter goes to lora/ (PEFT format); the state dict holds base weights
+            self.language_model.save_pretrained(Path(save_directory) / "lora")
+        state = self._state_dict_without_lora()
         if parts is not None:
             unknown = set(parts) - set(PARTS)
             if unknown:
@@ -180,12 +225,14 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(
                     "the vision tower has no base reference (it is random or was trained here): save it too"
                 )
-            kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if k.split(".", 1)[0] in parts}
-        previous, self.config.saved_parts = self.config.saved_parts, parts
+            state = {k: v for k, v in state.items() if k.split(".", 1)[0] in parts}
+        kwargs["state_dict"] = state
+        previous = self.config.saved_parts, self.config.adapter
+        self.config.saved_parts, self.config.adapter = parts, "lora" if self.has_lora else None
         try:
             super().save_pretrained(save_directory, **kwargs)
         finally:
-            self.config.saved_parts = previous
+            self.config.saved_parts, self.config.adapter = previous
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
@@ -193,8 +240,19 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         if not isinstance(config, MultimodalConfig):
             config = MultimodalConfig.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
         if not config.saved_parts or set(config.saved_parts) == set(PARTS):
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        return cls._from_saved_parts(pretrained_model_name_or_path, config, kwargs.get("dtype"), kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        else:
+            model = cls._from_saved_parts(pretrained_model_name_or_path, config, kwargs.get("dtype"), kwargs)
+        if config.adapter:
+            from peft import PeftModel
+
+            model.language_model = PeftModel.from_pretrained(
+                model.language_model,
+                str(pretrained_model_name_or_path),
+                subfolder=config.adapter,
+                **{k: v for k, v in _hub_kwargs(kwargs).items() if k != "subfolder"},
+            )
+        return model
 
     @classmethod
     def _from_saved_parts(cls, path: str | os.PathLike, config: MultimodalConfig, dtype, kwargs: dict):
@@ -218,6 +276,11 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         if dtype is not None:
             model = model.to(dtype)
         return model.eval()
+
+
+def _without_lora(key: str) -> str:
+    """`language_model.base_model.model.X.base_layer.weight` (PEFT-wrapped) -> `language_model.X.weight`."""
+    return key.replace("language_model.base_model.model.", "language_model.").replace(".base_layer.", ".")
 
 
 def _hub_kwargs(kwargs: dict) -> dict:

@@ -1,0 +1,98 @@
+"""Which parameters train, with which learning rate, and a table that shows it."""
+
+from __future__ import annotations
+
+import torch
+
+from mmllm.errors import MmllmError
+from mmllm.models.multimodal import MultimodalLM
+from mmllm.train.config import LoraSettings, OptimConfig, PartsConfig
+
+NO_DECAY = ("bias", "norm", "ln_", "layernorm", "embeddings.position")
+
+
+def qlora_quantization_config():
+    """4-bit NF4 with double quantisation and fp16 compute (QLoRA), or a clear reason it cannot run here."""
+    if not torch.cuda.is_available():
+        raise MmllmError(
+            "QLoRA needs a CUDA GPU (bitsandbytes 4-bit kernels); on this machine use "
+            "parts.language_model=lora, which trains the same adapters on an unquantised model"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise MmllmError("QLoRA needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float16,
+    )
+
+
+def setup_parts(model: MultimodalLM, parts: PartsConfig, lora: LoraSettings) -> None:
+    """Freeze everything, then unfreeze (or give adapters to) exactly the parts the recipe trains."""
+    model.requires_grad_(False)
+    # A part that trains no longer equals its base weights: drop the reference so it gets saved.
+    if parts.vision_tower == "full":
+        model.vision_tower.requires_grad_(True)
+        model.config.vision_model_name_or_path = None
+    if parts.projector == "full":
+        model.projector.requires_grad_(True)
+    if parts.language_model == "full":
+        model.language_model.requires_grad_(True)
+        model.config.text_model_name_or_path = None
+    elif parts.language_model in ("lora", "qlora") and not model.has_lora:
+        from peft import LoraConfig, prepare_model_for_kbit_training
+
+        if parts.language_model == "qlora":
+            model.language_model = prepare_model_for_kbit_training(model.language_model)
+        model.add_lora(
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=list(lora.target_modules),
+                task_type="CAUSAL_LM",
+            )
+        )
+    elif model.has_lora:  # resumed or initialised from a LoRA checkpoint
+        for name, parameter in model.language_model.named_parameters():
+            parameter.requires_grad_("lora_" in name)
+    trained = [p for p in ("vision_tower", "projector") if getattr(parts, p) == "full"]
+    if parts.language_model != "frozen":
+        trained.append("language_model")
+    if not trained:
+        raise MmllmError(
+            "the recipe trains nothing: set parts.projector, parts.language_model or parts.vision_tower"
+        )
+    model.config.trained_parts = sorted(set(model.config.trained_parts or ()) | set(trained))
+
+
+def parameter_groups(model: MultimodalLM, optim: OptimConfig) -> list[dict]:
+    """AdamW groups: a learning rate per part, and no weight decay on norms and biases."""
+    rates = {
+        "vision_tower": optim.lr_vision,
+        "projector": optim.lr_projector,
+        "language_model": optim.lr_language,
+    }
+    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        lr = optim.lr_lora if "lora_" in name else rates[name.split(".", 1)[0]]
+        decay = 0.0 if parameter.ndim < 2 or any(k in name.lower() for k in NO_DECAY) else optim.weight_decay
+        groups.setdefault((lr, decay), []).append(parameter)
+    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+
+
+def parameter_table(model: MultimodalLM) -> str:
+    """Trainable vs total parameters per part, printed at the start of a run."""
+    lines = [f"{'part':<16}{'trainable':>14}{'total':>16}"]
+    for part in ("vision_tower", "projector", "language_model"):
+        params = list(getattr(model, part).parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        lines.append(f"{part:<16}{trainable:>14,}{sum(p.numel() for p in params):>16,}")
+    return "\n".join(lines)

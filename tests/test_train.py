@@ -1,0 +1,220 @@
+"""Training on CPU with tiny models and real easy-VQA data: every stage, exact resume, DDP, merge."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import make_tiny
+
+from mmllm import MultimodalLM
+from mmllm.cli import main
+from mmllm.config import load_config
+from mmllm.errors import MmllmError
+from mmllm.train.checkpoint import checkpoints
+from mmllm.train.config import TrainConfig
+from mmllm.train.loop import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    # Patch features and a responsive LM, so the projector alone can move the loss (see make_tiny).
+    model, processor = make_tiny("qwen2", feature_mode="patch", lm_init_std=0.3)
+    folder = tmp_path_factory.mktemp("tiny")
+    model.config.trained_parts = ["language_model"]
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def recipe(tiny_dir, out, **overrides) -> dict:
+    base = {
+        "init_from": str(tiny_dir),
+        "data": {
+            "datasets": [{"format": "easy-vqa", "split": "train", "per_image": True, "limit": 8}],
+            "batch_size": 4,
+            "num_workers": 0,
+            "max_length": 256,
+        },
+        "parts": {"projector": "full", "language_model": "frozen", "vision_tower": "frozen"},
+        "optim": {"lr_projector": 1e-2, "lr_lora": 1e-2, "lr_language": 1e-3, "warmup_ratio": 0.0},
+        "max_steps": 12,
+        "save_every": 4,
+        "keep_last": 2,
+        "log_every": 1,
+        "output_dir": str(out),
+        "tensorboard": False,
+    }
+    for key, value in overrides.items():
+        node = base
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return base
+
+
+def run(tiny_dir, out, **overrides) -> tuple[MultimodalLM, list[dict]]:
+    cfg = load_config(TrainConfig, None, base=recipe(tiny_dir, out, **overrides))
+    final = train(cfg)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return MultimodalLM.from_pretrained(final), metrics
+
+
+def state(module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_stage1_trains_projector_only(tiny_dir, tmp_path):
+    base = MultimodalLM.from_pretrained(tiny_dir)
+    model, metrics = run(tiny_dir, tmp_path)
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    # Two batches alternate: compare the first pass over the data with the last.
+    assert len(losses) == 12 and sum(losses[-2:]) < 0.85 * sum(losses[:2])
+    for part in ("vision_tower", "language_model"):
+        before, after = state(getattr(base, part)), state(getattr(model, part))
+        assert all(torch.equal(before[k], after[k]) for k in before), f"{part} changed"
+    assert not torch.equal(base.projector[0].weight, model.projector[0].weight)
+    assert [c.name for c in checkpoints(tmp_path)] == ["step-000008", "step-000012"]
+    assert (tmp_path / "checkpoints" / "step-000012" / "model" / "mmllm_processor.json").is_file()
+
+
+def test_stage2_lora_only_on_the_language_model_and_merge_is_lossless(tiny_dir, tmp_path):
+    base = MultimodalLM.from_pretrained(tiny_dir)
+    model, metrics = run(tiny_dir, tmp_path, **{"parts.language_model": "lora", "lora.dropout": 0.0})
+    assert metrics[-1]["loss"] + metrics[-2]["loss"] < 0.95 * (metrics[0]["loss"] + metrics[1]["loss"])
+    lora_names = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert lora_names and all(n.startswith("language_model.") for n in lora_names)
+    assert not any("lora" in n for n, _ in model.vision_tower.named_modules())
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    assert (tmp_path / "model" / "lora" / "adapter_config.json").is_file()
+    # Base weights under the adapters did not move.
+    base_lm = state(base.language_model)
+    merged_free = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in model.language_model.state_dict().items()
+        if "lora_" not in k
+    }
+    assert all(torch.equal(base_lm[k], merged_free[k]) for k in base_lm)
+
+    processor_batch = _batch(tiny_dir)
+    unmerged = model(**processor_batch).logits
+    assert main(["merge", str(tmp_path / "checkpoints" / "step-000012"), str(tmp_path / "merged")]) == 0
+    merged = MultimodalLM.from_pretrained(tmp_path / "merged")
+    assert not merged.has_lora
+    assert (merged(**processor_batch).logits - unmerged).abs().max() < 1e-4
+
+
+def _batch(tiny_dir):
+    from mmllm import MultimodalProcessor
+
+    processor = MultimodalProcessor.from_pretrained(tiny_dir)
+    from easy_vqa import get_test_image_paths
+
+    image = get_test_image_paths()[0]
+    return processor([[{"role": "user", "content": "What shape is in the image?"}]], [[image]])
+
+
+def test_stage2_full_trains_lm_and_keeps_vision(tiny_dir, tmp_path):
+    base = MultimodalLM.from_pretrained(tiny_dir)
+    model, _ = run(tiny_dir, tmp_path, **{"parts.language_model": "full", "max_steps": 4})
+    assert not torch.equal(base.language_model.lm_head.weight, model.language_model.lm_head.weight)
+    before, after = state(base.vision_tower), state(model.vision_tower)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_non_finite_steps_are_skipped_and_reported(tiny_dir, tmp_path):
+    poisoned = MultimodalLM.from_pretrained(tiny_dir)
+    with torch.no_grad():
+        poisoned.projector[0].weight[0, 0] = float("nan")
+    from mmllm import MultimodalProcessor
+
+    poisoned.save_pretrained(tmp_path / "poisoned")
+    MultimodalProcessor.from_pretrained(tiny_dir).save_pretrained(tmp_path / "poisoned")
+    model, metrics = run(tmp_path / "poisoned", tmp_path / "run", max_steps=3)
+    assert metrics[-1]["skipped_steps"] == 3
+    assert torch.equal(model.projector[2].weight, poisoned.projector[2].weight)
+
+
+def test_qlora_without_cuda_is_a_clear_error(tiny_dir, tmp_path):
+    cfg = load_config(TrainConfig, None, base=recipe(tiny_dir, tmp_path, **{"parts.language_model": "qlora"}))
+    with pytest.raises(MmllmError, match="QLoRA needs a CUDA GPU"):
+        train(cfg)
+
+
+def _write_recipe(tiny_dir, out, path, **overrides) -> Path:
+    path.write_text(yaml.safe_dump(recipe(tiny_dir, out, **overrides)))
+    return path
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return state(MultimodalLM.from_pretrained(out / "model"))
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tiny_dir, tmp_path):
+    settings = {"max_steps": 30, "save_every": 5, "parts.language_model": "lora", "lora.dropout": 0.1}
+    straight = _write_recipe(tiny_dir, tmp_path / "straight", tmp_path / "a.yaml", **settings)
+    assert main(["train", str(straight)]) == 0
+    killed = _write_recipe(tiny_dir, tmp_path / "killed", tmp_path / "b.yaml", **settings)
+    command = [sys.executable, "-m", "mmllm.cli", "train", str(killed)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        done = metrics.is_file() and metrics.read_text().count("\n")
+        if (
+            done
+            and checkpoints(tmp_path / "killed")
+            and done > int(checkpoints(tmp_path / "killed")[-1].name[5:])
+        ):
+            break
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run must be killed mid-way, not finish"
+    last = checkpoints(tmp_path / "killed")[-1]
+    assert int(last.name[5:]) < 30
+    assert main(["train", str(killed), "--resume", "auto"]) == 0
+    a, b = _final_weights(tmp_path / "straight"), _final_weights(tmp_path / "killed")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_two_process_ddp_equals_one_process(tiny_dir, tmp_path):
+    settings = {"max_steps": 4, "parts.language_model": "lora", "lora.dropout": 0.0, "save_every": 100}
+    single = _write_recipe(tiny_dir, tmp_path / "single", tmp_path / "single.yaml", **settings)
+    assert main(["train", str(single)]) == 0
+    double = _write_recipe(tiny_dir, tmp_path / "ddp", tmp_path / "ddp.yaml", **settings)
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "mmllm.cli",
+        "train",
+        str(double),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es), DistributedType.MULTI_CPU" in result.stderr
+    a, b = _final_weights(tmp_path / "single"), _final_weights(tmp_path / "ddp")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
