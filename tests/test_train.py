@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_tiny
 
+from conftest import make_tiny
 from mmllm import MultimodalLM
 from mmllm.cli import main
 from mmllm.config import load_config
@@ -194,24 +194,8 @@ def test_two_process_ddp_equals_one_process(tiny_dir, tmp_path):
     single = _write_recipe(tiny_dir, tmp_path / "single", tmp_path / "single.yaml", **settings)
     assert main(["train", str(single)]) == 0
     double = _write_recipe(tiny_dir, tmp_path / "ddp", tmp_path / "ddp.yaml", **settings)
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--cpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "mmllm.cli",
-        "train",
-        str(double),
-    ]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "-m", "mmllm.cli", "train", str(double)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es), DistributedType.MULTI_CPU" in result.stderr

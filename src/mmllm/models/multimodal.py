@@ -172,7 +172,7 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         return {_without_lora(key): value for key, value in state.items() if "lora_" not in key}
 
     def load_plain_state_dict(self, state: dict[str, torch.Tensor]) -> list[str]:
-        """Load weights saved without LoRA wrapping (as `save_pretrained` writes them); returns unexpected keys."""
+        """Load weights saved without LoRA wrapping (as save_pretrained writes them); list unexpected keys."""
         if self.has_lora:
             actual = {_without_lora(key): key for key in self.state_dict() if "lora_" not in key}
             state = {actual.get(key, key): value for key, value in state.items()}

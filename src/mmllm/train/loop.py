@@ -83,6 +83,8 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
     from accelerate.utils import set_seed
 
     accelerator = Accelerator(
+        # Without a GPU, a torchrun/`accelerate launch` world still trains: one CPU process per rank (gloo).
+        cpu=not torch.cuda.is_available(),
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision],
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
