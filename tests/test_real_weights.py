@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mmllm.cli import main
@@ -41,3 +43,21 @@ def test_cli_ask_and_info_on_real_weights(capsys):
     assert main(["info", "smollm2-135m-instruct"]) == 0
     out = capsys.readouterr().out
     assert "LlamaForCausalLM" in out and "CLIPVisionModelWithProjection" in out
+
+
+def test_easyvqa_recipe_trains_on_real_smollm2(tmp_path, capsys):
+    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "easyvqa_smollm2.yaml")
+    overrides = [
+        "max_steps=2",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "data.datasets=[{format: easy-vqa, split: train, per_image: true, limit: 4}]",
+        "eval_data.datasets=[]",
+        f"output_dir={tmp_path}",
+    ]
+    assert main(["train", recipe, *overrides]) == 0
+    pipeline = Pipeline.load(str(tmp_path / "model"), device="cpu")
+    assert pipeline.model.config.trained_parts == ["language_model", "projector", "vision_tower"]
+    assert pipeline.model.has_lora
+    answer = pipeline.ask("sample:coffee", "What shape?", GenerationSettings(max_new_tokens=4))
+    assert isinstance(answer, str)
