@@ -430,10 +430,9 @@ def test_features_and_stats_commands(folder, tmp_path, capsys):
             [
                 "data",
                 "stats",
+                data,
                 "--model",
                 str(tmp_path / "model"),
-                "--data",
-                data,
                 "--images",
                 str(folder),
                 "--out",

@@ -234,8 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     stats = data_commands.add_parser("stats", help="samples, images, token lengths, answers, bad images")
     stats.set_defaults(handler=cmd_data_stats)
+    stats.add_argument("data", help="data recipe .yaml, or FORMAT:PATH (e.g. easy-vqa:train)")
     stats.add_argument("--model", default="default", help="model whose tokenizer counts tokens")
-    data_arguments(stats)
+    stats.add_argument("--images", default="", help="image folder for FORMAT:PATH data")
+    stats.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data config overrides")
     stats.add_argument("--out", default="", help="also write stats.json, stats.txt, token_lengths.png here")
 
     weights = commands.add_parser("weights", help="list or install named weights (offline packages)")

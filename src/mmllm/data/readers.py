@@ -37,21 +37,26 @@ def _load_json(path: Path) -> Any:
         raise MmllmError(f"{path}: invalid JSON ({err})") from None
 
 
+def _numbered_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Lines of a text file, numbered from 1, read lazily."""
+    try:
+        file = path.open(encoding="utf-8")
+    except FileNotFoundError:
+        raise MmllmError(f"{path}: no such file") from None
+    with file:
+        yield from enumerate(file, 1)
+
+
 def _json_records(path: Path) -> Iterator[tuple[int, dict]]:
     """Records of a JSON list or of a JSONL file, with their position for error messages."""
     if path.suffix == ".jsonl":
-        try:
-            lines = path.open(encoding="utf-8")
-        except FileNotFoundError:
-            raise MmllmError(f"{path}: no such file") from None
-        with lines:
-            for number, line in enumerate(lines, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield number, json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise MmllmError(f"{path}:{number}: invalid JSON ({err})") from None
+        for number, line in _numbered_lines(path):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise MmllmError(f"{path}:{number}: invalid JSON ({err})") from None
         return
     data = _load_json(path)
     if not isinstance(data, list):
@@ -277,19 +282,14 @@ def read_tsv(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
     """CC3M-style TSV, streamed: `caption<TAB>image path` per line (a header line is skipped)."""
     path, root = Path(spec.path), _image_root(spec)
     rng = random.Random(cfg.seed)
-    try:
-        file = path.open(encoding="utf-8")
-    except FileNotFoundError:
-        raise MmllmError(f"{path}: no such file") from None
-    with file:
-        for number, line in enumerate(file, 1):
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) < 2:
-                raise MmllmError(f"{path}:{number}: expected caption<TAB>image")
-            caption, image = fields[0], fields[1]
-            if number == 1 and caption.lower() == "caption":
-                continue
-            yield caption_sample(str(root / image), [caption], tuple(cfg.instructions), rng, f"tsv-{number}")
+    for number, line in _numbered_lines(path):
+        fields = line.rstrip("\n").split("\t")
+        if len(fields) < 2:
+            raise MmllmError(f"{path}:{number}: expected caption<TAB>image")
+        caption, image = fields[0], fields[1]
+        if number == 1 and caption.lower() == "caption":
+            continue
+        yield caption_sample(str(root / image), [caption], tuple(cfg.instructions), rng, f"tsv-{number}")
 
 
 def read_webdataset(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
