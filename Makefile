@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: install install-dev demo test test-slow lint format
+.PHONY: install install-dev demo test test-slow bench-quick lint format
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: install-dev
 
 test-slow: install-dev
 	$(BIN)/pytest -m slow
+
+bench-quick: install-dev
+	$(BIN)/python benchmarks/data_throughput.py --quick
+	$(BIN)/python benchmarks/train_throughput.py --quick
 
 lint: install-dev
 	$(BIN)/ruff check .
