@@ -30,6 +30,7 @@ test-slow: install-dev
 	$(BIN)/pytest -m slow
 
 bench-quick: install-dev
+	$(BIN)/mmllm weights install smollm2-135m-instruct
 	$(BIN)/python benchmarks/data_throughput.py --quick
 	$(BIN)/python benchmarks/train_throughput.py --quick
 
