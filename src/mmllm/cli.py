@@ -152,6 +152,22 @@ def cmd_merge(args: argparse.Namespace) -> None:
     print(f"merged model: {args.out}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from mmllm.data.config import DataConfig
+    from mmllm.eval.runner import evaluate
+
+    data = DataConfig() if args.from_predictions and not args.data else _data(args)
+    report = evaluate(
+        args.task, args.model, data, args.out, _settings(args), args.batch_size, args.from_predictions
+    )
+    headline = {k: v for k, v in report["metrics"].items() if not isinstance(v, dict)}
+    print(
+        f"{args.task}: {report['samples']} samples, "
+        + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in headline.items())
+    )
+    print(f"report: {args.out}/report.md")
+
+
 def cmd_weights_list(args: argparse.Namespace) -> None:
     from mmllm.weights import mmllm_home, weights_table
 
@@ -229,6 +245,25 @@ def build_parser() -> argparse.ArgumentParser:
     merge = command("merge", cmd_merge, "merge a LoRA checkpoint into its language model", model=False)
     merge.add_argument("checkpoint", help="checkpoint directory or saved model with a LoRA adapter")
     merge.add_argument("out", help="directory for the merged, plain model")
+
+    evaluation = command("eval", cmd_eval, "evaluate a model: captions, VQA accuracy, perplexity")
+    evaluation.add_argument(
+        "--task", required=True, choices=("coco-captions", "vqav2", "easy-vqa", "perplexity", "custom")
+    )
+    evaluation.add_argument(
+        "--data", default="", help="data recipe .yaml, or FORMAT:PATH (e.g. easy-vqa:test)"
+    )
+    evaluation.add_argument("--images", default="", help="image folder for FORMAT:PATH data")
+    evaluation.add_argument(
+        "--out", required=True, help="directory for predictions.jsonl, report.json/md, plots"
+    )
+    evaluation.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    evaluation.add_argument(
+        "--from-predictions", action="store_true", help="recompute the report from predictions.jsonl"
+    )
+    evaluation.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    evaluation.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data config overrides")
+    add_arguments(evaluation, GenerationSettings)
 
     data = commands.add_parser("data", help="inspect datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")

@@ -1,0 +1,1 @@
+"""Evaluation: official VQA accuracy, COCO caption metrics (pycocoevalcap), perplexity, reports."""

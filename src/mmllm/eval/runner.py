@@ -1,0 +1,201 @@
+"""`mmllm eval`: predictions streamed to JSONL (resumable), metrics computed from that file alone.
+
+OUT/predictions.jsonl   one line per sample: id, prediction (or nll/tokens), question, references
+OUT/report.json         metrics, per-type breakdowns, model/data identity, decoding, timings
+OUT/report.md, *.png    the same for people
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mmllm.data.config import DataConfig, DatasetSpec
+from mmllm.data.readers import read
+from mmllm.data.records import Sample
+from mmllm.errors import MmllmError
+from mmllm.eval.captions import caption_metrics
+from mmllm.eval.report import write_report
+from mmllm.eval.vqa import exact_match, normalize_answer, token_f1, vqa_accuracy
+from mmllm.pipeline import GenerationSettings, Pipeline
+
+log = logging.getLogger("mmllm")
+
+TASKS = ("coco-captions", "vqav2", "easy-vqa", "perplexity", "custom")
+PREDICTIONS = "predictions.jsonl"
+
+
+def task_samples(task: str, cfg: DataConfig) -> list[Sample]:
+    """Samples shaped for the task: captions per image (all references), VQA per question."""
+    specs = [
+        DatasetSpec(**{**vars(spec), "per_image": task == "coco-captions"}) if task != "perplexity" else spec
+        for spec in cfg.datasets
+    ]
+    return [sample for spec in specs for sample in read(spec, cfg)]
+
+
+def _record(sample: Sample) -> dict[str, Any]:
+    meta = sample.meta
+    prompt = next(m["content"] for m in sample.conversation if m["role"] == "user")
+    record = {"id": sample.id, "question": prompt.replace("<image>", "").strip()}
+    for key in ("references", "answers", "answer_type", "question_type"):
+        if key in meta:
+            record[key] = meta[key]
+    if "answers" not in record and "references" not in record:
+        answer = next((m["content"] for m in sample.conversation if m["role"] == "assistant"), None)
+        if answer is not None:
+            record["answers"] = [answer]
+    return record
+
+
+def _done_ids(path: Path) -> set[str]:
+    """Ids already predicted; a torn last line (an interrupted run) is cut off so it is redone."""
+    if not path.is_file():
+        return set()
+    done, keep = set(), 0
+    with path.open("rb") as file:
+        for line in file:
+            try:
+                done.add(json.loads(line)["id"])
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+                break
+            keep += len(line)
+    with path.open("r+b") as file:
+        file.truncate(keep)
+    return done
+
+
+def _batches(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def generate_predictions(
+    pipeline: Pipeline, samples: list[Sample], path: Path, settings: GenerationSettings, batch_size: int
+) -> int:
+    """Answer every sample not yet in `path`, appending as it goes; returns how many were generated."""
+    todo = [s for s in samples if s.id not in _done_ids(path)]
+    torch.manual_seed(settings.seed or 0)
+    with path.open("a") as sink, tqdm(total=len(todo), desc="eval", unit="sample") as bar:
+        for chunk in _batches(todo, batch_size):
+            # The prompt is the conversation up to its first answer.
+            prompts = [
+                s.conversation[: next(i for i, m in enumerate(s.conversation) if m["role"] == "user") + 1]
+                for s in chunk
+            ]
+            answers = pipeline.generate(prompts, [s.images for s in chunk], settings)
+            for sample, answer in zip(chunk, answers, strict=True):
+                sink.write(json.dumps({**_record(sample), "prediction": answer}) + "\n")
+            sink.flush()
+            bar.update(len(chunk))
+    return len(todo)
+
+
+@torch.no_grad()
+def perplexity_predictions(pipeline: Pipeline, samples: list[Sample], path: Path, cfg: DataConfig) -> int:
+    """Summed negative log-likelihood of each sample's trained (assistant) tokens."""
+    from mmllm.data.loading import Collator
+
+    todo = [s for s in samples if s.id not in _done_ids(path)]
+    collator = Collator(pipeline.processor, cfg, train=False)
+    model = pipeline.model
+    with path.open("a") as sink:
+        for sample in tqdm(todo, desc="perplexity", unit="sample"):
+            batch = collator([sample])
+            if "input_ids" not in batch:
+                continue  # unreadable image: counted by the collator, skipped here
+            labels = batch["labels"][:, 1:].to(model.device)
+            inputs = {k: v.to(model.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels, reduction="sum")
+            sink.write(
+                json.dumps({"id": sample.id, "nll": float(nll), "tokens": int((labels != -100).sum())}) + "\n"
+            )
+    return len(todo)
+
+
+def metrics_from_predictions(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every number in the report, from the predictions file alone."""
+    if not rows:
+        raise MmllmError("no predictions to score")
+    if task == "perplexity":
+        nll, tokens = sum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
+        return {"perplexity": float(torch.tensor(nll / max(tokens, 1)).exp()), "tokens": tokens}
+    if task == "coco-captions" or (task == "custom" and "references" in rows[0]):
+        return caption_metrics(
+            {r["id"]: r["prediction"] for r in rows}, {r["id"]: r["references"] for r in rows}
+        )
+    score = vqa_accuracy if task == "vqav2" else (lambda p, answers: exact_match(p, answers[0]))
+    name = "vqa_accuracy" if task == "vqav2" else "accuracy"
+    per_type: dict[str, list[float]] = defaultdict(list)
+    scores = []
+    for row in rows:
+        value = score(row["prediction"], row["answers"])
+        scores.append(value)
+        per_type[row.get("answer_type") or "all"].append(value)
+    metrics: dict[str, Any] = {
+        name: sum(scores) / len(scores),
+        "token_f1": sum(token_f1(r["prediction"], r["answers"]) for r in rows) / len(rows),
+        "per_answer_type": {k: {name: sum(v) / len(v), "count": len(v)} for k, v in sorted(per_type.items())},
+    }
+    if task == "easy-vqa":
+        confusion: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for row in rows:
+            confusion[normalize_answer(row["answers"][0])][normalize_answer(row["prediction"])] += 1
+        metrics["confusion"] = {k: dict(v) for k, v in sorted(confusion.items())}
+    return metrics
+
+
+def evaluate(
+    task: str,
+    model: str,
+    data: DataConfig,
+    out: str | Path,
+    settings: GenerationSettings,
+    batch_size: int = 16,
+    from_predictions: bool = False,
+    device: str | None = None,
+) -> dict[str, Any]:
+    if task not in TASKS:
+        raise MmllmError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / PREDICTIONS
+    timings: dict[str, float] = {}
+    generated = 0
+    if from_predictions:
+        if not path.is_file():
+            raise MmllmError(f"{path} does not exist: run the evaluation once without --from-predictions")
+    else:
+        samples = task_samples(task, data)
+        start = time.perf_counter()
+        pipeline = Pipeline.load(model, device=device)
+        timings["load_s"] = round(time.perf_counter() - start, 2)
+        start = time.perf_counter()
+        if task == "perplexity":
+            generated = perplexity_predictions(pipeline, samples, path, data)
+        else:
+            generated = generate_predictions(pipeline, samples, path, settings, batch_size)
+        seconds = time.perf_counter() - start
+        timings.update(generate_s=round(seconds, 2), samples_per_s=round(generated / max(seconds, 1e-9), 2))
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    report = {
+        "task": task,
+        "model": model,
+        "data": [vars(spec) for spec in data.datasets],
+        "decoding": vars(settings),
+        "samples": len(rows),
+        "generated_this_run": generated,
+        "timings": timings,
+        "metrics": metrics_from_predictions(task, rows),
+    }
+    write_report(report, rows, out)
+    return report

@@ -1,0 +1,231 @@
+"""VQA metrics with the official VQAv2 answer normalisation.
+
+The normalisation and accuracy follow the VQA evaluation protocol (visualqa.org/evaluation):
+punctuation is removed or spaced, number words become digits, articles are dropped, common
+contractions are restored; accuracy is min(#humans who gave the answer / 3, 1), averaged over the
+10 leave-one-annotator-out subsets of the 10 human answers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+NUMBER_WORDS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+    "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}  # fmt: skip
+ARTICLES = {"a", "an", "the"}
+PUNCTUATION = [
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+]
+PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # the protocol's pattern, quirk included
+COMMA_BETWEEN_DIGITS = re.compile(r"(\d)(,)(\d)")
+# The protocol's contraction table (apostrophe-less spelling -> canonical), as data.
+CONTRACTIONS = dict(
+    pair.split(":")
+    for pair in [
+        "aint:ain't",
+        "arent:aren't",
+        "cant:can't",
+        "couldve:could've",
+        "couldnt:couldn't",
+        "couldn'tve:couldn't've",
+        "couldnt've:couldn't've",
+        "didnt:didn't",
+        "doesnt:doesn't",
+        "dont:don't",
+        "hadnt:hadn't",
+        "hadnt've:hadn't've",
+        "hadn'tve:hadn't've",
+        "hasnt:hasn't",
+        "havent:haven't",
+        "hed:he'd",
+        "hed've:he'd've",
+        "he'dve:he'd've",
+        "hes:he's",
+        "howd:how'd",
+        "howll:how'll",
+        "hows:how's",
+        "Id've:I'd've",
+        "I'dve:I'd've",
+        "Im:I'm",
+        "Ive:I've",
+        "isnt:isn't",
+        "itd:it'd",
+        "itd've:it'd've",
+        "it'dve:it'd've",
+        "itll:it'll",
+        "let's:let's",
+        "maam:ma'am",
+        "mightnt:mightn't",
+        "mightnt've:mightn't've",
+        "mightn'tve:mightn't've",
+        "mightve:might've",
+        "mustnt:mustn't",
+        "mustve:must've",
+        "neednt:needn't",
+        "notve:not've",
+        "oclock:o'clock",
+        "oughtnt:oughtn't",
+        "ow's'at:'ow's'at",
+        "'ows'at:'ow's'at",
+        "'ow'sat:'ow's'at",
+        "shant:shan't",
+        "shed've:she'd've",
+        "she'dve:she'd've",
+        "she's:she's",
+        "shouldve:should've",
+        "shouldnt:shouldn't",
+        "shouldnt've:shouldn't've",
+        "shouldn'tve:shouldn't've",
+        "somebody'd:somebodyd",
+        "somebodyd've:somebody'd've",
+        "somebody'dve:somebody'd've",
+        "somebodyll:somebody'll",
+        "somebodys:somebody's",
+        "someoned:someone'd",
+        "someoned've:someone'd've",
+        "someone'dve:someone'd've",
+        "someonell:someone'll",
+        "someones:someone's",
+        "somethingd:something'd",
+        "somethingd've:something'd've",
+        "something'dve:something'd've",
+        "somethingll:something'll",
+        "thats:that's",
+        "thered:there'd",
+        "thered've:there'd've",
+        "there'dve:there'd've",
+        "therere:there're",
+        "theres:there's",
+        "theyd:they'd",
+        "theyd've:they'd've",
+        "they'dve:they'd've",
+        "theyll:they'll",
+        "theyre:they're",
+        "theyve:they've",
+        "twas:'twas",
+        "wasnt:wasn't",
+        "wed've:we'd've",
+        "we'dve:we'd've",
+        "weve:we've",
+        "werent:weren't",
+        "whatll:what'll",
+        "whatre:what're",
+        "whats:what's",
+        "whatve:what've",
+        "whens:when's",
+        "whered:where'd",
+        "wheres:where's",
+        "whereve:where've",
+        "whod:who'd",
+        "whod've:who'd've",
+        "who'dve:who'd've",
+        "wholl:who'll",
+        "whos:who's",
+        "whove:who've",
+        "whyll:why'll",
+        "whyre:why're",
+        "whys:why's",
+        "wont:won't",
+        "wouldve:would've",
+        "wouldnt:wouldn't",
+        "wouldnt've:wouldn't've",
+        "wouldn'tve:wouldn't've",
+        "yall:y'all",
+        "yall'll:y'all'll",
+        "y'allll:y'all'll",
+        "yall'd've:y'all'd've",
+        "y'alld've:y'all'd've",
+        "y'all'dve:y'all'd've",
+        "youd:you'd",
+        "youd've:you'd've",
+        "you'dve:you'd've",
+        "youll:you'll",
+        "youre:you're",
+        "youve:you've",
+    ]
+)
+
+
+def _punctuation(text: str) -> str:
+    out = text
+    for mark in PUNCTUATION:
+        # Marks next to a space (or digit groups like 1,000) vanish; marks inside words become spaces.
+        if f"{mark} " in text or f" {mark}" in text or COMMA_BETWEEN_DIGITS.search(text):
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    return PERIOD.sub("", out)
+
+
+def _digits_articles(text: str) -> str:
+    words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
+
+
+def _clean(text: str) -> str:
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def normalize_answer(answer: str) -> str:
+    """The protocol's normalisation of a predicted answer: punctuation, then numbers/articles/contractions."""
+    return _digits_articles(_punctuation(_clean(answer)))
+
+
+def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """Official VQA accuracy of one prediction against the (10) human answers, in [0, 1].
+
+    As the protocol does, human answers get punctuation processing only, and only when they
+    disagree with each other.
+    """
+    predicted = normalize_answer(prediction)
+    humans = [_clean(a) for a in answers]
+    if len(set(humans)) > 1:
+        humans = [_punctuation(h) for h in humans]
+    scores = []
+    for left_out in range(len(humans)):
+        others = humans[:left_out] + humans[left_out + 1 :]
+        scores.append(min(1.0, sum(h == predicted for h in others) / 3))
+    return sum(scores) / len(scores)
+
+
+def exact_match(prediction: str, answer: str) -> float:
+    """1.0 when the normalised strings agree (single-answer sets such as easy-VQA)."""
+    return float(normalize_answer(prediction) == normalize_answer(answer))
+
+
+def token_f1(prediction: str, answers: list[str]) -> float:
+    """Best token-overlap F1 (SQuAD-style) of the normalised prediction against any answer."""
+    predicted = normalize_answer(prediction).split()
+    best = 0.0
+    for answer in answers:
+        reference = normalize_answer(answer).split()
+        common = sum((Counter(predicted) & Counter(reference)).values())
+        if common:
+            precision, recall = common / len(predicted), common / len(reference)
+            best = max(best, 2 * precision * recall / (precision + recall))
+        elif not predicted and not reference:
+            best = 1.0
+    return best

@@ -1,0 +1,155 @@
+"""Evaluation: metrics against cases worked out by hand from the official definitions; end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import make_tiny
+from mmllm.cli import main
+from mmllm.eval.vqa import exact_match, normalize_answer, token_f1, vqa_accuracy
+
+
+@pytest.mark.parametrize(
+    ("raw", "normalized"),
+    [
+        ("Two dogs.", "2 dogs"),
+        ("the cat", "cat"),
+        ("An apple", "apple"),
+        ("dont", "don't"),
+        ("yes!", "yes"),
+        ("1,000", "1000"),
+        ("3.5", "3.5"),
+        ("left-hand", "left hand"),
+        ("none", "0"),
+        ("  Ten\n", "10"),
+    ],
+)
+def test_answer_normalization(raw, normalized):
+    assert normalize_answer(raw) == normalized
+
+
+def test_vqa_accuracy_by_hand():
+    # 3 of 10 humans said "2": leaving one of them out leaves 2 matches (2/3), leaving out
+    # any of the 7 others leaves 3 (capped at 1): (3 x 2/3 + 7 x 1) / 10 = 0.9.
+    assert vqa_accuracy("2", ["2"] * 3 + ["3"] * 7) == pytest.approx(0.9)
+    # "two" normalises to "2"; 2 humans: (2 x 1/3 + 8 x 2/3) / 10 = 0.6.
+    assert vqa_accuracy("two", ["2"] * 2 + ["3"] * 8) == pytest.approx(0.6)
+    # One human: (1 x 0 + 9 x 1/3) / 10 = 0.3.
+    assert vqa_accuracy("blue", ["blue"] + ["red"] * 9) == pytest.approx(0.3)
+    assert vqa_accuracy("green", ["red"] * 10) == 0.0
+    # The protocol only processes human answers that disagree: ten identical "Two" stay "Two".
+    assert vqa_accuracy("two", ["Two"] * 10) == 0.0
+    assert vqa_accuracy("Two", ["two"] * 10) == 0.0
+    # Disagreeing answers get punctuation processing: "left-hand" becomes "left hand" on both sides.
+    assert vqa_accuracy("left-hand", ["left-hand"] * 4 + ["right"] * 6) == pytest.approx(1.0)
+    # ...which turns a trailing "!" into a space that is never stripped: "yes " != "yes".
+    assert vqa_accuracy("yes", ["yes!"] * 4 + ["no"] * 6) == 0.0
+
+
+def test_exact_match_and_token_f1():
+    assert exact_match("The circle.", "circle") == 1.0 and exact_match("square", "circle") == 0.0
+    assert token_f1("red circle", ["circle"]) == pytest.approx(2 / 3)  # p = 1/2, r = 1
+    assert token_f1("blue", ["red", "blue"]) == 1.0 and token_f1("x", ["y"]) == 0.0
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
+def test_caption_metrics_identical_versus_disjoint():
+    from mmllm.eval.captions import caption_metrics
+
+    refs = {
+        "1": ["a red circle on a white background", "a red ball"],
+        "2": ["a blue square", "a blue box"],
+        "3": ["a green triangle on white", "green shape"],
+    }
+    same = caption_metrics(
+        {"1": "a red circle on a white background", "2": "a blue square", "3": "a green triangle on white"},
+        refs,
+    )
+    other = caption_metrics({"1": "zebra giraffe", "2": "purple elephant", "3": "orange hippo"}, refs)
+    assert same["BLEU-1"] > 0.99 and same["BLEU-4"] > 0.9 and same["ROUGE-L"] > 0.9 and same["CIDEr"] > 1.0
+    assert other["BLEU-1"] < 1e-6 and other["CIDEr"] == 0.0 and other["ROUGE-L"] == 0.0
+    assert same["METEOR"] > other["METEOR"]
+    assert isinstance(same["SPICE"], float) or same["SPICE"].startswith("unavailable")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    model, processor = make_tiny("qwen2")
+    folder = tmp_path_factory.mktemp("eval-model")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_easy_vqa_eval_end_to_end_resume_and_recompute(model_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        "--task",
+        "easy-vqa",
+        "--model",
+        str(model_dir),
+        "--data",
+        "easy-vqa:test",
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "3",
+        "--batch-size",
+        "4",
+        "datasets=[{format: easy-vqa, split: test, limit: 10}]",
+    ]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["samples"] == 10 and report["generated_this_run"] == 10
+    assert set(report["metrics"]["per_answer_type"]) <= {"yes/no", "color", "shape"}
+    assert sum(sum(row.values()) for row in report["metrics"]["confusion"].values()) == 10
+    for name in ("report.md", "accuracy_per_type.png", "confusion.png", "lengths.png"):
+        assert (out / name).stat().st_size > 0, name
+    # Interrupted: the last 4 predictions and half a line lost; the rerun makes only those.
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    (out / "predictions.jsonl").write_text("\n".join(lines[:6]) + "\n" + lines[6][:20])
+    assert main(args) == 0
+    resumed = json.loads((out / "report.json").read_text())
+    assert resumed["generated_this_run"] == 4 and resumed["metrics"] == report["metrics"]
+    capsys.readouterr()
+    assert main(["eval", "--task", "easy-vqa", "--out", str(out), "--from-predictions"]) == 0
+    assert json.loads((out / "report.json").read_text())["metrics"] == report["metrics"]
+    assert "easy-vqa: 10 samples, accuracy" in capsys.readouterr().out
+
+
+def test_perplexity_task(model_dir, tmp_path):
+    out = tmp_path / "ppl"
+    assert (
+        main(
+            [
+                "eval",
+                "--task",
+                "perplexity",
+                "--model",
+                str(model_dir),
+                "--data",
+                "easy-vqa:test",
+                "--out",
+                str(out),
+                "datasets=[{format: easy-vqa, split: test, limit: 3}]",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "report.json").read_text())
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    import math
+
+    expected = math.exp(sum(r["nll"] for r in rows) / sum(r["tokens"] for r in rows))
+    assert report["metrics"]["perplexity"] == pytest.approx(expected, rel=1e-5)
+    # A random LM over ~400 tokens is roughly uniform: perplexity near the vocabulary size.
+    assert 100 < report["metrics"]["perplexity"] < 2000
+
+
+def test_eval_errors(tmp_path, capsys):
+    assert main(["eval", "--task", "easy-vqa", "--out", str(tmp_path), "--from-predictions"]) == 2
+    assert "does not exist" in capsys.readouterr().err
