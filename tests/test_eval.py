@@ -153,3 +153,76 @@ def test_perplexity_task(model_dir, tmp_path):
 def test_eval_errors(tmp_path, capsys):
     assert main(["eval", "--task", "easy-vqa", "--out", str(tmp_path), "--from-predictions"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_vqav2_and_coco_caption_tasks_end_to_end(model_dir, tmp_path):
+    from test_data import coco_file, draw, vqa_files
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate(["red", "blue"]):
+        draw(images / f"img{i}.png", colour)
+    spec = vqa_files(tmp_path, images)
+    data = [
+        "--data",
+        f"vqav2:{spec.path}",
+        "--images",
+        str(images),
+        f"datasets=[{{format: vqav2, path: {spec.path}, images: {images}, annotations: {spec.annotations}}}]",
+    ]
+    assert (
+        main(
+            [
+                "eval",
+                "--task",
+                "vqav2",
+                "--model",
+                str(model_dir),
+                "--out",
+                str(tmp_path / "vqa"),
+                "--max-new-tokens",
+                "2",
+                *data,
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads((tmp_path / "vqa" / "report.json").read_text())["metrics"]
+    assert set(metrics["per_answer_type"]) == {"other", "yes/no", "number"}
+    assert metrics["per_question_type"]["what color"]["count"] == 3
+    if shutil.which("java") is None:
+        return
+    captions = coco_file(tmp_path)
+    assert (
+        main(
+            [
+                "eval",
+                "--task",
+                "coco-captions",
+                "--model",
+                str(model_dir),
+                "--out",
+                str(tmp_path / "cap"),
+                "--data",
+                f"coco:{captions}",
+                "--images",
+                str(images),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
+    report = json.loads((tmp_path / "cap" / "report.json").read_text())
+    assert report["samples"] == 2 and {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "SPICE"} <= set(
+        report["metrics"]
+    )
+
+
+def test_missing_java_is_a_clear_error(tmp_path, monkeypatch):
+    from mmllm.errors import MmllmError
+    from mmllm.eval.captions import caption_metrics
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(MmllmError, match="need Java"):
+        caption_metrics({"1": "a cat"}, {"1": ["a cat"]})

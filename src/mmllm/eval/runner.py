@@ -135,17 +135,26 @@ def metrics_from_predictions(task: str, rows: list[dict[str, Any]]) -> dict[str,
         )
     score = vqa_accuracy if task == "vqav2" else (lambda p, answers: exact_match(p, answers[0]))
     name = "vqa_accuracy" if task == "vqav2" else "accuracy"
-    per_type: dict[str, list[float]] = defaultdict(list)
+    per_type: dict[str, dict[str, list[float]]] = {
+        "answer_type": defaultdict(list),
+        "question_type": defaultdict(list),
+    }
     scores = []
     for row in rows:
         value = score(row["prediction"], row["answers"])
         scores.append(value)
-        per_type[row.get("answer_type") or "all"].append(value)
+        for kind, groups in per_type.items():
+            if row.get(kind):
+                groups[row[kind]].append(value)
     metrics: dict[str, Any] = {
         name: sum(scores) / len(scores),
         "token_f1": sum(token_f1(r["prediction"], r["answers"]) for r in rows) / len(rows),
-        "per_answer_type": {k: {name: sum(v) / len(v), "count": len(v)} for k, v in sorted(per_type.items())},
     }
+    for kind, groups in per_type.items():
+        if groups:
+            metrics[f"per_{kind}"] = {
+                k: {name: sum(v) / len(v), "count": len(v)} for k, v in sorted(groups.items())
+            }
     if task == "easy-vqa":
         confusion: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for row in rows:
