@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, TextIteratorStreamer
+from transformers import GenerationConfig, StoppingCriteria, TextIteratorStreamer
+from transformers.generation.streamers import BaseStreamer
 
-from mmllm.images import ImageInput
+from mmllm.images import ImageInput, load_image
 from mmllm.models.build import load_model, untrained_parts
 from mmllm.models.multimodal import MultimodalLM
 from mmllm.processor import Message, MultimodalProcessor
@@ -63,10 +66,84 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@dataclass
+class Completion:
+    """One answer with the counts an API reports."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+
+
+class _RowStreamer(BaseStreamer, StoppingCriteria):
+    """Decodes each row of a batched generate as it grows; enforces per-row token limits and stop strings.
+
+    Its `done` flags double as a stopping criterion, so a finished row stops costing compute once all
+    rows are done, and rows never run past their own `max_tokens`.
+    """
+
+    def __init__(self, pipeline: Pipeline, limits: list[int], stops: list[list[str]], on_delta):
+        self.tokenizer, self.stop_ids = pipeline.processor.tokenizer, set(pipeline.processor.stop_token_ids)
+        self.limits, self.stops, self.on_delta = limits, stops, on_delta
+        self.ids: list[list[int]] = [[] for _ in limits]
+        self.text = [""] * len(limits)
+        self.finish = [""] * len(limits)
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate first hands over the prompt
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.finish[row]:
+                continue
+            if token in self.stop_ids:
+                self.finish[row] = "stop"
+                continue
+            self.ids[row].append(token)
+            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
+            cut = min((text.find(s) for s in self.stops[row] if s in text), default=-1)
+            if cut >= 0:
+                text, self.finish[row] = text[:cut], "stop"
+            elif len(self.ids[row]) >= self.limits[row]:
+                self.finish[row] = "length"
+            if text.endswith("\ufffd") and not self.finish[row]:
+                continue  # half of a multi-byte character: wait for the rest
+            if len(text) > len(self.text[row]) and self.on_delta:
+                self.on_delta(row, text[len(self.text[row]) :])
+            self.text[row] = text
+
+    def end(self) -> None:
+        self.finish = [f or "stop" for f in self.finish]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
+        return torch.tensor([bool(f) for f in self.finish], device=input_ids.device)
+
+
+class FeatureLRU:
+    """Vision features of recently seen images, keyed by pixel content: a follow-up question is free."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.entries = capacity, OrderedDict()
+
+    def get(self, key: str) -> torch.Tensor | None:
+        if key in self.entries:
+            self.entries.move_to_end(key)
+        return self.entries.get(key)
+
+    def put(self, key: str, features: torch.Tensor) -> None:
+        self.entries[key] = features
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)
+
+
 class Pipeline:
-    def __init__(self, model: MultimodalLM, processor: MultimodalProcessor):
+    def __init__(self, model: MultimodalLM, processor: MultimodalProcessor, feature_cache_size: int = 64):
         self.model = model.eval()
         self.processor = processor
+        self.features = FeatureLRU(feature_cache_size)
 
     @classmethod
     def load(cls, name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
@@ -81,11 +158,69 @@ class Pipeline:
             )
         return cls(model.to(device), processor)
 
+    @torch.inference_mode()
+    def image_features(self, images: list[ImageInput]) -> torch.Tensor:
+        """(I, N, D_v) vision features, served from the LRU cache when an image was seen before."""
+        loaded = [load_image(image) for image in images]
+        keys = [hashlib.sha256(image.tobytes() + str(image.size).encode()).hexdigest() for image in loaded]
+        missing = [i for i, key in enumerate(keys) if self.features.get(key) is None]
+        if missing:
+            pixels = self.processor.image_processor([loaded[i] for i in missing]).to(self.model.device)
+            for i, features in zip(missing, self.model.get_image_features(pixels), strict=True):
+                self.features.put(keys[i], features)
+        return torch.stack([self.features.get(key) for key in keys])
+
     def _inputs(self, conversations: list[list[Message]], images: list[list[ImageInput]] | None) -> dict:
-        batch = self.processor(conversations, images)
-        return {k: v.to(self.model.device) for k, v in batch.items()}
+        images = images or [[] for _ in conversations]
+        encoded = [self.processor.encode_text(c, len(i)) for c, i in zip(conversations, images, strict=True)]
+        batch = {k: v.to(self.model.device) for k, v in self.processor.pad(encoded).items()}
+        flat = [image for row in images for image in row]
+        if flat:
+            batch["image_features"] = self.image_features(flat)
+        return batch
 
     @torch.inference_mode()
+    def complete(
+        self,
+        conversations: list[list[Message]],
+        images: list[list[ImageInput]] | None = None,
+        settings: GenerationSettings | None = None,
+        max_tokens: list[int] | None = None,
+        stop: list[list[str]] | None = None,
+        on_delta=None,
+    ) -> list[Completion]:
+        """Answer a batch in one generate call; each row may have its own token limit and stop strings.
+
+        `on_delta(row, text)` receives each row's new text as it is generated (greedy/sampling).
+        """
+        settings = settings or GenerationSettings()
+        limits = max_tokens or [settings.max_new_tokens] * len(conversations)
+        stops = stop or [[] for _ in conversations]
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        inputs = self._inputs(conversations, images)
+        config = settings.generation_config(self.processor)
+        config.max_new_tokens = max(limits)
+        prompt_tokens = inputs["attention_mask"].sum(1).tolist()
+        if settings.num_beams > 1:  # beams cannot stream: limits and stops are applied afterwards
+            output = self.model.generate(**inputs, generation_config=config)
+            streamer = _RowStreamer(self, limits, stops, None)
+            streamer.put(inputs["input_ids"])
+            for column in output[:, inputs["input_ids"].shape[1] :].T:
+                streamer.put(column)
+        else:
+            streamer = _RowStreamer(self, limits, stops, on_delta)
+            self.model.generate(
+                **inputs, generation_config=config, streamer=streamer, stopping_criteria=[streamer]
+            )
+        streamer.end()
+        return [
+            Completion(
+                streamer.text[row].strip(), prompt_tokens[row], len(streamer.ids[row]), streamer.finish[row]
+            )
+            for row in range(len(conversations))
+        ]
+
     def generate(
         self,
         conversations: list[list[Message]],
@@ -93,13 +228,7 @@ class Pipeline:
         settings: GenerationSettings | None = None,
     ) -> list[str]:
         """Answer a batch of conversations (left-padded, one generate call)."""
-        settings = settings or GenerationSettings()
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        inputs = self._inputs(conversations, images)
-        output = self.model.generate(**inputs, generation_config=settings.generation_config(self.processor))
-        prompt_length = inputs["input_ids"].shape[1]
-        return [self.processor.decode(row[prompt_length:]).strip() for row in output]
+        return [c.text for c in self.complete(conversations, images, settings)]
 
     def stream(
         self,

@@ -1,0 +1,55 @@
+"""Pipeline.complete: per-row limits and stop strings, streamed deltas, the image-feature LRU cache."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_tiny
+
+from mmllm.pipeline import GenerationSettings, Pipeline
+
+QUESTIONS = [
+    [{"role": "user", "content": "What is in this image?"}],
+    [{"role": "user", "content": "Colour?"}],
+]
+
+
+@pytest.fixture
+def pipeline():
+    return Pipeline(*make_tiny("qwen2", lm_init_std=0.3))
+
+
+def test_rows_keep_their_own_token_limits_and_deltas_add_up(pipeline, images):
+    deltas = {0: "", 1: ""}
+
+    def collect(row: int, text: str) -> None:
+        deltas[row] += text
+
+    settings = GenerationSettings(max_new_tokens=50)
+    out = pipeline.complete(
+        QUESTIONS, [[images[0]], [images[1]]], settings, max_tokens=[3, 7], on_delta=collect
+    )
+    assert [c.completion_tokens <= limit for c, limit in zip(out, [3, 7], strict=True)] == [True, True]
+    assert all(c.finish_reason in ("stop", "length") for c in out)
+    assert [deltas[0].strip(), deltas[1].strip()] == [c.text for c in out]
+    alone = pipeline.complete(QUESTIONS[1:], [[images[1]]], settings, max_tokens=[7])[0]
+    assert alone.text == out[1].text and alone.prompt_tokens == out[1].prompt_tokens
+
+
+def test_stop_strings_cut_the_answer(pipeline, images):
+    full = pipeline.complete(QUESTIONS[:1], [[images[0]]], GenerationSettings(max_new_tokens=12))[0]
+    assert len(full.text) > 2
+    stop = full.text[2:4]
+    cut = pipeline.complete(
+        QUESTIONS[:1], [[images[0]]], GenerationSettings(max_new_tokens=12), stop=[[stop]]
+    )[0]
+    assert cut.text == full.text[: full.text.find(stop)].strip() and cut.finish_reason == "stop"
+
+
+def test_follow_up_questions_reuse_cached_image_features(pipeline, images):
+    calls = []
+    original = pipeline.model.get_image_features
+    pipeline.model.get_image_features = lambda pixels: calls.append(len(pixels)) or original(pixels)
+    pipeline.generate(QUESTIONS[:1], [[images[0]]], GenerationSettings(max_new_tokens=2))
+    pipeline.generate(QUESTIONS[1:], [[images[0]]], GenerationSettings(max_new_tokens=2))
+    pipeline.generate(QUESTIONS, [[images[0]], [images[1]]], GenerationSettings(max_new_tokens=2))
+    assert calls == [1, 1]  # the first image once, the second image once
