@@ -168,6 +168,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     print(f"report: {args.out}/report.md")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from mmllm.serve.app import create_app
+    from mmllm.serve.config import ServeConfig
+
+    cfg = from_namespace(ServeConfig, args)
+    app = create_app(_pipeline(args), cfg, model_name=args.model)
+    print(f"serving {args.model} on http://{cfg.host}:{cfg.port} (OpenAPI docs at /docs)", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+
+
 def cmd_weights_list(args: argparse.Namespace) -> None:
     from mmllm.weights import mmllm_home, weights_table
 
@@ -245,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge = command("merge", cmd_merge, "merge a LoRA checkpoint into its language model", model=False)
     merge.add_argument("checkpoint", help="checkpoint directory or saved model with a LoRA adapter")
     merge.add_argument("out", help="directory for the merged, plain model")
+
+    serve = command("serve", cmd_serve, "serve REST + OpenAI-compatible API (FastAPI, dynamic batching)")
+    serve.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    from mmllm.serve.config import ServeConfig
+
+    add_arguments(serve, ServeConfig)
 
     evaluation = command("eval", cmd_eval, "evaluate a model: captions, VQA accuracy, perplexity")
     evaluation.add_argument(

@@ -1,0 +1,1 @@
+"""Serving: FastAPI app (REST + OpenAI-compatible API) over the pipeline, with dynamic batching."""

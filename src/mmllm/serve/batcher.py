@@ -1,0 +1,105 @@
+"""Dynamic batching: concurrent requests wait up to `max_wait_ms` to share one batched generate call.
+
+Requests batch together only when their decoding settings agree (temperature, top-p, seed, ...);
+each keeps its own token limit and stop strings, and streaming requests receive their text as the
+shared batch produces it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import astuple, dataclass, field
+from typing import Any
+
+from mmllm.pipeline import Completion, GenerationSettings, Pipeline
+from mmllm.processor import Message
+
+
+@dataclass
+class Job:
+    conversation: list[Message]
+    images: list[Any]
+    settings: GenerationSettings
+    max_tokens: int
+    stop: list[str]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    deltas: asyncio.Queue | None = None  # set for streaming requests
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def key(self) -> tuple:
+        return astuple(self.settings)[1:]  # everything but max_new_tokens (per row)
+
+
+class DynamicBatcher:
+    def __init__(self, pipeline: Pipeline, max_batch_size: int = 8, max_wait_ms: float = 10, on_batch=None):
+        self.pipeline, self.max_batch_size, self.max_wait = pipeline, max_batch_size, max_wait_ms / 1000
+        self.on_batch = on_batch  # metrics hook: on_batch(size, seconds)
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        self.held: list[Job] = []  # jobs whose settings did not match the batch being formed
+        self.generate_calls = 0
+        threading.Thread(target=self._run, daemon=True, name="mmllm-batcher").start()
+
+    @property
+    def depth(self) -> int:
+        return self.jobs.qsize() + len(self.held)
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def _next_batch(self) -> list[Job]:
+        first = self.held.pop(0) if self.held else self.jobs.get()
+        batch, deadline = [first], time.perf_counter() + self.max_wait
+        for job in list(self.held):
+            if len(batch) < self.max_batch_size and job.key == first.key:
+                self.held.remove(job)
+                batch.append(job)
+        while len(batch) < self.max_batch_size:
+            try:
+                job = self.jobs.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            (batch if job.key == first.key else self.held).append(job)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            start = time.perf_counter()
+
+            def on_delta(row: int, text: str, batch=batch) -> None:
+                job = batch[row]
+                if job.deltas is not None:
+                    job.loop.call_soon_threadsafe(job.deltas.put_nowait, text)
+
+            try:
+                self.generate_calls += 1
+                results: list[Completion | BaseException] = self.pipeline.complete(
+                    [job.conversation for job in batch],
+                    [job.images for job in batch],
+                    batch[0].settings,
+                    max_tokens=[job.max_tokens for job in batch],
+                    stop=[job.stop for job in batch],
+                    on_delta=on_delta,
+                )
+            except Exception as err:  # one bad batch fails its requests, never the server
+                results = [err] * len(batch)
+            if self.on_batch:
+                self.on_batch(len(batch), time.perf_counter() - start)
+            for job, result in zip(batch, results, strict=True):
+                job.loop.call_soon_threadsafe(_settle, job, result)
+
+
+def _settle(job: Job, result: Completion | BaseException) -> None:
+    if job.future.done():  # the client went away or timed out
+        return
+    if isinstance(result, BaseException):
+        job.future.set_exception(result)
+    else:
+        job.future.set_result(result)
+    if job.deltas is not None:
+        job.deltas.put_nowait(None)  # end of stream

@@ -1,0 +1,34 @@
+"""Prometheus metrics of the server: requests, latency, generated tokens, batch sizes, queue depth."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("mmllm_requests", "HTTP requests", ["path", "status"], registry=self.registry)
+        self.latency = Histogram("mmllm_request_seconds", "Request latency", ["path"], registry=self.registry)
+        self.generated_tokens = Counter("mmllm_generated_tokens", "Tokens generated", registry=self.registry)
+        self.batch_size = Histogram(
+            "mmllm_batch_size",
+            "Requests per generate call",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=self.registry,
+        )
+        self.batch_seconds = Histogram(
+            "mmllm_batch_seconds", "Time per generate call", registry=self.registry
+        )
+        self.queue_depth = Gauge("mmllm_queue_depth", "Requests waiting for a batch", registry=self.registry)
+
+    def observe_request(self, path: str, status: int, seconds: float) -> None:
+        self.requests.labels(path, str(status)).inc()
+        self.latency.labels(path).observe(seconds)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+
+    def render(self) -> str:
+        return generate_latest(self.registry).decode()

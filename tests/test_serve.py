@@ -1,0 +1,281 @@
+"""A live `mmllm serve` (tiny model) driven by the official openai client and by raw HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from conftest import make_tiny
+from PIL import Image
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def data_uri(colour: str = "red", fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30), colour).save(buffer, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model, processor = make_tiny("qwen2", lm_init_std=0.3)
+    folder = tmp_path_factory.mktemp("served")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "mmllm.cli",
+        "serve",
+        "--model",
+        str(folder),
+        "--port",
+        str(port),
+        "--api-key",
+        KEY,
+        "--max-wait-ms",
+        "50",
+        "--max-batch-size",
+        "16",
+        "--max-body-mb",
+        "1",
+        "--max-tokens",
+        "64",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail("server did not start: " + process.stdout.read())
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def client(url):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=KEY)
+
+
+def test_openai_client_plain_streamed_and_image(server):
+    openai = client(server)
+    assert [m.id for m in openai.models.list().data]
+    plain = openai.chat.completions.create(
+        model="mmllm", messages=[{"role": "user", "content": "What colour is it?"}], max_tokens=6
+    )
+    assert plain.choices[0].message.role == "assistant" and plain.usage.completion_tokens <= 6
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+    stream = openai.chat.completions.create(
+        model="mmllm", messages=[{"role": "user", "content": "What colour is it?"}], max_tokens=6, stream=True
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream]
+    assert "".join(pieces) == plain.choices[0].message.content  # greedy: same answer either way
+    with_image = openai.chat.completions.create(
+        model="mmllm",
+        max_tokens=6,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "What is in this image?"},
+                    {"type": "image_url", "image_url": {"url": data_uri()}},
+                ],
+            }
+        ],
+    )
+    assert with_image.usage.prompt_tokens > plain.usage.prompt_tokens
+    bare = httpx.post(
+        f"{server}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": data_uri()},
+                        {"type": "text", "text": "What is in this image?"},
+                    ],
+                }
+            ],
+            "max_tokens": 6,
+        },
+        timeout=60,
+    )
+    assert bare.status_code == 200, bare.text
+
+
+def test_rest_generate_and_caption_json_and_multipart(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    image = data_uri().partition(",")[2]
+    as_json = httpx.post(
+        f"{server}/generate",
+        headers=headers,
+        json={"prompt": "Colour?", "image": image, "max_tokens": 4},
+        timeout=60,
+    )
+    assert as_json.status_code == 200 and as_json.json()["completion_tokens"] <= 4
+    png = base64.b64decode(image)
+    as_form = httpx.post(
+        f"{server}/generate",
+        headers=headers,
+        data={"prompt": "Colour?", "max_tokens": "4"},
+        files={"file": ("x.png", png, "image/png")},
+        timeout=60,
+    )
+    assert as_form.json()["text"] == as_json.json()["text"]
+    caption = httpx.post(
+        f"{server}/caption", headers=headers, files={"file": ("x.png", png, "image/png")}, timeout=60
+    )
+    assert caption.status_code == 200 and "text" in caption.json()
+
+
+def test_concurrent_requests_share_generate_calls(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+
+    def ask(n: int) -> int:
+        body = {"messages": [{"role": "user", "content": f"Question {n}?"}], "max_tokens": 4}
+        return httpx.post(
+            f"{server}/v1/chat/completions", headers=headers, json=body, timeout=120
+        ).status_code
+
+    def batches() -> float:
+        text = httpx.get(f"{server}/metrics", headers=headers).text
+        return float(
+            next(line.split()[-1] for line in text.splitlines() if line.startswith("mmllm_batch_size_count"))
+        )
+
+    before = batches()
+    with ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(ask, range(32)))
+    assert statuses == [200] * 32
+    calls = batches() - before
+    assert calls < 32, f"32 requests took {calls} generate calls"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"messages": []}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": "   "}]}, 400, "non-empty user message"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6}, 400, "exceeds"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": "data:image/png;base64,bm90IGFuIGltYWdl"},
+                            }
+                        ],
+                    }
+                ]
+            },
+            400,
+            "bad image",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%%"}}],
+                    }
+                ]
+            },
+            400,
+            "base64",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "http://169.254.169.254/latest"}}
+                        ],
+                    }
+                ]
+            },
+            400,
+            "remote image URLs are disabled",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "/etc/passwd"}}]}
+                ]
+            },
+            400,
+            "neither a data URI",
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA"}}]}
+                ]
+            },
+            400,
+            "audio",
+        ),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ],
+)
+def test_bad_chat_requests_get_4xx_with_openai_error_shape(server, body, status, message):
+    response = httpx.post(
+        f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, json=body, timeout=60
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and error["type"]
+
+
+def test_transport_level_errors(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    chat = f"{server}/v1/chat/completions"
+    assert httpx.post(chat, json={"messages": [{"role": "user", "content": "hi"}]}).status_code == 401
+    assert httpx.post(chat, headers={"Authorization": "Bearer wrong"}, json={}).status_code == 401
+    assert (
+        httpx.post(
+            chat,
+            headers=headers,
+            content=b"{not json",
+        ).status_code
+        == 400
+    )
+    assert (
+        httpx.post(
+            f"{server}/generate", headers={**headers, "content-type": "text/plain"}, content=b"hi"
+        ).status_code
+        == 415
+    )
+    huge = {"messages": [{"role": "user", "content": "x" * (2 * 2**20)}]}
+    assert httpx.post(chat, headers=headers, json=huge).status_code == 413
+    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+    assert json.loads(httpx.get(f"{server}/openapi.json").text)["paths"]["/v1/chat/completions"]
