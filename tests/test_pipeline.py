@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_tiny
 
+from conftest import make_tiny
 from mmllm.pipeline import GenerationSettings, Pipeline
 
 QUESTIONS = [

@@ -13,8 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import make_tiny
 from PIL import Image
+
+from conftest import make_tiny
 
 KEY = "test-key"
 
