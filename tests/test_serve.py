@@ -280,3 +280,27 @@ def test_transport_level_errors(server):
     assert httpx.post(chat, headers=headers, json=huge).status_code == 413
     assert httpx.get(f"{server}/health").json()["status"] == "ok"
     assert json.loads(httpx.get(f"{server}/openapi.json").text)["paths"]["/v1/chat/completions"]
+
+
+def test_schemathesis_finds_no_server_errors(server):
+    """Property-based requests generated from the live OpenAPI schema: no 5xx, bounded in count and time."""
+    command = [
+        sys.executable,
+        "-m",
+        "schemathesis.cli",
+        "run",
+        f"{server}/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--max-examples",
+        "12",
+        "--header",
+        f"Authorization: Bearer {KEY}",
+        "--request-timeout",
+        "60",
+        "--phases",
+        "examples,coverage,fuzzing",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "Tested: 6" in result.stdout, result.stdout[-2000:]  # every operation was exercised
