@@ -53,3 +53,9 @@ def test_follow_up_questions_reuse_cached_image_features(pipeline, images):
     pipeline.generate(QUESTIONS[1:], [[images[0]]], GenerationSettings(max_new_tokens=2))
     pipeline.generate(QUESTIONS, [[images[0]], [images[1]]], GenerationSettings(max_new_tokens=2))
     assert calls == [1, 1]  # the first image once, the second image once
+
+
+def test_ignore_eos_generates_exactly_max_new_tokens(pipeline, images):
+    settings = GenerationSettings(max_new_tokens=9, ignore_eos=True)
+    out = pipeline.complete(QUESTIONS, [[images[0]], [images[1]]], settings)
+    assert [c.completion_tokens for c in out] == [9, 9] and {c.finish_reason for c in out} == {"length"}

@@ -41,6 +41,8 @@ class GenerationSettings:
     """Penalise tokens already generated (1.0: off)."""
     seed: int | None = None
     """Random seed for sampling, for reproducible answers."""
+    ignore_eos: bool = False
+    """Keep generating past the end of the answer, up to max_new_tokens (for benchmarks)."""
 
     def generation_config(self, processor: MultimodalProcessor) -> GenerationConfig:
         if self.max_new_tokens < 1:
@@ -56,7 +58,7 @@ class GenerationSettings:
             do_sample=sampling,
             num_beams=self.num_beams,
             repetition_penalty=self.repetition_penalty,
-            eos_token_id=processor.stop_token_ids,
+            eos_token_id=None if self.ignore_eos else processor.stop_token_ids,
             pad_token_id=processor.tokenizer.pad_token_id,
             **options,
         )
@@ -83,8 +85,11 @@ class _RowStreamer(BaseStreamer, StoppingCriteria):
     rows are done, and rows never run past their own `max_tokens`.
     """
 
-    def __init__(self, pipeline: Pipeline, limits: list[int], stops: list[list[str]], on_delta):
-        self.tokenizer, self.stop_ids = pipeline.processor.tokenizer, set(pipeline.processor.stop_token_ids)
+    def __init__(
+        self, pipeline: Pipeline, limits: list[int], stops: list[list[str]], on_delta, ignore_eos: bool
+    ):
+        self.tokenizer = pipeline.processor.tokenizer
+        self.stop_ids = set() if ignore_eos else set(pipeline.processor.stop_token_ids)
         self.limits, self.stops, self.on_delta = limits, stops, on_delta
         self.ids: list[list[int]] = [[] for _ in limits]
         self.text = [""] * len(limits)
@@ -204,12 +209,12 @@ class Pipeline:
         prompt_tokens = inputs["attention_mask"].sum(1).tolist()
         if settings.num_beams > 1:  # beams cannot stream: limits and stops are applied afterwards
             output = self.model.generate(**inputs, generation_config=config)
-            streamer = _RowStreamer(self, limits, stops, None)
+            streamer = _RowStreamer(self, limits, stops, None, settings.ignore_eos)
             streamer.put(inputs["input_ids"])
             for column in output[:, inputs["input_ids"].shape[1] :].T:
                 streamer.put(column)
         else:
-            streamer = _RowStreamer(self, limits, stops, on_delta)
+            streamer = _RowStreamer(self, limits, stops, on_delta, settings.ignore_eos)
             self.model.generate(
                 **inputs, generation_config=config, streamer=streamer, stopping_criteria=[streamer]
             )

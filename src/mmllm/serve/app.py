@@ -209,7 +209,11 @@ def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = "mmllm") 
         check(conversation, images, max_tokens)
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         settings = GenerationSettings(
-            max_new_tokens=max_tokens, temperature=request.temperature, top_p=request.top_p, seed=request.seed
+            max_new_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            ignore_eos=request.ignore_eos,
         )
         job = enqueue(conversation, images, settings, max_tokens, stop, request.stream)
         completion_id, model = f"chatcmpl-{uuid.uuid4().hex}", request.model

@@ -52,6 +52,7 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
+    ignore_eos: bool = Field(default=False, description="mmllm/vLLM extension: always generate max_tokens")
 
 
 class AssistantMessage(BaseModel):
