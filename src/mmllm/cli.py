@@ -180,6 +180,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
 
 
+def cmd_transcribe(args: argparse.Namespace) -> None:
+    from mmllm.audio import transcribe
+
+    print(transcribe(args.audio, args.model, None if args.language == "auto" else args.language))
+
+
 def cmd_weights_list(args: argparse.Namespace) -> None:
     from mmllm.weights import mmllm_home, weights_table
 
@@ -263,6 +269,17 @@ def build_parser() -> argparse.ArgumentParser:
     from mmllm.serve.config import ServeConfig
 
     add_arguments(serve, ServeConfig)
+
+    speech = command(
+        "transcribe", cmd_transcribe, "speech to text with Whisper (faster-whisper)", model=False
+    )
+    speech.add_argument("audio", help="wav, mp3, ogg, webm or flac file")
+    speech.add_argument(
+        "--model", default="whisper-base", help="whisper-base (multilingual) or whisper-tiny.en"
+    )
+    speech.add_argument(
+        "--language", default="en", help="language code, or `auto` to detect it (default: en)"
+    )
 
     evaluation = command("eval", cmd_eval, "evaluate a model: captions, VQA accuracy, perplexity")
     evaluation.add_argument(
