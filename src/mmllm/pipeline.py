@@ -58,7 +58,9 @@ class GenerationSettings:
             do_sample=sampling,
             num_beams=self.num_beams,
             repetition_penalty=self.repetition_penalty,
-            eos_token_id=None if self.ignore_eos else processor.stop_token_ids,
+            eos_token_id=processor.stop_token_ids,
+            # Ignoring EOS = never producing it before the limit (the model config would still stop on it).
+            min_new_tokens=self.max_new_tokens if self.ignore_eos else None,
             pad_token_id=processor.tokenizer.pad_token_id,
             **options,
         )
@@ -206,6 +208,8 @@ class Pipeline:
         inputs = self._inputs(conversations, images)
         config = settings.generation_config(self.processor)
         config.max_new_tokens = max(limits)
+        if settings.ignore_eos:
+            config.min_new_tokens = config.max_new_tokens
         prompt_tokens = inputs["attention_mask"].sum(1).tolist()
         if settings.num_beams > 1:  # beams cannot stream: limits and stops are applied afterwards
             output = self.model.generate(**inputs, generation_config=config)
