@@ -33,6 +33,8 @@ bench-quick: install-dev
 	$(BIN)/mmllm weights install smollm2-135m-instruct
 	$(BIN)/python benchmarks/data_throughput.py --quick
 	$(BIN)/python benchmarks/train_throughput.py --quick
+	$(BIN)/python benchmarks/latency.py --quick
+	$(BIN)/python benchmarks/serve_load.py --quick
 
 lint: install-dev
 	$(BIN)/ruff check .
