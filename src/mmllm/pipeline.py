@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, TextIteratorStreamer
+from transformers import GenerationConfig, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from mmllm.images import ImageInput, load_image
@@ -245,31 +246,31 @@ class Pipeline:
         images: list[ImageInput] | None = None,
         settings: GenerationSettings | None = None,
     ) -> Iterator[str]:
-        """Yield the answer to one conversation piece by piece as it is generated."""
+        """Yield the answer to one conversation piece by piece as `complete` generates it."""
         settings = settings or GenerationSettings()
         if settings.num_beams > 1:
             raise ValueError("streaming needs num_beams=1")
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        inputs = self._inputs([messages], [images or []])
-        streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        pieces: queue.Queue = queue.Queue()
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
-                with torch.inference_mode():
-                    self.model.generate(
-                        **inputs,
-                        generation_config=settings.generation_config(self.processor),
-                        streamer=streamer,
-                    )
+                self.complete(
+                    [messages], [images or []], settings, on_delta=lambda row, text: pieces.put(text)
+                )
             except BaseException as err:  # re-raised in the caller's thread below
                 failure.append(err)
-                streamer.end()
+            finally:
+                pieces.put(None)
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        yield from streamer
+        first = True
+        while (piece := pieces.get()) is not None:
+            piece = piece.lstrip() if first else piece  # as `complete` strips the final text
+            first = first and not piece
+            if piece:
+                yield piece
         worker.join()
         if failure:
             raise failure[0]
