@@ -235,6 +235,9 @@ def test_easy_vqa_package(tmp_path):
     assert Counter(s.meta["answer_type"] for s in test)["yes/no"] == 7136
     grouped = samples(DatasetSpec("easy-vqa", split="test", per_image=True))
     assert len(grouped) == 1000 and sum(len(s.conversation) for s in grouped) == 2 * 9673
+    open_questions = samples(DatasetSpec("easy-vqa", split="test", answer_types=["color", "shape"]))
+    assert len(open_questions) == 9673 - 7136
+    assert {s.meta["answer_type"] for s in open_questions} == {"color", "shape"}
     with pytest.raises(MmllmError, match="splits train and test"):
         samples(DatasetSpec("easy-vqa", split="val"))
 

@@ -25,7 +25,8 @@ def test_forward_loss_and_gradients_reach_projector(tiny, images):
     model.train()
     batch = processor([CHAT], [[images[0]]], train=True, padding_side="right")
     out = model(**batch)
-    assert out.logits.shape[:2] == batch["input_ids"].shape
+    answer_positions = int((batch["labels"][0, 1:] != -100).sum())
+    assert out.logits.shape[:2] == (1, answer_positions)  # logits only where a label is predicted
     assert torch.isfinite(out.loss) and out.loss > 0
     out.loss.backward()
     for name in ("projector", "vision_tower"):
@@ -34,11 +35,15 @@ def test_forward_loss_and_gradients_reach_projector(tiny, images):
 
 
 def test_loss_only_counts_assistant_tokens(tiny, images):
+    """The loss over label positions only equals the loss over full logits, in a ragged batch too."""
     model, processor = tiny
-    batch = processor([CHAT], [[images[0]]], train=True, padding_side="right")
-    logits = model(**batch).logits[0, :-1]
-    labels = batch["labels"][0, 1:]
-    expected = torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100])
+    short = [*QUESTION, {"role": "assistant", "content": "Red."}]
+    batch = processor([CHAT, short], [[images[0]], [images[1]]], train=True, padding_side="right")
+    full = batch.copy()
+    labels = full.pop("labels")
+    logits = model(**full).logits[:, :-1]  # (B, T-1, V)
+    targets = labels[:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits[targets != -100], targets[targets != -100])
     assert torch.allclose(model(**batch).loss, expected, atol=1e-5)
 
 

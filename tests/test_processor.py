@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_tiny, make_tokenizer
 from mmllm import MultimodalProcessor
-from mmllm.processor import IGNORE_INDEX
+from mmllm.processor import ALIGN_TEMPLATE, IGNORE_INDEX
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -119,3 +119,25 @@ def test_tokenizer_without_template_uses_plain_template_ending_answers_with_eos(
     encoded = processor.encode(CONVERSATION[3:5], train=True)
     runs = trained_runs(encoded["input_ids"], encoded["labels"])
     assert [tokenizer.decode(r) for r in runs] == ["Green." + tokenizer.eos_token]
+
+
+def test_align_template_is_bare_text_with_answers_ending_in_eos(lm_kind, images):
+    processor = make_tiny(lm_kind)[1]
+    aligned = processor.with_template(ALIGN_TEMPLATE)
+    encoded = aligned.encode(CONVERSATION, [images[0]], train=True)
+    text = aligned.tokenizer.decode(encoded["input_ids"])
+    eos = processor.tokenizer.eos_token
+    # No roles, no system prompt: image placeholders, then question / answer lines.
+    assert text == (
+        processor.image_token * processor.num_image_tokens
+        + f"\nWhat shape is it?\nIt is a blue square.{eos}\nWhat colour is the triangle?\nGreen.{eos}\n"
+        + f"How many?\nTwo.{eos}\n"
+    )
+    runs = trained_runs(encoded["input_ids"], encoded["labels"])
+    assert [aligned.tokenizer.decode(r) for r in runs] == [
+        a + eos for a in ("It is a blue square.", "Green.", "Two.")
+    ]
+    assert len(encoded["input_ids"]) < len(
+        processor.encode(CONVERSATION, [images[0]], train=True)["input_ids"]
+    )
+    assert processor.chat_template is None  # the original is untouched

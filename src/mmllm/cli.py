@@ -176,8 +176,21 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     cfg = from_namespace(ServeConfig, args)
     app = create_app(_pipeline(args), cfg, model_name=args.model)
-    print(f"serving {args.model} on http://{cfg.host}:{cfg.port} (OpenAPI docs at /docs)", flush=True)
+    if cfg.ui:
+        from mmllm.ui import mount_ui
+
+        app = mount_ui(app, args.model)
+    pages = "OpenAPI docs at /docs" + (", chat page at /ui" if cfg.ui else "")
+    print(f"serving {args.model} on http://{cfg.host}:{cfg.port} ({pages})", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+
+
+def cmd_ui(args: argparse.Namespace) -> None:
+    from mmllm.ui import UiConfig, serve_ui
+
+    cfg = from_namespace(UiConfig, args)
+    print(f"chat page for {args.model} on http://{cfg.host}:{cfg.port}", flush=True)
+    serve_ui(_pipeline(args), args.model, cfg)
 
 
 def cmd_transcribe(args: argparse.Namespace) -> None:
@@ -269,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     from mmllm.serve.config import ServeConfig
 
     add_arguments(serve, ServeConfig)
+
+    ui = command("ui", cmd_ui, "chat page in the browser: image, text or voice questions (Gradio)")
+    ui.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    from mmllm.ui import UiConfig
+
+    add_arguments(ui, UiConfig)
 
     speech = command(
         "transcribe", cmd_transcribe, "speech to text with Whisper (faster-whisper)", model=False

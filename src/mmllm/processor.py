@@ -7,6 +7,7 @@ with a tokenizer (the "tokenization mismatch" that silently zeroes LLaVA samples
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -29,6 +30,13 @@ PLAIN_TEMPLATE = (
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:\n' }}{% endif %}"
 )
+# LLaVA's `plain` alignment format: bare questions and answers, no roles or system prompt. Stage 1
+# only has to teach the projector (and a fresh vision tower) what images are; the template is dead weight.
+ALIGN_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token + '\n' }}{% endif %}"
+    "{% endfor %}"
+)
 _PROBE = "\x00mmllm-probe\x00"
 
 
@@ -44,6 +52,7 @@ class MultimodalProcessor:
         self.num_image_tokens = num_image_tokens
         self.image_processor = image_processor or ImageProcessor()
         self.image_token = image_token
+        self.chat_template: str | None = None  # None: the tokenizer's own
         if image_token not in tokenizer.get_vocab():
             tokenizer.add_tokens(
                 [AddedToken(image_token, special=True, normalized=False)], special_tokens=True
@@ -81,10 +90,20 @@ class MultimodalProcessor:
             )
         return self.tokenizer.eos_token
 
+    def with_template(self, chat_template: str) -> MultimodalProcessor:
+        """A copy that renders conversations with another template (e.g. `ALIGN_TEMPLATE`)."""
+        other = copy.copy(self)
+        other.chat_template = chat_template
+        other.end_of_turn = other._find_end_of_turn()
+        return other
+
     # -- text ----------------------------------------------------------------------------------------
     def render(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages,
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            chat_template=self.chat_template,
         )
 
     def _place_images(self, messages: list[Message], n_images: int) -> list[Message]:

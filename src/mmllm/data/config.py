@@ -31,6 +31,9 @@ class DatasetSpec:
     per_image: bool = False
     """Captions: one sample per image, all captions kept as references. VQA: one multi-turn conversation
     per image holding all its questions (divides the image work by the questions per image)."""
+    answer_types: list[str] = field(default_factory=list)
+    """VQA: keep only questions of these answer types (VQAv2: yes/no, number, other; easy-VQA: yes/no,
+    color, shape). Empty: all."""
     limit: int | None = None
     """Use at most this many samples (after per_image grouping)."""
     weight: float = 1.0
@@ -63,6 +66,9 @@ class DataConfig:
     """Longest token sequence; longer samples lose their last answers, never image placeholders."""
     batch_size: int = 8
     """Samples per batch."""
+    conversation_format: Literal["chat", "plain"] = "chat"
+    """`chat`: the model's chat template. `plain`: LLaVA's alignment format, questions and answers as bare
+    text with no template or system prompt (several times fewer tokens; for stage-1 alignment only)."""
     group_by_length: bool = True
     """Batch samples of similar length together to cut padding."""
     num_workers: int = 2

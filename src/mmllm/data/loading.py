@@ -24,7 +24,7 @@ from mmllm.data.readers import STREAMED, read
 from mmllm.data.records import Sample, image_key
 from mmllm.errors import MmllmError
 from mmllm.images import load_image
-from mmllm.processor import IGNORE_INDEX, MultimodalProcessor
+from mmllm.processor import ALIGN_TEMPLATE, IGNORE_INDEX, MultimodalProcessor
 
 log = logging.getLogger("mmllm")
 
@@ -173,6 +173,8 @@ class Collator:
         feature_cache: FeatureCache | None = None,
         train: bool = True,
     ):
+        if cfg.conversation_format == "plain":
+            processor = processor.with_template(ALIGN_TEMPLATE)
         self.processor, self.cfg, self.feature_cache, self.train = processor, cfg, feature_cache, train
         self.rng = random.Random(cfg.seed)
 

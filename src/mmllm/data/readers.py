@@ -191,6 +191,8 @@ def read_vqav2(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
 
 def _vqa_samples(records: list[tuple[int, str, dict]], image_path, spec: DatasetSpec, name: str):
     """One sample per question, or (per_image) one conversation per image with all its questions."""
+    if spec.answer_types:
+        records = [r for r in records if r[2].get("answer_type") in spec.answer_types]
     if not spec.per_image:
         for image_id, question, meta in records:
             answer = [meta["answer"]] if "answer" in meta else []

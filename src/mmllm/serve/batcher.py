@@ -11,6 +11,7 @@ import asyncio
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import astuple, dataclass, field
 from typing import Any
 
@@ -50,6 +51,26 @@ class DynamicBatcher:
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
+
+    async def stream(
+        self, conversation: list[Message], images: list[Any], settings: GenerationSettings
+    ) -> AsyncIterator[str]:
+        """The answer's text piece by piece, batched with whatever else is running (the web UI's path)."""
+        loop = asyncio.get_running_loop()
+        job = Job(
+            conversation,
+            images,
+            settings,
+            settings.max_new_tokens,
+            [],
+            loop,
+            loop.create_future(),
+            asyncio.Queue(),
+        )
+        self.submit(job)
+        while (piece := await job.deltas.get()) is not None:
+            yield piece
+        await job.future  # raises the batch's error, if it failed
 
     def _next_batch(self) -> list[Job]:
         first = self.held.pop(0) if self.held else self.jobs.get()

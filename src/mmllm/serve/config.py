@@ -33,5 +33,7 @@ class ServeConfig:
     """Per-request time limit."""
     allow_remote_images: bool = False
     """Fetch http(s) image URLs (off: a server that fetches URLs can be aimed at internal hosts)."""
+    ui: bool = False
+    """Also serve the Gradio chat page at /ui (needs `mmllm[ui]`)."""
     cors_origins: str = ""
     """Comma-separated origins allowed by CORS (empty: CORS off)."""

@@ -1,0 +1,242 @@
+"""The Gradio chat page: an image, text or voice questions, streamed answers, multi-turn history.
+
+Answers go through the server's `DynamicBatcher` (and so through `Pipeline.complete`, like the CLI
+and the API): `mmllm serve --ui` shares batches between browser users and API clients, and
+`mmllm ui` runs the same batcher on its own. Every failure becomes a message in the chat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from mmllm.errors import MmllmError
+from mmllm.images import load_image
+from mmllm.pipeline import GenerationSettings, Pipeline
+from mmllm.serve.batcher import DynamicBatcher
+from mmllm.weights import mmllm_home
+
+log = logging.getLogger("mmllm")
+
+# Photos (scikit-image) and easy-VQA test images, each with a question to start from.
+SAMPLE_QUESTIONS = {
+    "astronaut": "What is the person wearing?",
+    "coffee": "What is in the cup?",
+    "chelsea": "What animal is this?",
+    "rocket": "What is in the picture?",
+}
+EASY_VQA_EXAMPLES = 3
+
+
+@dataclass
+class UiConfig:
+    """`mmllm ui` settings."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 7860
+    """TCP port."""
+    whisper: str = "whisper-base"
+    """Speech model for voice questions: whisper-base (multilingual) or whisper-tiny.en."""
+    max_batch_size: int = 8
+    """Most questions (from all open pages) answered in one batched generate call."""
+
+
+@dataclass
+class Chat:
+    """One browser session's conversation as the model sees it (the Chatbot shows its own copy)."""
+
+    messages: list[dict[str, str]] = field(default_factory=list)
+    images: list[Image.Image] = field(default_factory=list)
+    image_keys: list[str] = field(default_factory=list)
+
+
+def example_files() -> list[list[str]]:
+    """[image path, question] rows for gr.Examples; sources whose package is missing are skipped."""
+    rows: list[list[str]] = []
+    try:
+        import easy_vqa
+
+        questions, _, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+        seen: set[int] = set()
+        for question, image_id in zip(questions, image_ids, strict=True):
+            if image_id not in seen and len(seen) < EASY_VQA_EXAMPLES:
+                seen.add(image_id)
+                rows.append([paths[image_id], question])
+    except ImportError:
+        log.info("easy-vqa not installed: no easy-VQA examples")
+    folder = mmllm_home() / "ui-examples"
+    for name, question in SAMPLE_QUESTIONS.items():
+        path = folder / f"{name}.png"
+        try:
+            if not path.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                load_image(f"sample:{name}").save(path)
+        except MmllmError:
+            log.info("scikit-image not installed: no sample photos")
+            break
+        rows.append([str(path), question])
+    return rows
+
+
+def _image_key(image: Image.Image) -> str:
+    return hashlib.sha256(image.tobytes() + str(image.size).encode()).hexdigest()
+
+
+def _settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty) -> GenerationSettings:
+    return GenerationSettings(
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+        repetition_penalty=float(repetition_penalty),
+    )
+
+
+def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-base"):
+    """The chat page as `gr.Blocks` (launch it, or mount it into a FastAPI app)."""
+    try:
+        import gradio as gr
+    except ImportError:
+        raise MmllmError("the web UI needs gradio: pip install 'mmllm[ui]'") from None
+
+    model = batcher.pipeline.model
+    vision_trained = "vision_tower" in (model.config.trained_parts or ())
+    vision_note = (
+        "vision tower **trained**"
+        if vision_trained
+        else "vision tower **untrained** (random weights): answers ignore the image"
+    )
+
+    async def answer(
+        question: str, image: Image.Image | None, history: list, chat: Chat, settings: GenerationSettings
+    ) -> AsyncIterator[tuple[list, Chat]]:
+        """Add the question (and a new image) to the chat, then stream the answer into it."""
+        turn = question
+        new_image = None
+        if image is not None:
+            image = load_image(image)
+            if not chat.image_keys or _image_key(image) != chat.image_keys[-1]:
+                new_image, turn = image, "<image>\n" + question
+                history = [*history, {"role": "user", "content": gr.Image(image)}]
+        history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+        yield history, chat
+        messages = [*chat.messages, {"role": "user", "content": turn}]
+        images = chat.images + ([new_image] if new_image else [])
+        text = ""
+        async for piece in batcher.stream(messages, images, settings):
+            text += piece
+            history[-1] = {"role": "assistant", "content": text.strip()}
+            yield history, chat
+        chat = Chat(
+            [*messages, {"role": "assistant", "content": text.strip()}],
+            images,
+            chat.image_keys + ([_image_key(new_image)] if new_image else []),
+        )
+        yield history, chat
+
+    async def guarded(steps: AsyncIterator[tuple[list, Chat]], history: list, chat: Chat):
+        """Pass the steps on with the question box locked; an error becomes an assistant message and
+        the conversation stays as it was."""
+        shown, after = history, chat
+        try:
+            async for shown, after in steps:
+                yield shown, after, gr.update(value="", interactive=False)
+        except (MmllmError, ValueError, OSError, RuntimeError) as err:
+            pending = [m for m in shown if m.get("content") != ""]  # drop the empty answer bubble
+            shown, after = [*pending, {"role": "assistant", "content": f"Error: {err}"}], chat
+        yield shown, after, gr.update(interactive=True)
+
+    async def on_text(question, image, history, chat, *settings):
+        if not (question or "").strip():
+            steps = _fail("type a question first")
+        else:
+            steps = answer(question.strip(), image, history, chat, _settings(*settings))
+        async for update in guarded(steps, history, chat):
+            yield update
+
+    async def on_voice(audio, image, history, chat, *settings):
+        async def steps():
+            if not audio:
+                raise ValueError("record or upload a question first")
+            from mmllm.audio import transcribe
+
+            transcript = await asyncio.to_thread(transcribe, audio, whisper)
+            async for update in answer(f"(voice) {transcript}", image, history, chat, _settings(*settings)):
+                yield update
+
+        async for update in guarded(steps(), history, chat):
+            yield *update, None  # the recording is used up
+
+    async def _fail(message: str):
+        raise ValueError(message)
+        yield  # an async generator that fails at once
+
+    defaults = GenerationSettings()
+    with gr.Blocks(title="mmllm") as page:
+        gr.Markdown(f"## mmllm\nModel **{model_name}** · {vision_note}", elem_id="model-info")
+        chat = gr.State(Chat())
+        with gr.Row():
+            with gr.Column(scale=2):
+                image = gr.Image(
+                    type="pil", label="Image", sources=["upload", "clipboard"], height=320, elem_id="image"
+                )
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=460)
+                with gr.Tabs():
+                    with gr.Tab("Text", elem_id="text-tab"):
+                        question = gr.Textbox(
+                            placeholder="Ask about the image and press Enter",
+                            label="Question",
+                            show_label=False,
+                            elem_id="question",
+                        )
+                        send = gr.Button("Send", variant="primary", elem_id="send")
+                    with gr.Tab("Voice", elem_id="voice-tab"):
+                        audio = gr.Audio(
+                            sources=["microphone", "upload"],
+                            type="filepath",
+                            label="Spoken question",
+                            elem_id="audio",
+                        )
+                        ask_voice = gr.Button("Ask", variant="primary", elem_id="ask-voice")
+                clear = gr.Button("Clear conversation", elem_id="clear")
+        with gr.Accordion("Generation settings", open=False, elem_id="settings"):
+            settings = [
+                gr.Slider(1, 512, value=defaults.max_new_tokens, step=1, label="Max new tokens"),
+                gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature (0: greedy)"),
+                gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p"),
+                gr.Slider(0, 100, value=defaults.top_k, step=1, label="Top-k (0: off)"),
+                gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty"),
+            ]
+        if rows := example_files():
+            gr.Examples(
+                rows, inputs=[image, question], label="Examples (image + question)", elem_id="examples"
+            )
+
+        inputs = [question, image, chatbot, chat, *settings]
+        for trigger in (question.submit, send.click):
+            trigger(on_text, inputs, [chatbot, chat, question])
+        ask_voice.click(on_voice, [audio, image, chatbot, chat, *settings], [chatbot, chat, question, audio])
+        clear.click(lambda: ([], Chat(), None, ""), None, [chatbot, chat, image, question])
+    return page
+
+
+def serve_ui(pipeline: Pipeline, model_name: str, cfg: UiConfig) -> None:
+    """`mmllm ui`: the page on its own (the API server mounts it with `mmllm serve --ui`)."""
+    page = build_ui(DynamicBatcher(pipeline, cfg.max_batch_size), model_name, cfg.whisper)
+    page.queue().launch(server_name=cfg.host, server_port=cfg.port, show_error=True)
+
+
+def mount_ui(app: Any, model_name: str, whisper: str = "whisper-base", path: str = "/ui") -> Any:
+    """Mount the page into the API server's FastAPI app, sharing its batcher."""
+    import gradio as gr
+
+    return gr.mount_gradio_app(app, build_ui(app.state.batcher, model_name, whisper), path=path)

@@ -1,0 +1,238 @@
+"""The Gradio chat page, live (`mmllm serve --ui`), driven by Playwright in Debian's headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import make_tiny
+from mmllm.pipeline import GenerationSettings, Pipeline
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "ui"
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists() and not os.environ.get("CI"),
+    reason="needs Debian's chromium (apt-get install chromium); CI installs it",
+)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(command: list[str], url: str) -> subprocess.Popen:
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    process.kill()
+    pytest.fail(f"{command[3]} did not start: " + process.stdout.read())
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    model, processor = make_tiny("qwen2", lm_init_std=0.3)
+    folder = tmp_path_factory.mktemp("ui-model")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model):
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "mmllm.cli",
+        "serve",
+        "--model",
+        str(tiny_model),
+        "--port",
+        str(port),
+        "--ui",
+    ]
+    process = start(command, f"http://127.0.0.1:{port}/health")
+    yield f"http://127.0.0.1:{port}"
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as driver:
+        chromium = driver.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(f"{server}/ui/")
+    page.wait_for_selector("#question textarea", timeout=60_000)
+    yield page
+    page.close()
+
+
+def letters(text: str) -> str:
+    """Markdown rendering may change punctuation and spacing of a random model's text: compare the rest."""
+    return re.sub(r"\W", "", text)
+
+
+def bot_texts(page) -> list[str]:
+    return [m.inner_text() for m in page.locator("#chat .message-row.bot-row").all()]
+
+
+def ask(page, question: str) -> None:
+    before = len(bot_texts(page))
+    page.locator("#question textarea").fill(question)
+    page.locator("#question textarea").press("Enter")
+    page.wait_for_function(
+        f"document.querySelectorAll('#chat .message-row.bot-row').length > {before}", timeout=60_000
+    )
+    wait_until_answered(page)
+
+
+def wait_until_answered(page) -> None:
+    """The question box is locked (in the same update that adds the answer bubble) while an answer
+    streams, and unlocked when it is complete."""
+    page.wait_for_function("!document.querySelector('#question textarea').disabled", timeout=120_000)
+
+
+def test_chat_streams_keeps_history_and_clears(page, tiny_model, images):
+    info = page.locator("#model-info").inner_text()
+    assert str(tiny_model) in info and "untrained" in info
+    # Record every text the answer bubble shows while it streams.
+    page.evaluate(
+        """() => { window.seen = [];
+        new MutationObserver(() => {
+            const rows = document.querySelectorAll('#chat .message-row.bot-row');
+            if (rows.length) window.seen.push(rows[rows.length - 1].innerText);
+        }).observe(document.querySelector('#chat'),
+                   {subtree: true, childList: true, characterData: true}); }"""
+    )
+    page.locator("#image input[type=file]").set_input_files(str(images[0]))
+    page.wait_for_selector("#image img")
+    ask(page, "What shape is it?")
+    first = bot_texts(page)[-1]
+    assert first.strip()
+    seen = [text for text in dict.fromkeys(page.evaluate("window.seen")) if text.strip()]
+    assert len(seen) >= 3, f"the answer did not stream: {seen}"
+    assert all(letters(seen[-1]).startswith(letters(text)) for text in seen), "streamed text must only grow"
+
+    # The follow-up is answered with the first turn and the image still in the conversation.
+    ask(page, "And its colour?")
+    user_rows = page.locator("#chat .message-row.user-row")
+    assert user_rows.count() == 2 and len(bot_texts(page)) == 2
+    assert user_rows.first.locator("img").count() == 1  # the image shows once, with the first question
+    pipeline = Pipeline.load(str(tiny_model), device="cpu")
+    settings = GenerationSettings()
+    turns = [{"role": "user", "content": "<image>\nWhat shape is it?"}]
+    assert letters(pipeline.generate([turns], [[images[0]]], settings)[0]) == letters(first)
+    turns += [
+        {"role": "assistant", "content": pipeline.generate([turns], [[images[0]]], settings)[0]},
+        {"role": "user", "content": "And its colour?"},
+    ]
+    with_image = pipeline.generate([turns], [[images[0]]], settings)[0]
+    assert letters(bot_texts(page)[-1]) == letters(with_image)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "chat.png", full_page=True)
+
+    page.locator("#clear").click()
+    page.wait_for_function("document.querySelectorAll('#chat .message-row').length === 0")
+    assert page.locator("#image img").count() == 0
+
+
+def test_errors_are_chat_messages(page):
+    page.locator("#question textarea").press("Enter")
+    page.wait_for_selector("#chat .message-row.bot-row")
+    assert "type a question first" in bot_texts(page)[-1]
+    page.locator("#voice-tab-button, button[role=tab]:has-text('Voice')").first.click()
+    page.locator("#ask-voice").click()
+    page.wait_for_function(
+        "[...document.querySelectorAll('#chat .message-row.bot-row')]"
+        ".some(r => r.innerText.includes('record'))"
+    )
+    # The page still works after the errors.
+    page.locator("button[role=tab]:has-text('Text')").first.click()
+    ask(page, "Still there?")
+    assert bot_texts(page)[-1].strip()
+
+
+def test_examples_offer_easy_vqa_images_and_photos(page):
+    import easy_vqa
+
+    rows = page.locator("#examples tr.tr-body")
+    rows.first.wait_for()
+    assert rows.count() == 7  # 3 easy-VQA test images, 4 scikit-image photos
+    assert "What is the person wearing?" in page.locator("#examples").inner_text()
+    rows.first.click()  # fills the image and the question
+    page.wait_for_selector("#image img")
+    assert page.locator("#question textarea").input_value() == easy_vqa.get_test_questions()[0][0]
+    ask(page, page.locator("#question textarea").input_value())
+    assert page.locator("#chat .message-row.user-row img").count() == 1
+
+
+def test_standalone_ui_command(tiny_model):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start(
+        [sys.executable, "-m", "mmllm.cli", "ui", "--model", str(tiny_model), "--port", str(port)], url
+    )
+    try:
+        config = httpx.get(f"{url}/config", timeout=10).text
+        assert "vision tower" in config and str(tiny_model) in config
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs Debian's espeak-ng")
+def test_voice_question_shows_transcript_then_answer(page, tmp_path, images):
+    wav = tmp_path / "question.wav"
+    subprocess.run(
+        ["espeak-ng", "-v", "en-us", "-s", "120", "-w", str(wav), "What shape is in the image?"], check=True
+    )
+    page.locator("#image input[type=file]").set_input_files(str(images[0]))
+    page.wait_for_selector("#image img")
+    page.locator("button[role=tab]:has-text('Voice')").first.click()
+    assert page.locator("#audio button[aria-label='Record audio']").count() == 1  # the microphone source
+    page.locator("#audio button[aria-label='Upload file']").click()
+    page.locator("#audio input[type=file]").set_input_files(str(wav))
+    page.wait_for_selector("#audio audio", state="attached")  # the uploaded file's player
+    page.locator("#ask-voice").click()
+    page.wait_for_function(
+        "[...document.querySelectorAll('#chat .message-row.user-row')].some(r => r.innerText.includes('(voice)'))",
+        timeout=120_000,
+    )
+    transcript = page.locator("#chat .message-row.user-row").last.inner_text()
+    assert "shape" in transcript.lower() and "image" in transcript.lower()
+    page.wait_for_function(
+        "document.querySelectorAll('#chat .message-row.bot-row').length > 0 && "
+        "[...document.querySelectorAll('#chat .message-row.bot-row')].pop().innerText.trim().length > 0",
+        timeout=60_000,
+    )
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=ARTIFACTS / "voice.png", full_page=True)
