@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -22,8 +23,34 @@ from mmllm.processor import PROCESSOR_FILE, MultimodalProcessor
 
 log = logging.getLogger("mmllm")
 
-# `--model default`: the stack named by ModelConfig's defaults, until a trained model ships.
+# `--model default`: the shipped easy-VQA model when its folder is found, else the untrained default stack
+# (ModelConfig's defaults). Shipped models are committed under the repository's models/ folder.
 DEFAULT_MODEL = "default"
+SHIPPED_MODELS = ("mmllm-easyvqa",)
+REPO_MODELS = Path(__file__).resolve().parents[3] / "models"
+
+
+def shipped_model_roots() -> list[Path]:
+    """Folders searched for shipped models: `$MMLLM_MODELS`, ./models, the source checkout's models/."""
+    roots = [Path(p) for p in os.environ.get("MMLLM_MODELS", "").split(os.pathsep) if p]
+    return [*roots, Path("models"), REPO_MODELS]
+
+
+def resolve_model_name(name_or_path: str) -> str:
+    """`default` and shipped model names -> their folder; anything else is returned unchanged."""
+    name = SHIPPED_MODELS[0] if name_or_path == DEFAULT_MODEL else name_or_path
+    if name not in SHIPPED_MODELS or Path(name_or_path).exists():
+        return name_or_path
+    for root in shipped_model_roots():
+        if (root / name / "config.json").is_file():
+            return str(root / name)
+    if name_or_path == DEFAULT_MODEL:
+        log.warning("the shipped model %s was not found: `default` is the untrained default stack", name)
+        return name_or_path
+    raise MmllmError(
+        f"shipped model {name} not found in {', '.join(map(str, shipped_model_roots()))}; "
+        "set MMLLM_MODELS to the folder that holds it"
+    )
 
 
 @dataclass
@@ -86,6 +113,7 @@ def load_model(
 
     A YAML recipe or a bare LM builds a new model, whose projector (and vision tower, offline) is untrained.
     """
+    name_or_path = resolve_model_name(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml"):
         return build_model(load_config(ModelConfig, path), dtype)
@@ -100,6 +128,7 @@ def load_model(
 
 def load_processor(name_or_path: str) -> MultimodalProcessor:
     """The processor of what `load_model` would load, without loading any weights."""
+    name_or_path = resolve_model_name(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir() and _is_multimodal_checkpoint(path):
         return MultimodalProcessor.from_pretrained(path)
