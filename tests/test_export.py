@@ -88,3 +88,51 @@ def test_int8_export_loads_as_int8_and_answers_like_fp32(tmp_path, images, schem
     with torch.no_grad():
         logits = in_memory.model(**batch).logits[0, -1]
     assert torch.nn.functional.cosine_similarity(reference, logits, dim=0) > 0.98  # activations int8 too
+
+
+def test_onnx_export_matches_pytorch_logits_and_greedy_answers(tmp_path, images):
+    from mmllm.export.onnx import OnnxPipeline, export_onnx
+    from mmllm.pipeline import GenerationSettings, Pipeline
+
+    model, processor = make_tiny("qwen2", feature_mode="patch", lm_init_std=0.3)
+    source = tmp_path / "model"
+    model.save_pretrained(source)
+    processor.save_pretrained(source)
+    export_onnx(str(source), tmp_path / "onnx")
+    onnx = OnnxPipeline.load(tmp_path / "onnx")
+
+    conversations = [QUESTION, [{"role": "user", "content": "<image>\nA longer question, about colours?"}]]
+    pictures = [[images[0]], [images[1]]]
+    batch = processor(conversations, pictures)  # left-padded
+    with torch.no_grad():
+        expected = model(**batch).logits[:, -1]
+    embeds, mask = onnx.prompt_embeddings(conversations, pictures)
+    positions = (mask.cumsum(1) - 1).clip(min=0)
+    shape = (2, model.config.text_config.num_key_value_heads, 0, onnx.settings["head_dim"])
+    cache = {n: torch.zeros(shape).numpy() for n in [i.name for i in onnx.decoder.get_inputs()][3:]}
+    logits = onnx.decoder.run(
+        None, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **cache}
+    )[0]
+    torch.testing.assert_close(torch.from_numpy(logits), expected, atol=1e-4, rtol=1e-4)
+
+    settings = GenerationSettings(max_new_tokens=12)
+    assert onnx.generate(conversations, pictures, settings) == Pipeline(model, processor).generate(
+        conversations, pictures, settings
+    )
+
+
+def test_onnx_backend_from_the_cli(tmp_path, images, capsys):
+    from mmllm.cli import main
+
+    model, processor = make_tiny("qwen2", lm_init_std=0.3)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    assert main(["export", "onnx", str(tmp_path / "model"), str(tmp_path / "onnx")]) == 0
+    assert "onnx: wrote" in capsys.readouterr().out
+    args = [str(images[0]), "What is it?", "--max-new-tokens", "6"]
+    assert main(["ask", *args, "--model", str(tmp_path / "model")]) == 0
+    torch_answer = capsys.readouterr().out
+    assert main(["ask", *args, "--model", str(tmp_path / "onnx"), "--backend", "onnx"]) == 0
+    assert capsys.readouterr().out == torch_answer
+    assert main(["ask", *args, "--model", str(tmp_path / "model"), "--backend", "onnx"]) == 2
+    assert "not an ONNX export" in capsys.readouterr().err

@@ -36,6 +36,11 @@ def cmd_ask(args: argparse.Namespace) -> None:
         raise MmllmError("the question is empty")
     image = load_image(args.image)  # fail on a bad image before spending time on the model
     settings = _settings(args)
+    if args.backend == "onnx":
+        from mmllm.export.onnx import OnnxPipeline
+
+        print(OnnxPipeline.load(args.model).ask(image, args.question, settings))
+        return
     pipeline = _pipeline(args)
     if args.stream:
         messages = [{"role": "user", "content": args.question}]
@@ -212,6 +217,10 @@ def cmd_export(args: argparse.Namespace) -> None:
         from mmllm.export.int8 import export_int8
 
         out = export_int8(args.model, args.out, args.scheme)
+    elif args.format == "onnx":
+        from mmllm.export.onnx import export_onnx
+
+        out = export_onnx(args.model, args.out)
     elif args.format == "llava-hf":
         from mmllm.export.llava_hf import export_llava_hf
 
@@ -266,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("image", help="image file, or sample:NAME for a scikit-image sample photo")
     ask.add_argument("question")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    ask.add_argument(
+        "--backend",
+        default="torch",
+        choices=("torch", "onnx"),
+        help="onnx: run a `mmllm export onnx` folder with onnxruntime (greedy or sampling, no streaming)",
+    )
     runtime_arguments(ask)
     add_arguments(ask, GenerationSettings)
 
@@ -362,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = command("export", cmd_export, "export a model for other runtimes", model=False)
     export.add_argument(
-        "format", choices=("int8", "llava-hf"), help="int8 (torchao) or llava-hf (transformers Llava)"
+        "format",
+        choices=("int8", "onnx", "llava-hf"),
+        help="int8 (torchao), onnx (vision + KV-cache decoder graphs) or llava-hf (transformers Llava)",
     )
     export.add_argument("model", help=MODEL_HELP)
     export.add_argument("out", help="output directory")
