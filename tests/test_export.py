@@ -136,3 +136,33 @@ def test_onnx_backend_from_the_cli(tmp_path, images, capsys):
     assert capsys.readouterr().out == torch_answer
     assert main(["ask", *args, "--model", str(tmp_path / "model"), "--backend", "onnx"]) == 2
     assert "not an ONNX export" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_gguf_export_round_trips_through_transformers(tmp_path, kind):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mmllm.export.gguf import export_gguf
+
+    model, processor = make_tiny(kind, lm_init_std=0.3)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    path = export_gguf(str(tmp_path / "model"), tmp_path / "gguf", outtype="f32")
+
+    text = "What shape is it? It is a blue square."
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    assert tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name).eval()
+    ids = torch.tensor([processor.tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model.language_model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_export_refuses_other_architectures(tmp_path):
+    from mmllm.export.gguf import export_gguf
+
+    model, processor = make_tiny("phi3")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    with pytest.raises(MmllmError, match="supports qwen2, llama"):
+        export_gguf(str(tmp_path / "model"), tmp_path / "out.gguf")

@@ -61,3 +61,32 @@ def test_easyvqa_recipe_trains_on_real_smollm2(tmp_path, capsys):
     assert pipeline.model.has_lora
     answer = pipeline.ask("sample:coffee", "What shape?", GenerationSettings(max_new_tokens=4))
     assert isinstance(answer, str)
+
+
+def test_gguf_export_of_real_smollm2_answers_like_the_original(tmp_path, capsys):
+    """SmolLM2 came to us as GGUF; our export of it must load back (transformers' GGUF reader) and answer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert (
+        main(
+            [
+                "export",
+                "gguf",
+                "smollm2-135m-instruct",
+                str(tmp_path / "smollm2.gguf"),
+                "--tokenizer-pre",
+                "smollm",
+            ]
+        )
+        == 0
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="smollm2.gguf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="smollm2.gguf")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": CAPITAL}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    output = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert "Paris" in tokenizer.decode(output[0, prompt["input_ids"].shape[1] :])

