@@ -35,6 +35,7 @@ bench-quick: install-dev
 	$(BIN)/python benchmarks/train_throughput.py --quick
 	$(BIN)/python benchmarks/latency.py --quick
 	$(BIN)/python benchmarks/serve_load.py --quick
+	$(BIN)/python benchmarks/inference.py --quick
 
 lint: install-dev
 	$(BIN)/ruff check .

@@ -212,7 +212,7 @@ class OnnxPipeline:
             chosen = _choose(logits, settings, rng)  # (B,)
             for row, token in enumerate(chosen):
                 if not done[row]:
-                    done[row] = token in stop
+                    done[row] = token in stop and not settings.ignore_eos
                     if not done[row]:
                         tokens[row].append(int(token))
             if done.all():

@@ -1,0 +1,224 @@
+"""CPU inference against the physical limit: one table for every way mmllm can run a model.
+
+For each variant — PyTorch fp32 / bf16 / int8 (torchao weight-only and dynamic), ONNX Runtime, plain
+transformers `generate`, and llama.cpp (llama-cpp-python) on the same LM as GGUF — a fresh process
+measures time to first token (1 image + a 20-token question), decode tokens/s and peak RSS. Decode
+on a CPU is memory-bound: each token reads every weight once, so its ceiling is the memory bandwidth
+(measured in the same run) divided by the bytes of weights read per token: the roofline.
+
+    python benchmarks/inference.py [--model default] [--tokens 32] [--reps 3] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import report
+from PIL import Image
+
+QUESTION = "Which shapes and colours do you see in this picture, and where exactly are they placed?"
+VARIANTS = ("fp32", "bf16", "int8-weight-only", "int8-dynamic", "onnx", "transformers", "llama.cpp")
+
+
+def memory_bandwidth(gigabytes: float = 0.5, reps: int = 5) -> float:
+    """GB/s of a large array copy (bytes read + written), best of `reps`."""
+    source = np.ones(int(gigabytes * 2**30) // 8)
+    target = np.empty_like(source)
+    best = min(_time(lambda: np.copyto(target, source)) for _ in range(reps))
+    return 2 * source.nbytes / best / 1e9
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def weight_bytes(model) -> int:
+    """Bytes read per decoded token: every LM weight except the embedding rows not looked up (the
+    tied output matrix is read in full, as lm_head)."""
+    lm = model.language_model
+    skip = {id(lm.get_input_embeddings().weight)} - {id(lm.get_output_embeddings().weight)}
+    total = 0
+    for parameter in lm.parameters():
+        if id(parameter) in skip:
+            continue
+        inner = [getattr(parameter, name) for name in ("qdata", "scale") if hasattr(parameter, name)]
+        total += sum(t.nbytes for t in inner) if inner else parameter.nbytes
+    return total
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss it does not carry over an exec)."""
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")) / 1024
+
+
+def image() -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256, 3), dtype=np.uint8))
+
+
+def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: Path) -> dict:
+    """Runs in its own process: (TTFT ms, decode tokens/s, weight bytes); RSS is added by the caller."""
+    from mmllm.pipeline import GenerationSettings, Pipeline
+
+    messages = [{"role": "user", "content": QUESTION}]
+    one, many = (
+        GenerationSettings(max_new_tokens=1),
+        GenerationSettings(max_new_tokens=tokens, ignore_eos=True),
+    )
+    if variant == "llama.cpp":
+        return _measure_llama_cpp(model_name, tokens, reps, export_dir)
+    if variant == "onnx":
+        from mmllm.export.onnx import OnnxPipeline
+
+        pipeline = OnnxPipeline.load(export_dir / "onnx")
+        run = lambda settings: pipeline.generate([messages], [[image()]], settings)  # noqa: E731
+        size = (export_dir / "onnx" / "decoder.onnx").stat().st_size
+    else:
+        dtype = {"fp32": "fp32", "bf16": "bf16", "transformers": "fp32"}.get(variant, "fp32")
+        pipeline = Pipeline.load(model_name, device="cpu", dtype=dtype)
+        if variant.startswith("int8"):
+            from mmllm.export.int8 import quantize_int8
+
+            quantize_int8(pipeline.model, variant.removeprefix("int8-"))
+        size = weight_bytes(pipeline.model)
+        if variant == "transformers":  # the processor's tensors straight into generate: no cache, no streamer
+            model, processor = pipeline.model, pipeline.processor
+
+            def run(settings):
+                batch = processor([messages], [[image()]])
+                with torch.inference_mode():
+                    model.generate(
+                        **batch,
+                        max_new_tokens=settings.max_new_tokens,
+                        min_new_tokens=settings.max_new_tokens,
+                        do_sample=False,
+                        pad_token_id=processor.tokenizer.pad_token_id,
+                    )
+        else:
+
+            def run(settings):
+                pipeline.features.entries.clear()  # a new image each time: TTFT includes the vision tower
+                pipeline.complete([messages], [[image()]], settings)
+
+    run(many)  # warm-up
+    first = statistics.median(_time(lambda: run(one)) for _ in range(reps))
+    full = statistics.median(_time(lambda: run(many)) for _ in range(reps))
+    return {"ttft_ms": 1000 * first, "decode_tok_s": (tokens - 1) / (full - first), "weight_bytes": size}
+
+
+def _measure_llama_cpp(model_name: str, tokens: int, reps: int, export_dir: Path) -> dict:
+    """The LM alone (llama.cpp has no path for our vision tower): a prompt of the same token count."""
+    from llama_cpp import Llama
+
+    from mmllm.models.build import load_processor
+
+    processor = load_processor(model_name)
+    prompt = processor.encode_text([{"role": "user", "content": "<image>\n" + QUESTION}], 1)["input_ids"]
+    prompt = [t if t != processor.image_token_id else processor.tokenizer.pad_token_id for t in prompt]
+    path = export_dir / "model.gguf"
+    llm = Llama(str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False)
+
+    def run(count: int) -> None:
+        llm.reset()
+        for n, _ in enumerate(llm.generate(prompt, temp=0.0)):
+            if n + 1 >= count:
+                break
+
+    run(tokens)
+    first = statistics.median(_time(lambda: run(1)) for _ in range(reps))
+    full = statistics.median(_time(lambda: run(tokens)) for _ in range(reps))
+    return {
+        "ttft_ms": 1000 * first,
+        "decode_tok_s": (tokens - 1) / (full - first),
+        "weight_bytes": path.stat().st_size,
+    }
+
+
+def prepare(model_name: str, export_dir: Path, variants: list[str]) -> list[str]:
+    """Exports the runs need; variants that cannot run here are dropped with a reason."""
+    from mmllm.export.gguf import export_gguf
+    from mmllm.export.onnx import export_onnx
+
+    if "onnx" in variants:
+        export_onnx(model_name, export_dir / "onnx")
+    if "llama.cpp" in variants:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            print("llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python); skipped")
+            variants = [v for v in variants if v != "llama.cpp"]
+        else:
+            export_gguf(model_name, export_dir / "model.gguf", "f16")
+    return variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--quick", action="store_true", help="SmolLM2-135M, 4 tokens, one repetition (CI)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # VARIANT:EXPORT_DIR, run in a fresh process
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.quick:
+        args.model, args.tokens, args.reps = "smollm2-135m-instruct", 4, 1
+    if args.child:
+        variant, export_dir = args.child.split(":", 1)
+        result = measure(variant, args.model, args.tokens, args.reps, Path(export_dir))
+        result["peak_rss_mb"] = peak_rss_mb()
+        print("RESULT " + json.dumps(result))
+        return
+
+    bandwidth = memory_bandwidth(0.125 if args.quick else 1.0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = prepare(args.model, Path(tmp), args.variants.split(","))
+        for variant in variants:
+            command = [sys.executable, __file__, "--model", args.model, "--tokens", str(args.tokens)]
+            command += ["--reps", str(args.reps), "--child", f"{variant}:{tmp}"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+            if done.returncode or not lines:
+                print(f"{variant}: failed\n{done.stderr[-2000:]}")
+                continue
+            result = json.loads(lines[-1].removeprefix("RESULT "))
+            roofline = bandwidth * 1e9 / result["weight_bytes"]
+            rows.append(
+                {
+                    "variant": variant,
+                    "TTFT (ms)": round(result["ttft_ms"], 1),
+                    "decode (tok/s)": round(result["decode_tok_s"], 1),
+                    "weights read/token (MB)": round(result["weight_bytes"] / 1e6, 1),
+                    "roofline (tok/s)": round(roofline, 1),
+                    "of roofline": f"{result['decode_tok_s'] / roofline:.0%}",
+                    "peak RSS (MB)": round(result["peak_rss_mb"]),
+                }
+            )
+    settings = {
+        **vars(args),
+        "memory_bandwidth_GBps": round(bandwidth, 2),
+        "threads": torch.get_num_threads(),
+    }
+    print(f"memory bandwidth (copy, read + write): {bandwidth:.1f} GB/s")
+    report("inference" + ("_quick" if args.quick else ""), rows, settings)
+
+
+if __name__ == "__main__":
+    main()
