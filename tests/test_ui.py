@@ -180,6 +180,19 @@ def test_errors_are_chat_messages(page):
     assert bot_texts(page)[-1].strip()
 
 
+def test_a_broken_image_is_a_chat_message(page, tmp_path, images):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(images[0].read_bytes()[:120])  # a valid header, the pixels cut off
+    page.locator("#image input[type=file]").set_input_files(str(broken))
+    page.wait_for_selector("#image img", state="attached")
+    ask(page, "What is it?")
+    assert "Error:" in bot_texts(page)[-1]
+    page.locator("#image input[type=file]").set_input_files(str(images[1]))  # the page goes on working
+    page.wait_for_selector("#image img")
+    ask(page, "And now?")
+    assert "Error:" not in bot_texts(page)[-1]
+
+
 def test_examples_offer_easy_vqa_images_and_photos(page):
     import easy_vqa
 

@@ -116,7 +116,7 @@ def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-b
     )
 
     async def answer(
-        question: str, image: Image.Image | None, history: list, chat: Chat, settings: GenerationSettings
+        question: str, image: str | None, history: list, chat: Chat, settings: GenerationSettings
     ) -> AsyncIterator[tuple[list, Chat]]:
         """Add the question (and a new image) to the chat, then stream the answer into it."""
         turn = question
@@ -186,7 +186,11 @@ def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-b
         with gr.Row():
             with gr.Column(scale=2):
                 image = gr.Image(
-                    type="pil", label="Image", sources=["upload", "clipboard"], height=320, elem_id="image"
+                    type="filepath",
+                    label="Image",
+                    sources=["upload", "clipboard"],
+                    height=320,
+                    elem_id="image",
                 )
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=460)
