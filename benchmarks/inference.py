@@ -70,25 +70,33 @@ def image() -> Image.Image:
 
 
 def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: Path) -> dict:
-    """Runs in its own process: (TTFT ms, decode tokens/s, weight bytes); RSS is added by the caller."""
+    """Runs in its own process: TTFT ms, decode tokens/s and weight bytes; RSS is added by the caller.
+
+    Each variant's `run()` generates `tokens` tokens (EOS ignored) and returns the seconds to its
+    first and to its last token: decode speed is measured inside one generation.
+    """
+    from transformers.generation.streamers import BaseStreamer
+
     from mmllm.pipeline import GenerationSettings, Pipeline
 
     messages = [{"role": "user", "content": QUESTION}]
-    one, many = (
-        GenerationSettings(max_new_tokens=1),
-        GenerationSettings(max_new_tokens=tokens, ignore_eos=True),
-    )
+    settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True)
     if variant == "llama.cpp":
-        return _measure_llama_cpp(model_name, tokens, reps, export_dir)
-    if variant == "onnx":
+        run, size = _llama_cpp(model_name, tokens, export_dir)
+    elif variant == "onnx":
         from mmllm.export.onnx import OnnxPipeline
 
-        pipeline = OnnxPipeline.load(export_dir / "onnx")
-        run = lambda settings: pipeline.generate([messages], [[image()]], settings)  # noqa: E731
+        onnx = OnnxPipeline.load(export_dir / "onnx")
         size = (export_dir / "onnx" / "decoder.onnx").stat().st_size
+
+        def run():
+            marks, start = [], time.perf_counter()
+            onnx.generate(
+                [messages], [[image()]], settings, on_token=lambda: marks.append(time.perf_counter())
+            )
+            return marks[0] - start, marks[-1] - start
     else:
-        dtype = {"fp32": "fp32", "bf16": "bf16", "transformers": "fp32"}.get(variant, "fp32")
-        pipeline = Pipeline.load(model_name, device="cpu", dtype=dtype)
+        pipeline = Pipeline.load(model_name, device="cpu", dtype="bf16" if variant == "bf16" else "fp32")
         if variant.startswith("int8"):
             from mmllm.export.int8 import quantize_int8
 
@@ -97,29 +105,50 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
         if variant == "transformers":  # the processor's tensors straight into generate: no cache, no streamer
             model, processor = pipeline.model, pipeline.processor
 
-            def run(settings):
+            class Marks(BaseStreamer):  # generate calls put() with the prompt, then once per token
+                def __init__(self):
+                    self.times = []
+
+                def put(self, value):
+                    self.times.append(time.perf_counter())
+
+                def end(self):
+                    pass
+
+            def run():
+                marks, start = Marks(), time.perf_counter()
                 batch = processor([messages], [[image()]])
                 with torch.inference_mode():
                     model.generate(
                         **batch,
-                        max_new_tokens=settings.max_new_tokens,
-                        min_new_tokens=settings.max_new_tokens,
+                        max_new_tokens=tokens,
+                        min_new_tokens=tokens,
                         do_sample=False,
                         pad_token_id=processor.tokenizer.pad_token_id,
+                        streamer=marks,
                     )
+                return marks.times[1] - start, marks.times[-1] - start
         else:
 
-            def run(settings):
+            def run():
                 pipeline.features.entries.clear()  # a new image each time: TTFT includes the vision tower
-                pipeline.complete([messages], [[image()]], settings)
+                marks, start = [], time.perf_counter()
+                pipeline.complete(
+                    [messages],
+                    [[image()]],
+                    settings,
+                    on_delta=lambda row, text: marks.append(time.perf_counter()),
+                )
+                return marks[0] - start, marks[-1] - start
 
-    run(many)  # warm-up
-    first = statistics.median(_time(lambda: run(one)) for _ in range(reps))
-    full = statistics.median(_time(lambda: run(many)) for _ in range(reps))
-    return {"ttft_ms": 1000 * first, "decode_tok_s": (tokens - 1) / (full - first), "weight_bytes": size}
+    run()  # warm-up
+    timings = [run() for _ in range(reps)]
+    first = statistics.median(t[0] for t in timings)
+    decode = statistics.median((tokens - 1) / (t[1] - t[0]) for t in timings)
+    return {"ttft_ms": 1000 * first, "decode_tok_s": decode, "weight_bytes": size}
 
 
-def _measure_llama_cpp(model_name: str, tokens: int, reps: int, export_dir: Path) -> dict:
+def _llama_cpp(model_name: str, tokens: int, export_dir: Path):
     """The LM alone (llama.cpp has no path for our vision tower): a prompt of the same token count."""
     from llama_cpp import Llama
 
@@ -131,20 +160,16 @@ def _measure_llama_cpp(model_name: str, tokens: int, reps: int, export_dir: Path
     path = export_dir / "model.gguf"
     llm = Llama(str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False)
 
-    def run(count: int) -> None:
+    def run():
         llm.reset()
-        for n, _ in enumerate(llm.generate(prompt, temp=0.0)):
-            if n + 1 >= count:
+        marks, start = [], time.perf_counter()
+        for _ in llm.generate(prompt, temp=0.0):
+            marks.append(time.perf_counter())
+            if len(marks) == tokens:
                 break
+        return marks[0] - start, marks[-1] - start
 
-    run(tokens)
-    first = statistics.median(_time(lambda: run(1)) for _ in range(reps))
-    full = statistics.median(_time(lambda: run(tokens)) for _ in range(reps))
-    return {
-        "ttft_ms": 1000 * first,
-        "decode_tok_s": (tokens - 1) / (full - first),
-        "weight_bytes": path.stat().st_size,
-    }
+    return run, path.stat().st_size
 
 
 def prepare(model_name: str, export_dir: Path, variants: list[str]) -> list[str]:

@@ -190,7 +190,9 @@ class OnnxPipeline:
         conversations: list[list[Message]],
         images: list[list] | None = None,
         settings: GenerationSettings | None = None,
+        on_token=None,
     ) -> list[str]:
+        """`on_token()` is called after each decoding step (for timing)."""
         settings = settings or GenerationSettings()
         if settings.num_beams > 1:
             raise MmllmError("the onnx backend decodes greedily or by sampling (num_beams=1)")
@@ -210,6 +212,8 @@ class OnnxPipeline:
                 None, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **cache}
             )
             chosen = _choose(logits, settings, rng)  # (B,)
+            if on_token:
+                on_token()
             for row, token in enumerate(chosen):
                 if not done[row]:
                     done[row] = token in stop and not settings.ignore_eos
