@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 import torch
@@ -62,6 +63,13 @@ CORPUS = [
     "Describe the image briefly. A cat sleeps on a sofa next to a cup of coffee.",
     "You are a helpful assistant. The answer is yes. The answer is no. How many? Two.",
 ] * 20
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for live server tests)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,9 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import make_tiny
+from conftest import free_port, make_tiny
 
 KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def data_uri(colour: str = "red", fmt: str = "PNG") -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import make_tiny
+from conftest import free_port, make_tiny
 from mmllm.pipeline import GenerationSettings, Pipeline
 
 CHROMIUM = "/usr/bin/chromium"
@@ -23,14 +23,6 @@ pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists() and not os.environ.get("CI"),
     reason="needs Debian's chromium (apt-get install chromium); CI installs it",
 )
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(command: list[str], url: str) -> subprocess.Popen:
