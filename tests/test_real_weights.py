@@ -45,20 +45,27 @@ def test_cli_ask_and_info_on_real_weights(capsys):
     assert "LlamaForCausalLM" in out and "CLIPVisionModelWithProjection" in out
 
 
-def test_easyvqa_recipe_trains_on_real_smollm2(tmp_path, capsys):
-    recipe = str(Path(__file__).resolve().parents[1] / "configs" / "easyvqa_smollm2.yaml")
-    overrides = [
-        "max_steps=2",
-        "data.batch_size=2",
-        "data.num_workers=0",
-        "data.datasets=[{format: easy-vqa, split: train, per_image: true, limit: 4}]",
-        "eval_data.datasets=[]",
-        f"output_dir={tmp_path}",
+def test_easyvqa_recipes_train_both_stages_on_real_smollm2(tmp_path, capsys):
+    """Stage 1 (plain format, colour/shape questions) then stage 2 from its output, a few steps each."""
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    common = ["max_steps=2", "data.batch_size=2", "data.num_workers=0", "eval_data.datasets=[]"]
+    stage1 = [
+        *common,
+        "data.datasets=[{format: easy-vqa, split: train, per_image: true, limit: 4,"
+        " answer_types: [color, shape]}]",
+        f"output_dir={tmp_path / 'stage1'}",
     ]
-    assert main(["train", recipe, *overrides]) == 0
-    pipeline = Pipeline.load(str(tmp_path / "model"), device="cpu")
+    assert main(["train", str(configs / "easyvqa_align.yaml"), *stage1]) == 0
+    stage2 = [
+        *common,
+        "data.datasets=[{format: easy-vqa, split: train, per_image: true, limit: 4}]",
+        f"init_from={tmp_path / 'stage1' / 'model'}",
+        f"output_dir={tmp_path / 'stage2'}",
+    ]
+    assert main(["train", str(configs / "easyvqa_smollm2.yaml"), *stage2]) == 0
+    pipeline = Pipeline.load(str(tmp_path / "stage2" / "model"), device="cpu")
     assert pipeline.model.config.trained_parts == ["language_model", "projector", "vision_tower"]
-    assert pipeline.model.has_lora
+    assert pipeline.model.has_lora and pipeline.model.config.vision_feature_mode == "patch"
     answer = pipeline.ask("sample:coffee", "What shape?", GenerationSettings(max_new_tokens=4))
     assert isinstance(answer, str)
 
