@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import time
 
+import httpx
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -70,6 +73,20 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_server(command: list[str], url: str) -> subprocess.Popen:
+    """Start a server command and wait until `url` answers 200; fail with its output if it never does."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300  # importing gradio is slow on a busy 2-core machine
+    while time.time() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    process.kill()
+    pytest.fail(f"{' '.join(command[2:5])} did not start: " + process.stdout.read())
 
 
 def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:

@@ -7,14 +7,13 @@ import io
 import json
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
 from PIL import Image
 
-from conftest import free_port, make_tiny
+from conftest import free_port, make_tiny, start_server
 
 KEY = "test-key"
 
@@ -52,18 +51,8 @@ def server(tmp_path_factory):
         "--max-tokens",
         "64",
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        process.kill()
-        pytest.fail("server did not start: " + process.stdout.read())
+    process = start_server(command, f"{url}/health")
     yield url
     process.terminate()
     process.wait(timeout=30)

@@ -7,13 +7,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import free_port, make_tiny
+from conftest import free_port, make_tiny, start_server
 from mmllm.pipeline import GenerationSettings, Pipeline
 
 CHROMIUM = "/usr/bin/chromium"
@@ -23,19 +22,6 @@ pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists() and not os.environ.get("CI"),
     reason="needs Debian's chromium (apt-get install chromium); CI installs it",
 )
-
-
-def start(command: list[str], url: str) -> subprocess.Popen:
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300  # importing gradio is slow on a busy 2-core machine
-    while time.time() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    process.kill()
-    pytest.fail(f"{command[3]} did not start: " + process.stdout.read())
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +47,7 @@ def server(tiny_model):
         str(port),
         "--ui",
     ]
-    process = start(command, f"http://127.0.0.1:{port}/health")
+    process = start_server(command, f"http://127.0.0.1:{port}/health")
     yield f"http://127.0.0.1:{port}"
     process.terminate()
     process.wait(timeout=30)
@@ -202,7 +188,7 @@ def test_examples_offer_easy_vqa_images_and_photos(page):
 def test_standalone_ui_command(tiny_model):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = start(
+    process = start_server(
         [sys.executable, "-m", "mmllm.cli", "ui", "--model", str(tiny_model), "--port", str(port)], url
     )
     try:
