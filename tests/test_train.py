@@ -19,6 +19,7 @@ from mmllm import MultimodalLM
 from mmllm.cli import main
 from mmllm.config import load_config
 from mmllm.errors import MmllmError
+from mmllm.processor import ALIGN_TEMPLATE, MultimodalProcessor
 from mmllm.train.checkpoint import checkpoints
 from mmllm.train.config import TrainConfig
 from mmllm.train.loop import train
@@ -89,6 +90,28 @@ def test_stage1_trains_projector_only(tiny_dir, tmp_path):
     assert not torch.equal(base.projector[0].weight, model.projector[0].weight)
     assert [c.name for c in checkpoints(tmp_path)] == ["step-000008", "step-000012"]
     assert (tmp_path / "checkpoints" / "step-000012" / "model" / "mmllm_processor.json").is_file()
+
+
+def test_model_answers_in_the_format_it_was_last_trained_on(tiny_dir, tmp_path):
+    question = [{"role": "user", "content": "<image>What colour is it?"}]
+    plain = train(
+        load_config(
+            TrainConfig,
+            None,
+            base=recipe(tiny_dir, tmp_path / "a", max_steps=1, **{"data.conversation_format": "plain"}),
+        )
+    )
+    processor = MultimodalProcessor.from_pretrained(plain)
+    assert processor.template == ALIGN_TEMPLATE
+    assert processor.render(question, add_generation_prompt=True) == "<image>What colour is it?\n"
+    # A chat stage started from it goes back to the tokenizer's own template, and saves that.
+    chat = train(
+        load_config(
+            TrainConfig, None, base={**recipe(tiny_dir, tmp_path / "b", max_steps=1), "init_from": str(plain)}
+        )
+    )
+    processor = MultimodalProcessor.from_pretrained(chat)
+    assert processor.chat_template is None and "<|im_start|>" in processor.render(question)
 
 
 def test_stage2_lora_only_on_the_language_model_and_merge_is_lossless(tiny_dir, tmp_path):

@@ -90,8 +90,13 @@ class MultimodalProcessor:
             )
         return self.tokenizer.eos_token
 
-    def with_template(self, chat_template: str) -> MultimodalProcessor:
-        """A copy that renders conversations with another template (e.g. `ALIGN_TEMPLATE`)."""
+    @property
+    def template(self) -> str:
+        """The template conversations are rendered with: an override (`ALIGN_TEMPLATE`) or the tokenizer's."""
+        return self.chat_template or self.tokenizer.chat_template
+
+    def with_template(self, chat_template: str | None) -> MultimodalProcessor:
+        """A copy that renders conversations with another template (`None`: the tokenizer's own)."""
         other = copy.copy(self)
         other.chat_template = chat_template
         other.end_of_turn = other._find_end_of_turn()
@@ -231,6 +236,10 @@ class MultimodalProcessor:
             "image_mean": list(self.image_processor.mean),
             "image_std": list(self.image_processor.std),
         }
+        if self.chat_template is not None:
+            # A model answers in the format it was trained on (e.g. LLaVA's plain format); the
+            # tokenizer keeps its own template so a later stage can train in the chat format.
+            settings["chat_template"] = self.chat_template
         (directory / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
     @classmethod
@@ -241,9 +250,12 @@ class MultimodalProcessor:
             mean=tuple(settings.get("image_mean", CLIP_MEAN)),
             std=tuple(settings.get("image_std", CLIP_STD)),
         )
-        return cls(
+        processor = cls(
             AutoTokenizer.from_pretrained(path),
             settings["num_image_tokens"],
             image_processor,
             settings["image_token"],
+        )
+        return (
+            processor.with_template(settings["chat_template"]) if "chat_template" in settings else processor
         )

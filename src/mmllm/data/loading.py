@@ -159,6 +159,11 @@ def truncate(encoded: dict[str, Any], max_length: int, image_token_id: int) -> s
     return None
 
 
+def processor_for(cfg: DataConfig, processor: MultimodalProcessor) -> MultimodalProcessor:
+    """The processor rendering conversations in `cfg.conversation_format` (the saved model answers so)."""
+    return processor.with_template(ALIGN_TEMPLATE if cfg.conversation_format == "plain" else None)
+
+
 class Collator:
     """Samples -> a right-padded training batch; bad images and over-long samples are dropped and counted.
 
@@ -173,8 +178,7 @@ class Collator:
         feature_cache: FeatureCache | None = None,
         train: bool = True,
     ):
-        if cfg.conversation_format == "plain":
-            processor = processor.with_template(ALIGN_TEMPLATE)
+        processor = processor_for(cfg, processor)
         self.processor, self.cfg, self.feature_cache, self.train = processor, cfg, feature_cache, train
         self.rng = random.Random(cfg.seed)
 

@@ -32,9 +32,10 @@ def _permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     )
 
 
-def _tokenizer_metadata(writer, tokenizer, vocab_size: int, pre: str) -> None:
+def _tokenizer_metadata(writer, processor, vocab_size: int, pre: str) -> None:
     import gguf
 
+    tokenizer = processor.tokenizer
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     if backend["model"]["type"] != "BPE":
         raise MmllmError(f"gguf export handles byte-level BPE tokenizers, not {backend['model']['type']}")
@@ -66,8 +67,8 @@ def _tokenizer_metadata(writer, tokenizer, vocab_size: int, pre: str) -> None:
         if token is not None and tokenizer.convert_tokens_to_ids(token) < vocab_size:
             setter(tokenizer.convert_tokens_to_ids(token))
     writer.add_add_bos_token(False)  # chat templates write their own BOS
-    if tokenizer.chat_template:
-        writer.add_chat_template(tokenizer.chat_template)
+    if processor.template:
+        writer.add_chat_template(processor.template)
 
 
 def export_gguf(model_name: str, out: str | Path, outtype: str = "f16", pre: str | None = None) -> Path:
@@ -107,7 +108,7 @@ def export_gguf(model_name: str, out: str | Path, outtype: str = "f16", pre: str
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if outtype == "f16" else gguf.LlamaFileType.ALL_F32)
-    _tokenizer_metadata(writer, processor.tokenizer, config.vocab_size, pre or DEFAULT_PRE[arch_name])
+    _tokenizer_metadata(writer, processor, config.vocab_size, pre or DEFAULT_PRE[arch_name])
 
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))

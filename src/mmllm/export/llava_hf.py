@@ -72,7 +72,7 @@ def to_llava(model, processor):
         vision_feature_select_strategy=llava_config.vision_feature_select_strategy,
         image_token=processor.image_token,
         num_additional_image_tokens=1,  # CLIP's CLS
-        chat_template=processor.tokenizer.chat_template,
+        chat_template=processor.template,
     )
     return llava.eval(), llava_processor
 

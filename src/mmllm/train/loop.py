@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from mmllm.data.features import cache_for_training
-from mmllm.data.loading import LoadReport, build_dataloader
+from mmllm.data.loading import LoadReport, build_dataloader, processor_for
 from mmllm.errors import MmllmError
 from mmllm.models.build import build_model, load_model
 from mmllm.processor import IGNORE_INDEX
@@ -101,6 +101,7 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
         model, processor = load_model(cfg.init_from)
     else:
         model, processor = build_model(cfg.model, quantization_config=quantization)
+    processor = processor_for(cfg.data, processor)  # saved with the model: it answers as it was trained
     setup_parts(model, cfg.parts, cfg.lora)
     if resume_from:
         load_trained_weights(model, resume_from)
