@@ -215,6 +215,17 @@ def test_kill_and_resume_matches_uninterrupted_run(tiny_dir, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
 
 
+def test_stop_after_ends_early_on_the_full_schedule_and_resume_finishes_it(tiny_dir, tmp_path):
+    _, straight = run(tiny_dir, tmp_path / "straight", save_every=6)
+    _, stopped = run(tiny_dir, tmp_path / "stopped", save_every=6, stop_after=6)
+    assert [m["lr"] for m in stopped] == [m["lr"] for m in straight][:6]  # not a 6-step schedule
+    assert (tmp_path / "stopped" / "model" / "config.json").is_file()
+    config = load_config(TrainConfig, None, base=recipe(tiny_dir, tmp_path / "stopped", save_every=6))
+    finished = MultimodalLM.from_pretrained(train(config, resume="auto"))
+    straight_model = MultimodalLM.from_pretrained(tmp_path / "straight" / "model")
+    torch.testing.assert_close(finished.projector.state_dict(), straight_model.projector.state_dict())
+
+
 def test_two_process_ddp_equals_one_process(tiny_dir, tmp_path):
     settings = {"max_steps": 4, "parts.language_model": "lora", "lora.dropout": 0.0, "save_every": 100}
     single = _write_recipe(tiny_dir, tmp_path / "single", tmp_path / "single.yaml", **settings)

@@ -85,6 +85,9 @@ class TrainConfig:
     """Optimiser steps; 0: as many as `epochs` of the training data."""
     epochs: float = 1.0
     """Passes over the training data (when max_steps is 0)."""
+    stop_after: int = 0
+    """End the run after this many steps; the learning-rate schedule still spans max_steps/epochs
+    (nanoGPT's max_iters vs lr_decay_iters). 0: run the whole schedule."""
     grad_accum: int = 1
     """Micro-batches per optimiser step."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

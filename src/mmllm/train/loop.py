@@ -125,6 +125,7 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     if total <= 0:
         raise MmllmError("set max_steps: a streamed dataset has no length to derive steps from")
+    end = min(total, cfg.stop_after) if cfg.stop_after > 0 else total
 
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.optim), betas=(cfg.optim.beta1, cfg.optim.beta2)
@@ -164,10 +165,10 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
     )
     evaluator = _Evaluator(cfg, processor, accelerator, cache) if cfg.eval_data.datasets else None
     stream = batches()
-    progress = tqdm(total=total, initial=step, desc="train", disable=not accelerator.is_main_process)
+    progress = tqdm(total=end, initial=step, desc="train", disable=not accelerator.is_main_process)
     model.train()
     window_start, window_tokens = time.perf_counter(), 0
-    while step < total:
+    while step < end:
         micro = [b for b in (next(stream) for _ in range(cfg.grad_accum)) if "input_ids" in b]
         tokens = torch.tensor(float(sum(trained_tokens(b) for b in micro)), device=accelerator.device)
         global_tokens = accelerator.reduce(tokens, "sum")
@@ -196,7 +197,7 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
         step += 1
         loss_value = float(accelerator.reduce(loss_sum, "sum") / global_tokens.clamp(min=1))
         progress.update(1)
-        if step % cfg.log_every == 0 or step == total:
+        if step % cfg.log_every == 0 or step == end:
             elapsed = time.perf_counter() - window_start
             rate = window_tokens * accelerator.num_processes / max(elapsed, 1e-9)
             metrics = {
@@ -211,12 +212,12 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
             if tracker:
                 tracker.log(step, metrics)
             window_start, window_tokens = time.perf_counter(), 0
-        if evaluator and (step == total or (cfg.eval_every and step % cfg.eval_every == 0)):
+        if evaluator and (step == end or (cfg.eval_every and step % cfg.eval_every == 0)):
             eval_loss = evaluator(model)
             if tracker:
                 tracker.log(step, {"eval_loss": eval_loss})
             model.train()
-        if step % cfg.save_every == 0 or step == total:
+        if step % cfg.save_every == 0 or step == end:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 state = {
