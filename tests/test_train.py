@@ -290,3 +290,40 @@ def test_contrastive_loss_trains_alongside(tiny_dir, tmp_path):
         tiny_dir, tmp_path, max_steps=4, contrastive_weight=0.5, **{"data.group_by_length": False}
     )
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+
+
+def test_contrastive_only_stage_trains_the_tower_without_running_the_lm(tiny_dir, tmp_path, monkeypatch):
+    lm_calls = []
+    monkeypatch.setattr(
+        MultimodalLM, "forward", lambda self, *a, **k: lm_calls.append(1) or pytest.fail("LM forward ran")
+    )
+    base = MultimodalLM.from_pretrained(tiny_dir)
+    settings = {
+        "language_loss_weight": 0.0,
+        "contrastive_weight": 1.0,
+        "parts.vision_tower": "full",
+        "optim.lr_vision": 3e-3,
+        "optim.lr_projector": 3e-3,
+        "data.batch_size": 8,
+        "data.datasets": [
+            {
+                "format": "easy-vqa",
+                "split": "train",
+                "per_image": True,
+                "limit": 64,
+                "answer_types": ["color"],
+            }
+        ],
+        "max_steps": 40,
+    }
+    model, metrics = run(tiny_dir, tmp_path, **settings)
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert not lm_calls and len(losses) == 40
+    assert sum(losses[-8:]) < 0.8 * sum(losses[:8])  # the first pass over the 64 images vs the fifth
+    for part in ("vision_tower", "projector"):
+        before, after = state(getattr(base, part)), state(getattr(model, part))
+        assert any(not torch.equal(before[k], after[k]) for k in before), f"{part} did not train"
+    lm_before, lm_after = state(base.language_model), state(model.language_model)
+    assert all(torch.equal(lm_before[k], lm_after[k]) for k in lm_before)
+    with pytest.raises(MmllmError, match="contrastive_weight"):
+        run(tiny_dir, tmp_path / "nothing", language_loss_weight=0.0)

@@ -96,6 +96,10 @@ class TrainConfig:
     """Recompute LM activations in the backward pass to save memory."""
     contrastive_weight: float = 0.0
     """Weight of the CLIP-style image-text contrastive loss on projector outputs (0: off)."""
+    language_loss_weight: float = 1.0
+    """Weight of the LM's next-token loss. 0 with contrastive_weight > 0: a contrastive-only stage that
+    trains the vision tower and projector against the LM's frozen token embeddings with no LM forward
+    (LiT-style: the embedding table is the locked text tower); one process only."""
     seed: int = 0
     """Seed for initialisation, data order and dropout."""
     output_dir: str = "runs/mmllm"

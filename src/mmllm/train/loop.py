@@ -125,6 +125,10 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     if total <= 0:
         raise MmllmError("set max_steps: a streamed dataset has no length to derive steps from")
+    if not cfg.language_loss_weight and (not cfg.contrastive_weight or accelerator.num_processes > 1):
+        raise MmllmError(
+            "language_loss_weight: 0 needs contrastive_weight > 0 and one process (DDP syncs in LM forward)"
+        )
     end = min(total, cfg.stop_after) if cfg.stop_after > 0 else total
 
     optimizer = torch.optim.AdamW(
@@ -176,15 +180,20 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
         for i, batch in enumerate(micro):
             sync = i == len(micro) - 1
             with nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                # The LM divides its summed token loss by this: see the module docstring.
-                output = model(**batch, num_items_in_batch=global_tokens / accelerator.num_processes)
-                loss = output.loss
+                loss = torch.zeros((), device=accelerator.device)
+                if cfg.language_loss_weight:
+                    # The LM divides its summed token loss by this: see the module docstring.
+                    output = model(**batch, num_items_in_batch=global_tokens / accelerator.num_processes)
+                    loss = cfg.language_loss_weight * output.loss
+                    loss_sum += output.loss.detach() * global_tokens / accelerator.num_processes
                 if cfg.contrastive_weight:
-                    loss = loss + cfg.contrastive_weight * contrastive_loss(
-                        accelerator.unwrap_model(model), batch
+                    aligned = contrastive_loss(
+                        accelerator.unwrap_model(model), batch, ignore_ids=processor.stop_token_ids
                     ) / len(micro)
+                    loss = loss + cfg.contrastive_weight * aligned
+                    if not cfg.language_loss_weight:  # the reported loss is the contrastive one
+                        loss_sum += aligned.detach() * global_tokens
             accelerator.backward(loss)
-            loss_sum += output.loss.detach() * global_tokens / accelerator.num_processes
             window_tokens += int(batch["attention_mask"].sum())
         grad_norm = accelerator.clip_grad_norm_(trainable, cfg.optim.grad_clip or float("inf"))
         if torch.isfinite(grad_norm) or accelerator.scaler is not None:
