@@ -1,7 +1,8 @@
 """CPU inference against the physical limit: one table for every way mmllm can run a model.
 
-For each variant — PyTorch fp32 / bf16 / int8 (torchao weight-only and dynamic), ONNX Runtime, plain
-transformers `generate`, and llama.cpp (llama-cpp-python) on the same LM as GGUF — a fresh process
+For each variant — PyTorch fp32 / bf16 / int8 (torchao weight-only and dynamic), ONNX Runtime (fp32,
+and int8 `MatMulNBits`), plain transformers `generate`, and llama.cpp (llama-cpp-python) on the same
+LM as GGUF (f16, and Q8_0 quantised by llama.cpp itself) — a fresh process
 measures time to first token (1 image + a 20-token question), decode tokens/s and peak RSS. Decode
 on a CPU is memory-bound: each token reads every weight once, so its ceiling is the memory bandwidth
 (measured in the same run) divided by the bytes of weights read per token: the roofline.
@@ -28,7 +29,17 @@ from common import report
 from PIL import Image
 
 QUESTION = "Which shapes and colours do you see in this picture, and where exactly are they placed?"
-VARIANTS = ("fp32", "bf16", "int8-weight-only", "int8-dynamic", "onnx", "transformers", "llama.cpp")
+VARIANTS = (
+    "fp32",
+    "bf16",
+    "int8-weight-only",
+    "int8-dynamic",
+    "onnx",
+    "onnx-int8",
+    "transformers",
+    "llama.cpp",
+    "llama.cpp-q8_0",
+)
 
 
 def memory_bandwidth(gigabytes: float = 0.5, reps: int = 5) -> float:
@@ -81,13 +92,13 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
 
     messages = [{"role": "user", "content": QUESTION}]
     settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True)
-    if variant == "llama.cpp":
-        run, size = _llama_cpp(model_name, tokens, export_dir)
-    elif variant == "onnx":
+    if variant.startswith("llama.cpp"):
+        run, size = _llama_cpp(model_name, tokens, export_dir / GGUF[variant])
+    elif variant.startswith("onnx"):
         from mmllm.export.onnx import OnnxPipeline
 
-        onnx = OnnxPipeline.load(export_dir / "onnx")
-        size = (export_dir / "onnx" / "decoder.onnx").stat().st_size
+        onnx = OnnxPipeline.load(export_dir / variant)
+        size = sum(f.stat().st_size for f in (export_dir / variant).glob("decoder.onnx*"))
 
         def run():
             marks, start = [], time.perf_counter()
@@ -148,7 +159,10 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
     return {"ttft_ms": 1000 * first, "decode_tok_s": decode, "weight_bytes": size}
 
 
-def _llama_cpp(model_name: str, tokens: int, export_dir: Path):
+GGUF = {"llama.cpp": "model-f16.gguf", "llama.cpp-q8_0": "model-q8_0.gguf"}
+
+
+def _llama_cpp(model_name: str, tokens: int, path: Path):
     """The LM alone (llama.cpp has no path for our vision tower): a prompt of the same token count."""
     from llama_cpp import Llama
 
@@ -157,7 +171,6 @@ def _llama_cpp(model_name: str, tokens: int, export_dir: Path):
     processor = load_processor(model_name)
     prompt = processor.encode_text([{"role": "user", "content": "<image>\n" + QUESTION}], 1)["input_ids"]
     prompt = [t if t != processor.image_token_id else processor.tokenizer.pad_token_id for t in prompt]
-    path = export_dir / "model.gguf"
     llm = Llama(str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False)
 
     def run():
@@ -177,16 +190,22 @@ def prepare(model_name: str, export_dir: Path, variants: list[str]) -> list[str]
     from mmllm.export.gguf import export_gguf
     from mmllm.export.onnx import export_onnx
 
-    if "onnx" in variants:
-        export_onnx(model_name, export_dir / "onnx")
-    if "llama.cpp" in variants:
+    for variant in variants:
+        if variant.startswith("onnx"):
+            export_onnx(model_name, export_dir / variant, "int8" if variant.endswith("int8") else "fp32")
+    if any(v.startswith("llama.cpp") for v in variants):
         try:
-            import llama_cpp  # noqa: F401
+            import llama_cpp
         except ImportError:
             print("llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python); skipped")
-            variants = [v for v in variants if v != "llama.cpp"]
-        else:
-            export_gguf(model_name, export_dir / "model.gguf", "f16")
+            return [v for v in variants if not v.startswith("llama.cpp")]
+        f16 = export_gguf(model_name, export_dir / GGUF["llama.cpp"], "f16")
+        if "llama.cpp-q8_0" in variants:  # quantised by llama.cpp's own quantiser, as `llama-quantize` does
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+            out = str(export_dir / GGUF["llama.cpp-q8_0"]).encode()
+            if llama_cpp.llama_model_quantize(str(f16).encode(), out, params) != 0:
+                raise RuntimeError("llama.cpp could not quantise the GGUF to Q8_0")
     return variants
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from conftest import make_tiny
 from mmllm.errors import MmllmError
@@ -118,6 +121,44 @@ def test_onnx_export_matches_pytorch_logits_and_greedy_answers(tmp_path, images)
     settings = GenerationSettings(max_new_tokens=12)
     assert onnx.generate(conversations, pictures, settings) == Pipeline(model, processor).generate(
         conversations, pictures, settings
+    )
+
+
+def test_onnx_int8_decoder_is_a_quarter_of_the_bytes_and_answers_alike(tmp_path, images):
+    from mmllm.export.onnx import OnnxPipeline, export_onnx
+    from mmllm.pipeline import GenerationSettings
+
+    model, processor = make_tiny("qwen2", lm_init_std=0.3)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    decoder_bytes = {}
+    logits = {}
+    for weights in ("fp32", "int8"):
+        folder = export_onnx(str(tmp_path / "model"), tmp_path / weights, weights)
+        graph = onnx.load(str(folder / "decoder.onnx")).graph
+        decoder_bytes[weights] = sum(numpy_helper.to_array(t).nbytes for t in graph.initializer)
+        pipeline = OnnxPipeline.load(folder)
+        embeds, mask = pipeline.prompt_embeddings([QUESTION], [[images[0]]])
+        cache = {
+            i.name: np.zeros([1, *i.shape[1:2], 0, *i.shape[3:]], np.float32)
+            for i in pipeline.decoder.get_inputs()[3:]
+        }
+        inputs = {
+            "inputs_embeds": embeds,
+            "attention_mask": mask,
+            "position_ids": mask.cumsum(1) - 1,
+            **cache,
+        }
+        logits[weights] = torch.from_numpy(pipeline.decoder.run(None, inputs)[0][0])
+    ops = {
+        node.op_type
+        for node in onnx.load(str(tmp_path / "int8" / "decoder.onnx"), load_external_data=False).graph.node
+    }
+    assert "MatMulNBits" in ops
+    assert decoder_bytes["int8"] < 0.4 * decoder_bytes["fp32"]
+    assert torch.nn.functional.cosine_similarity(logits["fp32"], logits["int8"], dim=0) > 0.99
+    assert OnnxPipeline.load(tmp_path / "int8").ask(
+        images[0], "What is it?", GenerationSettings(max_new_tokens=4)
     )
 
 

@@ -220,7 +220,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     elif args.format == "onnx":
         from mmllm.export.onnx import export_onnx
 
-        out = export_onnx(args.model, args.out)
+        out = export_onnx(args.model, args.out, args.weights)
     elif args.format == "gguf":
         from mmllm.export.gguf import export_gguf
 
@@ -393,6 +393,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="weight-only",
         choices=("weight-only", "dynamic"),
         help="int8: weight-only (float activations) or dynamic (int8 activations too)",
+    )
+    export.add_argument(
+        "--weights",
+        default="fp32",
+        choices=("fp32", "int8"),
+        help="onnx: decoder weights; int8 = onnxruntime MatMulNBits (8-bit blocks of 32, int8 CPU kernels)",
     )
     export.add_argument("--outtype", default="f16", choices=("f16", "f32"), help="gguf: weight precision")
     export.add_argument(
