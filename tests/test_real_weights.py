@@ -8,6 +8,7 @@ import pytest
 
 from mmllm.cli import main
 from mmllm.pipeline import GenerationSettings, Pipeline
+from mmllm.processor import ALIGN_TEMPLATE
 
 pytestmark = pytest.mark.slow
 
@@ -46,26 +47,27 @@ def test_cli_ask_and_info_on_real_weights(capsys):
 
 
 def test_easyvqa_recipes_train_both_stages_on_real_smollm2(tmp_path, capsys):
-    """Stage 1 (plain format, colour/shape questions) then stage 2 from its output, a few steps each."""
+    """Stage 0 (contrastive, no LM forward) then stage 1 from its output, a few steps each."""
     configs = Path(__file__).resolve().parents[1] / "configs"
     common = ["max_steps=2", "data.batch_size=2", "data.num_workers=0", "eval_data.datasets=[]"]
-    stage1 = [
+    stage0 = [
         *common,
         "data.datasets=[{format: easy-vqa, split: train, per_image: true, limit: 4,"
         " answer_types: [color, shape]}]",
-        f"output_dir={tmp_path / 'stage1'}",
+        f"output_dir={tmp_path / 'stage0'}",
     ]
-    assert main(["train", str(configs / "easyvqa_align.yaml"), *stage1]) == 0
-    stage2 = [
+    assert main(["train", str(configs / "easyvqa_vision.yaml"), *stage0]) == 0
+    stage1 = [
         *common,
         "data.datasets=[{format: easy-vqa, split: train, per_image: true, limit: 4}]",
-        f"init_from={tmp_path / 'stage1' / 'model'}",
-        f"output_dir={tmp_path / 'stage2'}",
+        f"init_from={tmp_path / 'stage0' / 'model'}",
+        f"output_dir={tmp_path / 'stage1'}",
     ]
-    assert main(["train", str(configs / "easyvqa_smollm2.yaml"), *stage2]) == 0
-    pipeline = Pipeline.load(str(tmp_path / "stage2" / "model"), device="cpu")
+    assert main(["train", str(configs / "easyvqa_smollm2.yaml"), *stage1]) == 0
+    pipeline = Pipeline.load(str(tmp_path / "stage1" / "model"), device="cpu")
     assert pipeline.model.config.trained_parts == ["language_model", "projector", "vision_tower"]
     assert pipeline.model.has_lora and pipeline.model.config.vision_feature_mode == "patch"
+    assert pipeline.processor.template == ALIGN_TEMPLATE  # it answers in the format it was trained on
     answer = pipeline.ask("sample:coffee", "What shape?", GenerationSettings(max_new_tokens=4))
     assert isinstance(answer, str)
 
