@@ -233,6 +233,9 @@ def test_easy_vqa_package(tmp_path):
     test = samples(DatasetSpec("easy-vqa", split="test"))
     assert len(test) == 9673
     assert Counter(s.meta["answer_type"] for s in test)["yes/no"] == 7136
+    templates = Counter(s.meta["question_type"] for s in test)
+    assert len(templates) == 24 and templates["is no COLOR shape present?"] == 689
+    assert templates["does the image not contain a SHAPE?"] == 238
     grouped = samples(DatasetSpec("easy-vqa", split="test", per_image=True))
     assert len(grouped) == 1000 and sum(len(s.conversation) for s in grouped) == 2 * 9673
     open_questions = samples(DatasetSpec("easy-vqa", split="test", answer_types=["color", "shape"]))

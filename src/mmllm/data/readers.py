@@ -11,6 +11,7 @@ import glob
 import io
 import json
 import random
+import re
 import tarfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
@@ -25,6 +26,9 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 YES_NO = {"yes", "no"}
 EASY_VQA_COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
+_EASY_VQA_SLOTS = {color: "COLOR" for color in EASY_VQA_COLORS} | {
+    shape: "SHAPE" for shape in ("circle", "rectangle", "triangle")
+}
 
 
 def _load_json(path: Path) -> Any:
@@ -223,6 +227,11 @@ def easy_vqa_answer_type(answer: str) -> str:
     return "color" if answer in EASY_VQA_COLORS else "shape"
 
 
+def easy_vqa_question_type(question: str) -> str:
+    """The question's template, its colour and shape words replaced: "is there not a COLOR shape?"."""
+    return re.sub(r"[a-z]+", lambda m: _EASY_VQA_SLOTS.get(m.group(), m.group()), question)
+
+
 def read_easy_vqa(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
     """easy-VQA from its PyPI package (`pip install easy-vqa`): 64x64 shapes, 13 one-word answers."""
     try:
@@ -242,6 +251,7 @@ def read_easy_vqa(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
                 "answer": answer,
                 "answers": [answer],
                 "answer_type": easy_vqa_answer_type(answer),
+                "question_type": easy_vqa_question_type(question),
             },
         )
         for n, (question, answer, image_id) in enumerate(zip(questions, answers, image_ids, strict=True))

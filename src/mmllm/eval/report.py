@@ -23,11 +23,12 @@ def _markdown(report: dict[str, Any]) -> str:
     for key, value in metrics.items():
         if not isinstance(value, dict):
             lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
-    if "per_answer_type" in metrics:
-        lines += ["", "| answer type | score | count |", "|---|---|---|"]
-        for kind, row in metrics["per_answer_type"].items():
-            score = next(v for k, v in row.items() if k != "count")
-            lines.append(f"| {kind} | {score:.4f} | {row['count']} |")
+    for grouping in ("answer_type", "question_type"):
+        if f"per_{grouping}" in metrics:
+            lines += ["", f"| {grouping.replace('_', ' ')} | score | count |", "|---|---|---|"]
+            for kind, row in metrics[f"per_{grouping}"].items():
+                score = next(v for k, v in row.items() if k != "count")
+                lines.append(f"| {kind} | {score:.4f} | {row['count']} |")
     if "confusion" in metrics:
         labels = sorted(metrics["confusion"])
         lines += [
