@@ -80,3 +80,25 @@ def test_hub_only_language_model_offline_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MmllmError, match="need the Hugging Face hub"):
         build_model(ModelConfig(lm="phi-3.5-mini-instruct"))
+
+
+def test_shipped_models_resolve_by_name_and_default_falls_back(parts, tmp_path, monkeypatch, caplog):
+    from mmllm.models import build
+
+    model, processor = build_model(ModelConfig(lm=str(parts / "lm"), vision=str(parts / "clip")))
+    model.save_pretrained(tmp_path / "mine" / "mmllm-easyvqa", parts=["projector"])
+    processor.save_pretrained(tmp_path / "mine" / "mmllm-easyvqa")
+    monkeypatch.setenv("MMLLM_MODELS", str(tmp_path / "mine"))
+    found = str(tmp_path / "mine" / "mmllm-easyvqa")
+    assert build.resolve_model_name("mmllm-easyvqa") == found  # $MMLLM_MODELS comes first
+    assert build.resolve_model_name("default") == found
+    assert build.resolve_model_name(str(parts / "lm")) == str(parts / "lm")  # anything else: as given
+    loaded, _ = load_model("mmllm-easyvqa")
+    torch.testing.assert_close(loaded.projector.state_dict(), model.projector.state_dict())
+    # Nowhere to be found: the name is an error, `default` the untrained stack with a warning.
+    monkeypatch.setattr(build, "shipped_model_roots", lambda: [tmp_path / "empty"])
+    with pytest.raises(MmllmError, match="MMLLM_MODELS"):
+        build.resolve_model_name("mmllm-easyvqa")
+    with caplog.at_level(logging.WARNING, logger="mmllm"):
+        assert build.resolve_model_name("default") == "default"
+    assert "untrained default stack" in caplog.text

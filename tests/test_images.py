@@ -74,6 +74,19 @@ def test_bad_inputs_have_clear_errors(tmp_path):
         load_image(tmp_path)
 
 
+def test_sample_references_name_scikit_image_photos_and_easy_vqa_images():
+    import easy_vqa
+
+    assert load_image("sample:coffee").size == (600, 400)
+    image = load_image("sample:easy-vqa-test-17")
+    assert image.size == (64, 64)
+    assert image.tobytes() == load_image(easy_vqa.get_test_image_paths()[17]).tobytes()
+    with pytest.raises(MmllmError, match=r"images 0\.\.999, not 5000"):
+        load_image("sample:easy-vqa-test-5000")
+    with pytest.raises(MmllmError, match="easy-vqa-test-N"):
+        load_image("sample:nonsense")
+
+
 def test_decompression_bomb_is_refused():
     side = int(MAX_IMAGE_PIXELS**0.5) + 10
     bomb = encode(Image.new("1", (side, side)))  # ~64 Mpx that compress to a few kB

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,9 +72,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def sample_image(name: str) -> Image.Image:
-    """A sample photo from scikit-image (`pip install mmllm[samples]`)."""
+    """A sample photo from scikit-image (`pip install mmllm[samples]`), or an easy-VQA image by split
+    and id (`easy-vqa-test-17`, from the `easy-vqa` package): what the shipped model was trained on."""
+    if match := re.fullmatch(r"easy-vqa-(train|test)-(\d+)", name):
+        try:
+            import easy_vqa
+        except ImportError:
+            raise MmllmError("easy-VQA images need the easy-vqa package: pip install easy-vqa==1.0") from None
+        paths = getattr(easy_vqa, f"get_{match[1]}_image_paths")()
+        if int(match[2]) not in paths:
+            raise MmllmError(f"easy-VQA {match[1]} has images 0..{len(paths) - 1}, not {match[2]}")
+        return load_image(paths[int(match[2])])
     if name not in SAMPLES:
-        raise MmllmError(f"unknown sample image '{name}'; choose from {', '.join(SAMPLES)}")
+        raise MmllmError(
+            f"unknown sample image '{name}'; choose {', '.join(SAMPLES)}, easy-vqa-test-N or easy-vqa-train-N"
+        )
     try:
         from skimage import data
     except ImportError:
