@@ -20,8 +20,8 @@ install-dev: $(BIN)/python
 	$(BIN)/pip install --quiet -e ".[dev]"
 
 demo: install
-	$(BIN)/mmllm weights install qwen2.5-0.5b-instruct
-	$(BIN)/mmllm ask sample:chelsea "What is in this image?"
+	$(BIN)/mmllm weights install smollm2-135m-instruct
+	$(BIN)/mmllm ask sample:easy-vqa-test-0 "what is the color of the shape?"
 
 test: install-dev
 	$(BIN)/pytest -m "not slow"

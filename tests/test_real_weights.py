@@ -99,3 +99,26 @@ def test_gguf_export_of_real_smollm2_answers_like_the_original(tmp_path, capsys)
     )
     output = model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert "Paris" in tokenizer.decode(output[0, prompt["input_ids"].shape[1] :])
+
+
+def test_shipped_default_model_sees_easy_vqa_images(capsys):
+    """The README's main command, then 100 test questions (every 97th): the shipped model must see."""
+    import easy_vqa
+
+    from mmllm.eval.vqa import exact_match
+
+    assert main(["weights", "install", "smollm2-135m-instruct"]) == 0
+    assert main(["ask", "sample:easy-vqa-test-0", "what is the color of the shape?"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "red"  # a red triangle
+    pipeline = Pipeline.load("default", device="cpu")
+    assert pipeline.model.config.trained_parts == ["language_model", "projector", "vision_tower"]
+    questions, answers, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    picked = range(0, len(questions), 97)
+    predictions = pipeline.generate(
+        [[{"role": "user", "content": "<image>\n" + questions[i]}] for i in picked],
+        [[paths[image_ids[i]]] for i in picked],
+        GenerationSettings(max_new_tokens=4),
+    )
+    right = sum(exact_match(p, answers[i]) for p, i in zip(predictions, picked, strict=True))
+    assert right >= 90, f"{right}/100"
