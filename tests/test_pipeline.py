@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import make_tiny
 from mmllm.pipeline import GenerationSettings, Pipeline
@@ -53,6 +54,13 @@ def test_follow_up_questions_reuse_cached_image_features(pipeline, images):
     pipeline.generate(QUESTIONS[1:], [[images[0]]], GenerationSettings(max_new_tokens=2))
     pipeline.generate(QUESTIONS, [[images[0]], [images[1]]], GenerationSettings(max_new_tokens=2))
     assert calls == [1, 1]  # the first image once, the second image once
+
+
+def test_a_batch_with_more_images_than_the_feature_cache_holds(images):
+    small = Pipeline(*make_tiny("qwen2", lm_init_std=0.3), feature_cache_size=1)
+    features = small.image_features([images[0], images[1], images[0]])  # (3, N, D_v)
+    assert torch.equal(features[0], features[2]) and not torch.equal(features[0], features[1])
+    assert len(small.features.entries) == 1
 
 
 def test_ignore_eos_generates_exactly_max_new_tokens(pipeline, images):

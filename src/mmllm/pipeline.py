@@ -182,12 +182,14 @@ class Pipeline:
         """(I, N, D_v) vision features, served from the LRU cache when an image was seen before."""
         loaded = [load_image(image) for image in images]
         keys = [hashlib.sha256(image.tobytes() + str(image.size).encode()).hexdigest() for image in loaded]
-        missing = [i for i, key in enumerate(keys) if self.features.get(key) is None]
+        found = {key: self.features.get(key) for key in keys}
+        missing = [i for i, key in enumerate(keys) if found[key] is None]
         if missing:
             pixels = self.processor.image_processor([loaded[i] for i in missing]).to(self.model.device)
             for i, features in zip(missing, self.model.get_image_features(pixels), strict=True):
-                self.features.put(keys[i], features)
-        return torch.stack([self.features.get(key) for key in keys])
+                found[keys[i]] = features
+                self.features.put(keys[i], features)  # a batch larger than the cache still gets all
+        return torch.stack([found[key] for key in keys])
 
     def _inputs(self, conversations: list[list[Message]], images: list[list[ImageInput]] | None) -> dict:
         images = images or [[] for _ in conversations]
