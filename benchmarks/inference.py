@@ -7,7 +7,10 @@ measures time to first token (1 image + a 20-token question), decode tokens/s an
 on a CPU is memory-bound: each token reads every weight once, so its ceiling is the memory bandwidth
 (measured in the same run) divided by the bytes of weights read per token: the roofline.
 
-    python benchmarks/inference.py [--model default] [--tokens 32] [--reps 3] [--quick]
+    python benchmarks/inference.py [--model qwen2.5-0.5b-instruct] [--tokens 32] [--reps 3] [--quick]
+
+The llama.cpp rows need `llama-cpp-python`, built from its PyPI sdist (`CMAKE_ARGS=-DGGML_NATIVE=ON
+pip install llama-cpp-python`: over an hour on 2 busy cores, so it is not in the dev extra).
 """
 
 from __future__ import annotations
@@ -213,7 +216,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="default")
+    parser.add_argument(
+        "--model",
+        default="qwen2.5-0.5b-instruct",
+        help="the LM (wrapped with the default vision tower) or a saved model",
+    )
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--variants", default=",".join(VARIANTS))
