@@ -480,3 +480,23 @@ def test_augmentation_is_off_by_default_and_varies_images_when_on(folder):
     assert len(outputs) == 4
     unflipped = AugmentConfig(enabled=True, crop_scale=1.0)
     assert augment(image, unflipped, random.Random(0)).tobytes() == image.tobytes()
+
+
+def test_flips_and_quarter_turns_give_the_eight_symmetries_of_the_square():
+    import random
+
+    import numpy as np
+
+    from mmllm.data.augment import augment
+    from mmllm.data.config import AugmentConfig
+
+    pixels = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)  # every pixel distinct
+    image = Image.fromarray(pixels)
+    symmetric = AugmentConfig(enabled=True, crop_scale=1.0, hflip=True, vflip=True, rot90=True)
+    views = {augment(image, symmetric, random.Random(seed)).tobytes() for seed in range(200)}
+    expected = {
+        np.ascontiguousarray(np.rot90(flipped, turns)).tobytes()
+        for flipped in (pixels, pixels[:, ::-1])
+        for turns in range(4)
+    }
+    assert views == expected

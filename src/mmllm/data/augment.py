@@ -8,6 +8,8 @@ from PIL import Image, ImageEnhance
 
 from mmllm.data.config import AugmentConfig
 
+QUARTER_TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180, 3: Image.Transpose.ROTATE_270}
+
 
 def augment(image: Image.Image, cfg: AugmentConfig, rng: random.Random) -> Image.Image:
     if not cfg.enabled:
@@ -21,6 +23,10 @@ def augment(image: Image.Image, cfg: AugmentConfig, rng: random.Random) -> Image
         image = image.crop((left, top, left + width, top + height))
     if cfg.hflip and rng.random() < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if cfg.vflip and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    if cfg.rot90 and (turns := rng.randrange(4)):
+        image = image.transpose(QUARTER_TURNS[turns])
     if cfg.jitter > 0:
         image = ImageEnhance.Brightness(image).enhance(1 + rng.uniform(-cfg.jitter, cfg.jitter))
         image = ImageEnhance.Contrast(image).enhance(1 + rng.uniform(-cfg.jitter, cfg.jitter))

@@ -50,6 +50,11 @@ class AugmentConfig:
     """Random resized crop keeps at least this fraction of the image area (1.0: no crop)."""
     hflip: bool = False
     """Mirror images half of the time (wrong for left/right questions)."""
+    vflip: bool = False
+    """Flip images upside down half of the time (wrong for above/below questions)."""
+    rot90: bool = False
+    """Turn images by a random multiple of 90 degrees (wrong for orientation questions; with both flips,
+    all eight symmetries of the square: 8x the views of a small dataset whose answers survive them)."""
     jitter: float = 0.0
     """Brightness/contrast jitter strength, 0..1 (wrong for colour questions)."""
 
