@@ -500,3 +500,27 @@ def test_flips_and_quarter_turns_give_the_eight_symmetries_of_the_square():
         for turns in range(4)
     }
     assert views == expected
+
+
+def test_question_case_augmentation_capitalises_user_turns_only():
+    import random
+
+    from mmllm.data.augment import augment_questions
+    from mmllm.data.config import AugmentConfig
+
+    conversation = [
+        {"role": "user", "content": "<image>\nwhat is the shape?"},
+        {"role": "assistant", "content": "circle"},
+        {"role": "user", "content": "is it red?"},
+    ]
+    assert augment_questions(conversation, AugmentConfig(enabled=True), random.Random(0)) is conversation
+    always = AugmentConfig(enabled=True, capitalize=1.0)
+    assert augment_questions(conversation, always, random.Random(0)) == [
+        {"role": "user", "content": "<image>\nWhat is the shape?"},
+        {"role": "assistant", "content": "circle"},
+        {"role": "user", "content": "Is it red?"},
+    ]
+    assert conversation[0]["content"] == "<image>\nwhat is the shape?"  # the sample itself is untouched
+    half = AugmentConfig(enabled=True, capitalize=0.5)
+    firsts = {augment_questions(conversation, half, random.Random(s))[2]["content"][0] for s in range(20)}
+    assert firsts == {"i", "I"}

@@ -58,6 +58,9 @@ def test_llava_hf_export_refuses_other_designs(tmp_path):
     model, processor = make_tiny("qwen2", feature_mode="pooled", projector="mlp_ln")
     with pytest.raises(MmllmError, match="patch features and the mlp_gelu projector"):
         to_llava(model, processor)
+    model, processor = make_tiny("qwen2", feature_mode="patch", projector="mlp_gelu", vision_pixel_shuffle=2)
+    with pytest.raises(MmllmError, match="cannot carry vision_pixel_shuffle"):
+        to_llava(model, processor)
 
 
 @pytest.mark.parametrize("scheme", ["weight-only", "dynamic"])
@@ -93,11 +96,14 @@ def test_int8_export_loads_as_int8_and_answers_like_fp32(tmp_path, images, schem
     assert torch.nn.functional.cosine_similarity(reference, logits, dim=0) > 0.98  # activations int8 too
 
 
-def test_onnx_export_matches_pytorch_logits_and_greedy_answers(tmp_path, images):
+@pytest.mark.parametrize("pixel_shuffle", [1, 2])
+def test_onnx_export_matches_pytorch_logits_and_greedy_answers(tmp_path, images, pixel_shuffle):
     from mmllm.export.onnx import OnnxPipeline, export_onnx
     from mmllm.pipeline import GenerationSettings, Pipeline
 
-    model, processor = make_tiny("qwen2", feature_mode="patch", lm_init_std=0.3)
+    model, processor = make_tiny(
+        "qwen2", feature_mode="patch", lm_init_std=0.3, vision_pixel_shuffle=pixel_shuffle
+    )
     source = tmp_path / "model"
     model.save_pretrained(source)
     processor.save_pretrained(source)

@@ -129,6 +129,37 @@ def test_feature_modes_set_placeholder_count(images, mode, use_cls, tokens):
     assert model(**batch).logits.shape[1] == batch["input_ids"].shape[1]
 
 
+def test_pixel_shuffle_merges_neighbouring_patches_into_fewer_wider_tokens(images, tmp_path):
+    from mmllm.models.vision import pixel_shuffle
+
+    # A 4x4 grid whose token at row r, column c holds the number 10r + c.
+    grid = torch.tensor([[10.0 * r + c] for r in range(4) for c in range(4)]).unsqueeze(0)  # (1, 16, 1)
+    merged = pixel_shuffle(grid, 2)  # (1, 4, 4)
+    assert merged[0].tolist() == [[0, 1, 10, 11], [2, 3, 12, 13], [20, 21, 30, 31], [22, 23, 32, 33]]
+
+    model, processor = make_tiny("qwen2", feature_mode="patch", vision_pixel_shuffle=2)
+    assert model.config.num_image_tokens == processor.num_image_tokens == 4  # 16 patches / 2^2
+    batch = processor([QUESTION], [[images[0]]])
+    assert model.get_image_features(batch["pixel_values"]).shape == (1, 4, 4 * 32)
+    model.save_pretrained(tmp_path)
+    loaded = MultimodalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.vision_pixel_shuffle == 2
+    torch.testing.assert_close(model(**batch).logits, loaded(**batch).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"feature_mode": "pooled", "vision_pixel_shuffle": 2}, "with patch features"),
+        ({"feature_mode": "patch", "vision_pixel_shuffle": 3}, "4x4 grid"),
+        ({"feature_mode": "patch", "vision_pixel_shuffle": 2, "vision_use_cls": True}, "without CLS"),
+    ],
+)
+def test_pixel_shuffle_that_cannot_apply_is_refused(extra, message):
+    with pytest.raises(ValueError, match=message):
+        make_tiny("qwen2", **extra)
+
+
 def test_placeholder_feature_mismatch_raises(images):
     model, processor = make_tiny("qwen2", feature_mode="patch")
     batch = processor([QUESTION], [[images[0]]])

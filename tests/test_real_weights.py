@@ -59,7 +59,7 @@ def test_easyvqa_recipes_train_both_stages_on_real_smollm2(tmp_path, capsys):
     assert main(["train", str(configs / "easyvqa_vision.yaml"), *stage0]) == 0
     stage1 = [
         *common,
-        "data.datasets=[{format: easy-vqa, split: train, per_image: true, limit: 4}]",
+        "data.datasets=[{format: easy-vqa, split: train, limit: 4}]",
         f"init_from={tmp_path / 'stage0' / 'model'}",
         f"output_dir={tmp_path / 'stage1'}",
     ]
@@ -67,6 +67,7 @@ def test_easyvqa_recipes_train_both_stages_on_real_smollm2(tmp_path, capsys):
     pipeline = Pipeline.load(str(tmp_path / "stage1" / "model"), device="cpu")
     assert pipeline.model.config.trained_parts == ["language_model", "projector", "vision_tower"]
     assert pipeline.model.has_lora and pipeline.model.config.vision_feature_mode == "patch"
+    assert pipeline.model.config.num_image_tokens == 16  # 8x8 patches merged 2x2
     assert pipeline.processor.template == ALIGN_TEMPLATE  # it answers in the format it was trained on
     answer = pipeline.ask("sample:coffee", "What shape?", GenerationSettings(max_new_tokens=4))
     assert isinstance(answer, str)

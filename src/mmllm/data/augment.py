@@ -1,12 +1,15 @@
-"""Train-time image augmentation (off by default), applied to PIL images before CLIP preprocessing."""
+"""Train-time augmentation (off by default): of PIL images before CLIP preprocessing, and of the
+case of questions."""
 
 from __future__ import annotations
 
 import random
+import re
 
 from PIL import Image, ImageEnhance
 
 from mmllm.data.config import AugmentConfig
+from mmllm.processor import Message
 
 QUARTER_TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180, 3: Image.Transpose.ROTATE_270}
 
@@ -31,3 +34,18 @@ def augment(image: Image.Image, cfg: AugmentConfig, rng: random.Random) -> Image
         image = ImageEnhance.Brightness(image).enhance(1 + rng.uniform(-cfg.jitter, cfg.jitter))
         image = ImageEnhance.Contrast(image).enhance(1 + rng.uniform(-cfg.jitter, cfg.jitter))
     return image
+
+
+def augment_questions(conversation: list[Message], cfg: AugmentConfig, rng: random.Random) -> list[Message]:
+    """Upper-case the first letter of user turns (after any image markers) with chance `cfg.capitalize`."""
+    if not (cfg.enabled and cfg.capitalize):
+        return conversation
+    return [
+        {**turn, "content": _FIRST_LETTER.sub(lambda m: m[1] + m[2].upper(), turn["content"], count=1)}
+        if turn["role"] == "user" and rng.random() < cfg.capitalize
+        else turn
+        for turn in conversation
+    ]
+
+
+_FIRST_LETTER = re.compile(r"^((?:\s|<image>)*)([a-z])")

@@ -57,6 +57,9 @@ class AugmentConfig:
     all eight symmetries of the square: 8x the views of a small dataset whose answers survive them)."""
     jitter: float = 0.0
     """Brightness/contrast jitter strength, 0..1 (wrong for colour questions)."""
+    capitalize: float = 0.0
+    """Chance of upper-casing the first letter of each user turn: datasets written in lower case
+    (easy-VQA, VQAv2) otherwise leave a model unsure what "What colour…?", as people type it, means."""
 
 
 @dataclass

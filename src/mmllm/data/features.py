@@ -38,6 +38,7 @@ def encoder_fingerprint(model: MultimodalLM, processor: MultimodalProcessor) -> 
         "mode": config.vision_feature_mode,
         "layer": config.vision_feature_layer,
         "cls": config.vision_use_cls,
+        "pixel_shuffle": config.vision_pixel_shuffle,
         "size": processor.image_processor.size,
         "mean": list(processor.image_processor.mean),
         "std": list(processor.image_processor.std),

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from mmllm.data.augment import augment
+from mmllm.data.augment import augment, augment_questions
 from mmllm.data.config import DataConfig
 from mmllm.data.features import FeatureCache
 from mmllm.data.readers import STREAMED, read
@@ -200,15 +200,18 @@ class Collator:
         encoded, features = [], []
         cached_keys = self._cached_keys(samples, stats)
         for n, sample in enumerate(samples):
+            conversation = sample.conversation
+            if self.train:
+                conversation = augment_questions(conversation, self.cfg.augment, self.rng)
             try:
                 if cached_keys is not None:
-                    item = self.processor.encode_text(sample.conversation, len(sample.images), train=True)
+                    item = self.processor.encode_text(conversation, len(sample.images), train=True)
                     item["cached_features"] = [self.feature_cache.get(k) for k in cached_keys[n]]
                 else:
                     images = [load_image(ref) for ref in sample.images]
                     if self.train and self.cfg.augment.enabled:
                         images = [augment(image, self.cfg.augment, self.rng) for image in images]
-                    item = self.processor.encode(sample.conversation, images, train=True)
+                    item = self.processor.encode(conversation, images, train=True)
             except (MmllmError, OSError) as err:
                 stats["bad images"] += 1
                 bad.append(str(err))

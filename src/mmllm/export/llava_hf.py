@@ -27,6 +27,11 @@ def to_llava(model, processor):
             "llava-hf export needs patch features and the mlp_gelu projector (LLaVA's design); this "
             f"model has {config.vision_feature_mode} features and the {config.projector_type} projector"
         )
+    if config.vision_pixel_shuffle > 1:
+        raise MmllmError(
+            "llava-hf export cannot carry vision_pixel_shuffle (LLaVA feeds every patch token to its "
+            "projector); export this model with `mmllm export onnx` or serve it with mmllm"
+        )
     model.merge_lora()
     text_config = model.language_model.config
     image_token_id = processor.image_token_id

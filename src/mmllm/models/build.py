@@ -67,6 +67,8 @@ class ModelConfig:
     """Vision layer read in `patch` mode (-2: penultimate, as LLaVA)."""
     vision_use_cls: bool = False
     """In `patch` mode, also pass the CLS token."""
+    vision_pixel_shuffle: int = 1
+    """In `patch` mode, merge each f x f block of patch tokens into one (f^2 fewer LM tokens per image)."""
     projector: Literal["mlp_ln", "mlp_gelu"] = "mlp_ln"
     """`mlp_ln`: Linear-ReLU-LayerNorm-Linear (seed design); `mlp_gelu`: LLaVA-1.5's Linear-GELU-Linear."""
 
@@ -83,6 +85,7 @@ def build_model(
         vision_feature_mode=cfg.vision_feature_mode,
         vision_feature_layer=cfg.vision_feature_layer,
         vision_use_cls=cfg.vision_use_cls,
+        vision_pixel_shuffle=cfg.vision_pixel_shuffle,
         projector_type=cfg.projector,
         text_model_name_or_path=cfg.lm,
         vision_model_name_or_path=cfg.vision if tower_pretrained else None,
@@ -137,7 +140,9 @@ def load_processor(name_or_path: str) -> MultimodalProcessor:
     else:
         cfg = ModelConfig() if name_or_path == DEFAULT_MODEL else ModelConfig(lm=name_or_path)
     vision_config, _, _ = load_vision_config(cfg.vision)
-    tokens = num_image_tokens(vision_config, cfg.vision_feature_mode, cfg.vision_use_cls)
+    tokens = num_image_tokens(
+        vision_config, cfg.vision_feature_mode, cfg.vision_use_cls, cfg.vision_pixel_shuffle
+    )
     return MultimodalProcessor(load_tokenizer(cfg.lm), tokens, ImageProcessor(size=vision_config.image_size))
 
 

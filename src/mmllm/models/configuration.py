@@ -29,11 +29,22 @@ CLIP_VIT_B32 = {
 PARTS = ("vision_tower", "projector", "language_model")
 
 
-def num_image_tokens(vision_config: PreTrainedConfig, feature_mode: str, use_cls: bool) -> int:
-    """Placeholder tokens per image: 1 pooled embedding, or one per patch (plus CLS)."""
+def num_image_tokens(
+    vision_config: PreTrainedConfig, feature_mode: str, use_cls: bool, pixel_shuffle: int = 1
+) -> int:
+    """Placeholder tokens per image: 1 pooled embedding, or one per patch (plus CLS), or one per
+    `pixel_shuffle` x `pixel_shuffle` block of patches."""
     if feature_mode == "pooled":
         return 1
-    return (vision_config.image_size // vision_config.patch_size) ** 2 + int(use_cls)
+    grid = vision_config.image_size // vision_config.patch_size
+    if pixel_shuffle > 1:
+        if use_cls or grid % pixel_shuffle:
+            raise ValueError(
+                f"vision_pixel_shuffle={pixel_shuffle} needs patch features without CLS on a patch grid it "
+                f"divides; this tower has a {grid}x{grid} grid{' and CLS' if use_cls else ''}"
+            )
+        return (grid // pixel_shuffle) ** 2
+    return grid**2 + int(use_cls)
 
 
 @strict
@@ -43,6 +54,8 @@ class MultimodalConfig(PreTrainedConfig):
         (hidden states of `vision_feature_layer`, one token per patch: the LLaVA design).
     vision_feature_layer: vision layer read in `patch` mode (-2 = penultimate, as LLaVA).
     vision_use_cls: in `patch` mode, keep the CLS token in front of the patch tokens.
+    vision_pixel_shuffle: in `patch` mode, merge each f x f block of neighbouring patch tokens into
+        one token f^2 times as wide (Idefics3's and nanoVLM's pixel shuffle): f^2 fewer image tokens.
     projector_type: `mlp_ln` (Linear-ReLU-LayerNorm-Linear) or `mlp_gelu` (LLaVA's Linear-GELU-Linear).
     image_token / image_token_id: the placeholder the processor expands to `num_image_tokens` per image.
     text_model_name_or_path / vision_model_name_or_path: where the base weights came from; used to
@@ -66,6 +79,7 @@ class MultimodalConfig(PreTrainedConfig):
     vision_feature_mode: Literal["pooled", "patch"] = "pooled"
     vision_feature_layer: int = -2
     vision_use_cls: bool = False
+    vision_pixel_shuffle: int = 1
     projector_type: Literal["mlp_ln", "mlp_gelu"] = "mlp_ln"
     image_token: str = "<image>"
     image_token_id: int = 0
@@ -84,6 +98,12 @@ class MultimodalConfig(PreTrainedConfig):
             )
         if self.projector_type not in ("mlp_ln", "mlp_gelu"):
             raise ValueError(f"projector_type must be 'mlp_ln' or 'mlp_gelu', got {self.projector_type!r}")
+        shuffle = self.vision_pixel_shuffle
+        if shuffle < 1 or (shuffle > 1 and self.vision_feature_mode != "patch"):
+            raise ValueError(
+                f"vision_pixel_shuffle must be 1, or > 1 with patch features; got {shuffle} "
+                f"with {self.vision_feature_mode} features"
+            )
         for field in ("saved_parts", "trained_parts"):
             unknown = set(getattr(self, field) or ()) - set(PARTS)
             if unknown:
@@ -92,14 +112,16 @@ class MultimodalConfig(PreTrainedConfig):
     @property
     def num_image_tokens(self) -> int:
         """Placeholder tokens per image; the processor and the model both read it from here."""
-        return num_image_tokens(self.vision_config, self.vision_feature_mode, self.vision_use_cls)
+        return num_image_tokens(
+            self.vision_config, self.vision_feature_mode, self.vision_use_cls, self.vision_pixel_shuffle
+        )
 
     @property
     def vision_feature_dim(self) -> int:
         """Width of one vision feature token, i.e. the projector's input."""
         if self.vision_feature_mode == "pooled":
             return self.vision_config.projection_dim
-        return self.vision_config.hidden_size
+        return self.vision_config.hidden_size * self.vision_pixel_shuffle**2
 
 
 __all__ = ["CLIP_VIT_B32", "PARTS", "MultimodalConfig", "num_image_tokens"]

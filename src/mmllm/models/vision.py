@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -26,7 +27,20 @@ def image_features(tower: VisionTower, pixel_values: torch.Tensor, config: Multi
         return tower(pixel_values=pixel_values).image_embeds.unsqueeze(1)  # (I, 1, projection_dim)
     hidden = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
     features = hidden[config.vision_feature_layer]  # (I, 1 + P, hidden_size), CLS first
+    if config.vision_pixel_shuffle > 1:
+        return pixel_shuffle(features[:, 1:], config.vision_pixel_shuffle)
     return features if config.vision_use_cls else features[:, 1:]
+
+
+def pixel_shuffle(features: torch.Tensor, factor: int) -> torch.Tensor:
+    """(I, G*G, D) patch tokens in raster order -> (I, (G/f)^2, f*f*D): each f x f block becomes one token.
+
+    Small patches let a tower trained from scratch see small shapes; merging them afterwards keeps the
+    language model's image tokens (its cost) as few as with large patches.
+    """
+    dim, grid = features.shape[-1], math.isqrt(features.shape[1])
+    blocks = features.reshape(-1, grid // factor, factor, grid // factor, factor, dim)  # (I, g, f, g, f, D)
+    return blocks.permute(0, 1, 3, 2, 4, 5).reshape(-1, (grid // factor) ** 2, factor * factor * dim)
 
 
 def _has_weights(directory: str) -> bool:
