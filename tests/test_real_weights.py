@@ -111,6 +111,9 @@ def test_shipped_default_model_sees_easy_vqa_images(capsys):
     assert main(["weights", "install", "smollm2-135m-instruct"]) == 0
     assert main(["ask", "sample:easy-vqa-test-0", "what is the color of the shape?"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "red"  # a red triangle
+    # As people type it: the training questions were capitalised 30% of the time for this.
+    assert main(["ask", "sample:easy-vqa-test-0", "What shape is in the image?"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == "triangle"
     pipeline = Pipeline.load("default", device="cpu")
     assert pipeline.model.config.trained_parts == ["language_model", "projector", "vision_tower"]
     questions, answers, image_ids = easy_vqa.get_test_questions()
