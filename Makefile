@@ -36,6 +36,7 @@ bench-quick: install-dev
 	$(BIN)/python benchmarks/latency.py --quick
 	$(BIN)/python benchmarks/serve_load.py --quick
 	$(BIN)/python benchmarks/inference.py --quick
+	$(BIN)/python benchmarks/int8_gemv.py --quick
 
 lint: install-dev
 	$(BIN)/ruff check .

@@ -169,6 +169,7 @@ def _llama_cpp(model_name: str, tokens: int, path: Path):
     """The LM alone (llama.cpp has no path for our vision tower): a prompt of the same token count."""
     from llama_cpp import Llama
 
+    from mmllm.export.gguf import bytes_read_per_token
     from mmllm.models.build import load_processor
 
     processor = load_processor(model_name)
@@ -185,7 +186,7 @@ def _llama_cpp(model_name: str, tokens: int, path: Path):
                 break
         return marks[0] - start, marks[-1] - start
 
-    return run, path.stat().st_size
+    return run, bytes_read_per_token(path)
 
 
 def prepare(model_name: str, export_dir: Path, variants: list[str]) -> list[str]:

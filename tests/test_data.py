@@ -245,6 +245,27 @@ def test_easy_vqa_package(tmp_path):
         samples(DatasetSpec("easy-vqa", split="val"))
 
 
+def test_balance_yes_no_removes_the_wording_prior():
+    def answer_counts(questions: list) -> dict[str, Counter]:
+        counts: dict[str, Counter] = {}
+        for s in questions:
+            counts.setdefault(s.meta["question_type"], Counter())[s.meta["answer"]] += 1
+        return counts
+
+    test = samples(DatasetSpec("easy-vqa", split="test"))
+    before = answer_counts(test)
+    # easy-VQA asks mostly about colours the shape does not have: the wording alone gives "no".
+    assert before["is there a COLOR shape?"]["no"] > 4 * before["is there a COLOR shape?"]["yes"]
+    balanced = samples(DatasetSpec("easy-vqa", split="test", balance_yes_no=True))
+    after = answer_counts(balanced)
+    for template, counts in after.items():
+        if set(counts) <= {"yes", "no"}:
+            assert counts["yes"] == counts["no"] == max(before[template].values()), template
+        else:  # open questions are left as they are
+            assert counts == before[template]
+    assert {s.id for s in balanced} == {s.id for s in test}  # repeats, nothing made up
+
+
 def test_custom_jsonl_forms(folder, tmp_path):
     lines = [
         {"image": "img0.png", "question": "Colour?", "answers": ["red", "red", "pink"]},

@@ -9,6 +9,8 @@ import pytest
 
 from conftest import make_tiny
 from mmllm.cli import main
+from mmllm.eval.report import write_report
+from mmllm.eval.runner import metrics_from_predictions
 from mmllm.eval.vqa import exact_match, normalize_answer, token_f1, vqa_accuracy
 
 
@@ -226,3 +228,33 @@ def test_missing_java_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(MmllmError, match="need Java"):
         caption_metrics({"1": "a cat"}, {"1": ["a cat"]})
+
+
+def test_yes_no_by_true_answer_exposes_a_model_that_reads_only_the_wording(tmp_path):
+    def row(question_type: str, truth: str, prediction: str) -> dict:
+        return {"answers": [truth], "prediction": prediction, "question_type": question_type}
+
+    always_no = [row("is there a COLOR shape?", truth, "no") for truth in ["no"] * 8 + ["yes"] * 2]
+    looks = [row("is there not a SHAPE?", "yes", "Yes."), row("is there not a SHAPE?", "no", "yes")]
+    metrics = metrics_from_predictions(
+        "easy-vqa", [*always_no, *looks, row("what color is it?", "red", "red")]
+    )
+    assert metrics["accuracy"] == pytest.approx(10 / 13)
+    sides = metrics["per_question_type_yes_no"]
+    assert set(sides) == {"is there a COLOR shape?", "is there not a SHAPE?"}  # open questions left out
+    assert sides["is there a COLOR shape?"] == {
+        "no": {"accuracy": 1.0, "count": 8},
+        "yes": {"accuracy": 0.0, "count": 2},
+    }
+    assert sides["is there not a SHAPE?"]["yes"]["accuracy"] == 1.0
+    assert sides["is there not a SHAPE?"]["no"]["accuracy"] == 0.0
+    report = {
+        "task": "easy-vqa",
+        "model": "m",
+        "samples": 13,
+        "metrics": metrics,
+        "decoding": {},
+        "timings": {},
+    }
+    write_report(report, [], tmp_path)
+    assert "| is there a COLOR shape? | 0.0000 | 2 | 1.0000 | 8 |" in (tmp_path / "report.md").read_text()

@@ -189,12 +189,16 @@ def test_onnx_backend_from_the_cli(tmp_path, images, capsys):
 def test_gguf_export_round_trips_through_transformers(tmp_path, kind):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mmllm.export.gguf import export_gguf
+    from mmllm.export.gguf import bytes_read_per_token, export_gguf
 
     model, processor = make_tiny(kind, lm_init_std=0.3)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     path = export_gguf(str(tmp_path / "model"), tmp_path / "gguf", outtype="f32")
+    # Decoding reads one row of the embeddings, unless they are the output matrix too (tied: qwen2 here).
+    lm = model.language_model
+    unread = 0 if lm.config.tie_word_embeddings else lm.get_input_embeddings().weight.numel()
+    assert bytes_read_per_token(path) == 4 * (lm.num_parameters() - unread)
 
     text = "What shape is it? It is a blue square."
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -77,6 +77,8 @@ def test_gguf_export_of_real_smollm2_answers_like_the_original(tmp_path, capsys)
     """SmolLM2 came to us as GGUF; our export of it must load back (transformers' GGUF reader) and answer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mmllm.export.gguf import bytes_read_per_token
+
     assert (
         main(
             [
@@ -92,6 +94,11 @@ def test_gguf_export_of_real_smollm2_answers_like_the_original(tmp_path, capsys)
     )
     tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="smollm2.gguf")
     model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="smollm2.gguf")
+    # Tied embeddings are the output matrix too: every f16/f32 byte is read per token.
+    assert model.config.tie_word_embeddings
+    assert bytes_read_per_token(tmp_path / "smollm2.gguf") == sum(
+        2 * p.numel() if p.ndim == 2 else 4 * p.numel() for p in model.parameters()
+    )
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": CAPITAL}],
         add_generation_prompt=True,

@@ -34,6 +34,10 @@ class DatasetSpec:
     answer_types: list[str] = field(default_factory=list)
     """VQA: keep only questions of these answer types (VQAv2: yes/no, number, other; easy-VQA: yes/no,
     color, shape). Empty: all."""
+    balance_yes_no: bool = False
+    """VQA training: within each question type, repeat the rarer of the yes and no answers until both
+    are as frequent, so that the wording alone no longer predicts the answer (easy-VQA asks "is there a
+    red shape?" mostly of shapes that are not red: a model that never looks scores 88% on such questions)."""
     limit: int | None = None
     """Use at most this many samples (after per_image grouping)."""
     weight: float = 1.0

@@ -193,10 +193,27 @@ def read_vqav2(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
     yield from _vqa_samples(records, image_path, spec, "vqav2")
 
 
+def balance_yes_no(records: list[tuple[int, str, dict]]) -> list[tuple[int, str, dict]]:
+    """The records, plus repeats of each question type's rarer yes/no answer (in turn) up to the commoner's
+    count."""
+    by_type: dict[str, dict[str, list]] = defaultdict(lambda: {"yes": [], "no": []})
+    for record in records:
+        if record[2].get("answer") in YES_NO:
+            by_type[record[2].get("question_type", "")][record[2]["answer"]].append(record)
+    repeats = []
+    for answers in by_type.values():
+        rarer, commoner = sorted(answers.values(), key=len)
+        if rarer:
+            repeats += [rarer[n % len(rarer)] for n in range(len(commoner) - len(rarer))]
+    return records + repeats
+
+
 def _vqa_samples(records: list[tuple[int, str, dict]], image_path, spec: DatasetSpec, name: str):
     """One sample per question, or (per_image) one conversation per image with all its questions."""
     if spec.answer_types:
         records = [r for r in records if r[2].get("answer_type") in spec.answer_types]
+    if spec.balance_yes_no:
+        records = balance_yes_no(records)
     if not spec.per_image:
         for image_id, question, meta in records:
             answer = [meta["answer"]] if "answer" in meta else []

@@ -29,6 +29,24 @@ def _markdown(report: dict[str, Any]) -> str:
             for kind, row in metrics[f"per_{grouping}"].items():
                 score = next(v for k, v in row.items() if k != "count")
                 lines.append(f"| {kind} | {score:.4f} | {row['count']} |")
+    if "per_question_type_yes_no" in metrics:
+        lines += [
+            "",
+            "Yes/no questions by their true answer (a model that ignores the image scores 0 on one side):",
+            "",
+            "| question type | when yes | count | when no | count |",
+            "|---|---|---|---|---|",
+        ]
+        for kind, sides in metrics["per_question_type_yes_no"].items():
+            cells = []
+            for truth in ("yes", "no"):
+                row = sides.get(truth)
+                if row:
+                    score = next(v for k, v in row.items() if k != "count")
+                    cells += [f"{score:.4f}", str(row["count"])]
+                else:
+                    cells += ["–", "0"]
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     if "confusion" in metrics:
         labels = sorted(metrics["confusion"])
         lines += [

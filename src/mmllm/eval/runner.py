@@ -155,6 +155,16 @@ def metrics_from_predictions(task: str, rows: list[dict[str, Any]]) -> dict[str,
             metrics[f"per_{kind}"] = {
                 k: {name: sum(v) / len(v), "count": len(v)} for k, v in sorted(groups.items())
             }
+    by_truth: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row, value in zip(rows, scores, strict=True):
+        truth = normalize_answer(row["answers"][0])
+        if row.get("question_type") and truth in ("yes", "no"):
+            by_truth[row["question_type"]][truth].append(value)
+    if by_truth:  # a wording answered the same whatever the image shows scores 0 on one side
+        metrics["per_question_type_yes_no"] = {
+            kind: {truth: {name: sum(v) / len(v), "count": len(v)} for truth, v in sorted(sides.items())}
+            for kind, sides in sorted(by_truth.items())
+        }
     if task == "easy-vqa":
         confusion: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for row in rows:

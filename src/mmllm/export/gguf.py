@@ -131,3 +131,14 @@ def export_gguf(model_name: str, out: str | Path, outtype: str = "f16", pre: str
     writer.close()
     log.info("wrote %s (%s, %s)", path, arch_name, outtype)
     return path
+
+
+def bytes_read_per_token(path: str | Path) -> int:
+    """Weight bytes a llama.cpp decoding step reads from the GGUF at `path`: every tensor but the token
+    embeddings, which are read in full only when they double as the output matrix (no `output.weight`)."""
+    import gguf
+
+    tensors = {t.name: int(t.n_bytes) for t in gguf.GGUFReader(path).tensors}
+    if "output.weight" in tensors:
+        del tensors["token_embd.weight"]
+    return sum(tensors.values())
