@@ -238,6 +238,19 @@ def test_easy_vqa_package(tmp_path):
     assert templates["does the image not contain a SHAPE?"] == 238
     grouped = samples(DatasetSpec("easy-vqa", split="test", per_image=True))
     assert len(grouped) == 1000 and sum(len(s.conversation) for s in grouped) == 2 * 9673
+    shuffled = samples(DatasetSpec("easy-vqa", split="test", per_image=True, shuffle_turns=True))
+    assert [s.id for s in shuffled] == [s.id for s in grouped]
+    pairs = [(t["question_id"], t["answer"]) for s in shuffled for t in s.meta["turns"]]
+    assert sorted(pairs) == sorted((t["question_id"], t["answer"]) for s in grouped for t in s.meta["turns"])
+    assert sum(s.conversation != g.conversation for s, g in zip(shuffled, grouped)) > 900
+    # easy-VQA asks the colour first; shuffled, the first turn is a yes/no question most of the time.
+    first = Counter(s.meta["turns"][0]["answer_type"] for s in shuffled)
+    assert (
+        first["yes/no"] > 600 and Counter(g.meta["turns"][0]["answer_type"] for g in grouped)["yes/no"] < 100
+    )
+    assert (
+        samples(DatasetSpec("easy-vqa", split="test", per_image=True, shuffle_turns=True))[0] == shuffled[0]
+    )
     open_questions = samples(DatasetSpec("easy-vqa", split="test", answer_types=["color", "shape"]))
     assert len(open_questions) == 9673 - 7136
     assert {s.meta["answer_type"] for s in open_questions} == {"color", "shape"}

@@ -31,6 +31,9 @@ class DatasetSpec:
     per_image: bool = False
     """Captions: one sample per image, all captions kept as references. VQA: one multi-turn conversation
     per image holding all its questions (divides the image work by the questions per image)."""
+    shuffle_turns: bool = False
+    """VQA with per_image: the questions of each conversation in a random (seeded) order, so that no
+    question always follows the answer it could be read from (easy-VQA lists colour and shape first)."""
     answer_types: list[str] = field(default_factory=list)
     """VQA: keep only questions of these answer types (VQAv2: yes/no, number, other; easy-VQA: yes/no,
     color, shape). Empty: all."""

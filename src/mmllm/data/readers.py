@@ -190,7 +190,7 @@ def read_vqav2(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
         }
 
     records = [(q["image_id"], q["question"], meta(q)) for q in questions]
-    yield from _vqa_samples(records, image_path, spec, "vqav2")
+    yield from _vqa_samples(records, image_path, spec, "vqav2", cfg.seed)
 
 
 def balance_yes_no(records: list[tuple[int, str, dict]]) -> list[tuple[int, str, dict]]:
@@ -208,7 +208,9 @@ def balance_yes_no(records: list[tuple[int, str, dict]]) -> list[tuple[int, str,
     return records + repeats
 
 
-def _vqa_samples(records: list[tuple[int, str, dict]], image_path, spec: DatasetSpec, name: str):
+def _vqa_samples(
+    records: list[tuple[int, str, dict]], image_path, spec: DatasetSpec, name: str, seed: int = 0
+):
     """One sample per question, or (per_image) one conversation per image with all its questions."""
     if spec.answer_types:
         records = [r for r in records if r[2].get("answer_type") in spec.answer_types]
@@ -229,9 +231,12 @@ def _vqa_samples(records: list[tuple[int, str, dict]], image_path, spec: Dataset
     by_image: dict[int, list[tuple[str, dict]]] = defaultdict(list)
     for image_id, question, meta in records:
         by_image[image_id].append((question, meta))
+    rng = random.Random(seed)
     for image_id, items in by_image.items():
         if not all("answer" in meta for _, meta in items):
             raise MmllmError(f"{name}: per_image conversations need answers for every question")
+        if spec.shuffle_turns:
+            rng.shuffle(items)
         conversation = vqa_conversation([q for q, _ in items], [m["answer"] for _, m in items])
         yield Sample(
             [image_path(image_id)], conversation, f"{name}-image-{image_id}", {"turns": [m for _, m in items]}
@@ -273,7 +278,7 @@ def read_easy_vqa(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
         )
         for n, (question, answer, image_id) in enumerate(zip(questions, answers, image_ids, strict=True))
     ]
-    yield from _vqa_samples(records, paths.__getitem__, spec, f"easy-vqa-{spec.split}")
+    yield from _vqa_samples(records, paths.__getitem__, spec, f"easy-vqa-{spec.split}", cfg.seed)
 
 
 def read_jsonl(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
