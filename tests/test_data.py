@@ -242,7 +242,7 @@ def test_easy_vqa_package(tmp_path):
     assert [s.id for s in shuffled] == [s.id for s in grouped]
     pairs = [(t["question_id"], t["answer"]) for s in shuffled for t in s.meta["turns"]]
     assert sorted(pairs) == sorted((t["question_id"], t["answer"]) for s in grouped for t in s.meta["turns"])
-    assert sum(s.conversation != g.conversation for s, g in zip(shuffled, grouped)) > 900
+    assert sum(s.conversation != g.conversation for s, g in zip(shuffled, grouped, strict=True)) > 900
     # easy-VQA asks the colour first; shuffled, the first turn is a yes/no question most of the time.
     first = Counter(s.meta["turns"][0]["answer_type"] for s in shuffled)
     assert (
