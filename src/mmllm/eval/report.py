@@ -10,6 +10,11 @@ from typing import Any
 log = logging.getLogger("mmllm")
 
 
+def _score(row: dict[str, Any]) -> float:
+    """The metric of a {metric: value, "count": n} group, whatever the metric is called."""
+    return next(v for k, v in row.items() if k != "count")
+
+
 def _markdown(report: dict[str, Any]) -> str:
     metrics = report["metrics"]
     lines = [
@@ -27,8 +32,7 @@ def _markdown(report: dict[str, Any]) -> str:
         if f"per_{grouping}" in metrics:
             lines += ["", f"| {grouping.replace('_', ' ')} | score | count |", "|---|---|---|"]
             for kind, row in metrics[f"per_{grouping}"].items():
-                score = next(v for k, v in row.items() if k != "count")
-                lines.append(f"| {kind} | {score:.4f} | {row['count']} |")
+                lines.append(f"| {kind} | {_score(row):.4f} | {row['count']} |")
     if "per_question_type_yes_no" in metrics:
         lines += [
             "",
@@ -41,11 +45,7 @@ def _markdown(report: dict[str, Any]) -> str:
             cells = []
             for truth in ("yes", "no"):
                 row = sides.get(truth)
-                if row:
-                    score = next(v for k, v in row.items() if k != "count")
-                    cells += [f"{score:.4f}", str(row["count"])]
-                else:
-                    cells += ["–", "0"]
+                cells += [f"{_score(row):.4f}", str(row["count"])] if row else ["–", "0"]
             lines.append(f"| {kind} | " + " | ".join(cells) + " |")
     if "confusion" in metrics:
         labels = sorted(metrics["confusion"])
@@ -84,7 +84,7 @@ def write_report(report: dict[str, Any], rows: list[dict[str, Any]], out: Path) 
     metrics = report["metrics"]
     if "per_answer_type" in metrics:
         kinds = list(metrics["per_answer_type"])
-        values = [next(v for k, v in metrics["per_answer_type"][t].items() if k != "count") for t in kinds]
+        values = [_score(metrics["per_answer_type"][t]) for t in kinds]
         figure, axes = plt.subplots(figsize=(6, 3.5))
         axes.bar(kinds, values)
         axes.set_ylim(0, 1)

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmllm.data.config import DataConfig, DatasetSpec
-from mmllm.data.readers import read
+from mmllm.data.readers import most_common_answer, read
 from mmllm.data.records import Sample
 from mmllm.errors import MmllmError
 from mmllm.eval.captions import caption_metrics
@@ -157,7 +157,7 @@ def metrics_from_predictions(task: str, rows: list[dict[str, Any]]) -> dict[str,
             }
     by_truth: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for row, value in zip(rows, scores, strict=True):
-        truth = normalize_answer(row["answers"][0])
+        truth = normalize_answer(most_common_answer(row["answers"]))
         if row.get("question_type") and truth in ("yes", "no"):
             by_truth[row["question_type"]][truth].append(value)
     if by_truth:  # a wording answered the same whatever the image shows scores 0 on one side
