@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="SmolLM2-135M, one repetition (CI)")
+    parser.add_argument("--name", default="", help="results file name (default: latency[_quick][_gpu])")
     args = parser.parse_args()
     if args.quick:
         args.model, args.reps, args.tokens = "smollm2-135m-instruct", 1, 8
@@ -97,7 +98,10 @@ def main() -> None:
         },
     ]
     settings_out = {**vars(args), "device": str(model.device), "dtype": str(model.dtype)}
-    report("latency" + ("_quick" if args.quick else ""), rows, settings_out)
+    default_name = (
+        "latency" + ("_quick" if args.quick else "") + ("_gpu" if model.device.type == "cuda" else "")
+    )
+    report(args.name or default_name, rows, settings_out)
 
 
 if __name__ == "__main__":
