@@ -66,7 +66,9 @@ def test_easyvqa_recipes_train_both_stages_on_real_smollm2(tmp_path, capsys):
     assert main(["train", str(configs / "easyvqa_smollm2.yaml"), *stage1]) == 0
     pipeline = Pipeline.load(str(tmp_path / "stage1" / "model"), device="cpu")
     assert pipeline.model.config.trained_parts == ["language_model", "projector", "vision_tower"]
-    assert pipeline.model.has_lora and pipeline.model.config.vision_feature_mode == "patch"
+    assert (tmp_path / "stage1" / "model" / "lora" / "adapter_model.safetensors").is_file()
+    assert not pipeline.model.has_lora  # merged at load: inference pays no adapter matmuls
+    assert pipeline.model.config.vision_feature_mode == "patch"
     assert pipeline.model.config.num_image_tokens == 16  # 8x8 patches merged 2x2
     assert pipeline.processor.template == ALIGN_TEMPLATE  # it answers in the format it was trained on
     answer = pipeline.ask("sample:coffee", "What shape?", GenerationSettings(max_new_tokens=4))

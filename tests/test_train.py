@@ -19,6 +19,7 @@ from mmllm import MultimodalLM
 from mmllm.cli import main
 from mmllm.config import load_config
 from mmllm.errors import MmllmError
+from mmllm.pipeline import Pipeline
 from mmllm.processor import ALIGN_TEMPLATE, MultimodalProcessor
 from mmllm.train.checkpoint import checkpoints
 from mmllm.train.config import TrainConfig
@@ -138,6 +139,9 @@ def test_stage2_lora_only_on_the_language_model_and_merge_is_lossless(tiny_dir, 
     merged = MultimodalLM.from_pretrained(tmp_path / "merged")
     assert not merged.has_lora
     assert (merged(**processor_batch).logits - unmerged).abs().max() < 1e-4
+    served = Pipeline.load(str(tmp_path / "model"), device="cpu").model
+    assert not served.has_lora  # Pipeline merges the adapters: no extra matmuls in each decode step
+    assert (served(**processor_batch).logits - unmerged).abs().max() < 1e-4
 
 
 def _batch(tiny_dir):
