@@ -5,7 +5,9 @@ and int8 `MatMulNBits`), plain transformers `generate`, and llama.cpp (llama-cpp
 LM as GGUF (f16, and Q8_0 quantised by llama.cpp itself) — a fresh process
 measures time to first token (1 image + a 20-token question), decode tokens/s and peak RSS. Decode
 on a CPU is memory-bound: each token reads every weight once, so its ceiling is the memory bandwidth
-(measured in the same run) divided by the bytes of weights read per token: the roofline.
+(measured in the same run) divided by the bytes of weights read per token: the roofline. For the ONNX
+rows, "weight products alone" runs only the decoder's weight matrix products (its MatMul/MatMulNBits
+nodes, real weights, one token): the most the matrix kernels allow before any other op costs a thing.
 
     python benchmarks/inference.py [--model qwen2.5-0.5b-instruct] [--tokens 32] [--reps 3] [--quick]
 
@@ -71,6 +73,48 @@ def weight_bytes(model) -> int:
         inner = [getattr(parameter, name) for name in ("qdata", "scale") if hasattr(parameter, name)]
         total += sum(t.nbytes for t in inner) if inner else parameter.nbytes
     return total
+
+
+def matmuls_alone(decoder: Path, reps: int = 20) -> float:
+    """Tokens/s if a decode step ran nothing but the decoder's weight products: its MatMul and
+    MatMulNBits nodes with their real weights, fed one token's activations, every other op removed.
+    Separates what the matrix kernels can do on this CPU from what the rest of the graph costs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    decoder_model = onnx.load(str(decoder))
+    graph = decoder_model.graph
+    weights = {init.name: init for init in graph.initializer}
+    nodes, inputs, outputs = [], {}, []
+    for node in graph.node:
+        if node.op_type not in ("MatMul", "MatMulNBits") or node.input[1] not in weights:
+            continue
+        if node.op_type == "MatMul":
+            width = weights[node.input[1]].dims[0]
+        else:
+            width = next(a.i for a in node.attribute if a.name == "K")
+        inputs.setdefault(width, helper.make_tensor_value_info(f"x{width}", TensorProto.FLOAT, [1, width]))
+        outputs.append(helper.make_tensor_value_info(f"y{len(nodes)}", TensorProto.FLOAT, None))
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.input[0], copy.output[0] = f"x{width}", f"y{len(nodes)}"
+        nodes.append(copy)
+    used = {name for node in nodes for name in node.input}
+    model = helper.make_model(
+        helper.make_graph(
+            nodes, "matmuls", list(inputs.values()), outputs, [weights[n] for n in used if n in weights]
+        ),
+        opset_imports=list(decoder_model.opset_import),
+    )
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:  # a file with external data: no 2 GB protobuf limit
+        onnx.save(model, f"{tmp}/matmuls.onnx", save_as_external_data=True)
+        session = ort.InferenceSession(f"{tmp}/matmuls.onnx", options, providers=["CPUExecutionProvider"])
+    feed = {f"x{width}": np.random.default_rng(0).standard_normal((1, width), np.float32) for width in inputs}
+    session.run(None, feed)
+    return 1 / min(_time(lambda: session.run(None, feed)) for _ in range(reps))
 
 
 def peak_rss_mb() -> float:
@@ -235,6 +279,8 @@ def main() -> None:
         variant, export_dir = args.child.split(":", 1)
         result = measure(variant, args.model, args.tokens, args.reps, Path(export_dir))
         result["peak_rss_mb"] = peak_rss_mb()
+        if variant.startswith("onnx"):  # after the RSS reading: it loads the weights a second time
+            result["matmuls_alone_tok_s"] = matmuls_alone(Path(export_dir) / variant / "decoder.onnx")
         print("RESULT " + json.dumps(result))
         return
 
@@ -260,6 +306,7 @@ def main() -> None:
                     "weights read/token (MB)": round(result["weight_bytes"] / 1e6, 1),
                     "roofline (tok/s)": round(roofline, 1),
                     "of roofline": f"{result['decode_tok_s'] / roofline:.0%}",
+                    "weight products alone (tok/s)": round(result.get("matmuls_alone_tok_s", 0), 1) or "–",
                     "peak RSS (MB)": round(result["peak_rss_mb"]),
                 }
             )
