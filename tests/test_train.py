@@ -143,6 +143,16 @@ def test_stage2_lora_only_on_the_language_model_and_merge_is_lossless(tiny_dir, 
     assert not served.has_lora  # Pipeline merges the adapters: no extra matmuls in each decode step
     assert (served(**processor_batch).logits - unmerged).abs().max() < 1e-4
 
+    # A recipe that starts from this checkpoint trains its adapters only if it says so.
+    from mmllm.train.config import LoraSettings, PartsConfig
+    from mmllm.train.parts import setup_parts
+
+    for language_model, adapters_train in (("frozen", False), ("lora", True)):
+        again = MultimodalLM.from_pretrained(tmp_path / "model")
+        setup_parts(again, PartsConfig(projector="full", language_model=language_model), LoraSettings())
+        lora = [p.requires_grad for n, p in again.named_parameters() if "lora_" in n]
+        assert lora and all(trains == adapters_train for trains in lora), language_model
+
 
 def _batch(tiny_dir):
     from mmllm import MultimodalProcessor
