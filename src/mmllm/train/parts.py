@@ -58,7 +58,7 @@ def setup_parts(model: MultimodalLM, parts: PartsConfig, lora: LoraSettings) -> 
                 task_type="CAUSAL_LM",
             )
         )
-    elif parts.language_model != "frozen":  # resumed or initialised from a LoRA checkpoint
+    elif parts.language_model in ("lora", "qlora"):  # adapters already there: resumed or init_from
         for name, parameter in model.language_model.named_parameters():
             parameter.requires_grad_("lora_" in name)
     trained = [p for p in ("vision_tower", "projector") if getattr(parts, p) == "full"]
