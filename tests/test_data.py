@@ -16,7 +16,7 @@ from mmllm.cli import main
 from mmllm.data.config import DataConfig, DatasetSpec, data_config_from_arg
 from mmllm.data.features import FeatureCache, build_feature_cache, encoder_fingerprint
 from mmllm.data.loading import Collator, LoadReport, MixtureBatchSampler, build_dataloader, open_dataset
-from mmllm.data.readers import read
+from mmllm.data.readers import EASY_VQA_COLORS, EASY_VQA_SHAPES, YES_NO, read
 from mmllm.errors import MmllmError
 from mmllm.images import MAX_IMAGE_PIXELS
 
@@ -256,6 +256,28 @@ def test_easy_vqa_package(tmp_path):
     assert {s.meta["answer_type"] for s in open_questions} == {"color", "shape"}
     with pytest.raises(MmllmError, match="splits train and test"):
         samples(DatasetSpec("easy-vqa", split="val"))
+
+
+def test_easy_vqa_describe_agrees_with_every_question_of_the_image():
+    described = samples(DatasetSpec("easy-vqa", split="train", describe=True))
+    assert len(described) == 3578  # of 4,000 images: the others' questions leave colour or shape open
+    captions = {s.id.rsplit("-", 1)[1]: s.conversation[1]["content"] for s in described}
+    assert all(c.startswith(" ") for c in captions.values())  # the words as a sentence's questions name them
+    checked = Counter()
+    for question in samples(DatasetSpec("easy-vqa", split="train")):
+        image = question.images[0].rsplit("/", 1)[1].removesuffix(".png")
+        if image not in captions:
+            continue
+        color, shape = captions[image].split()
+        answer, words = question.meta["answer"], set(question.conversation[0]["content"].rstrip("?").split())
+        named = words & (EASY_VQA_COLORS | EASY_VQA_SHAPES)
+        if answer in YES_NO:
+            holds = named <= {color, shape}
+            assert (answer == "yes") == (holds != bool(words & {"not", "no"})), (question.id, captions[image])
+        else:
+            assert answer in (color, shape) and named <= {color, shape}, (question.id, captions[image])
+        checked[question.meta["answer_type"]] += 1
+    assert checked["yes/no"] > 25_000 and checked["color"] > 3_000 and checked["shape"] > 3_000
 
 
 def test_balance_yes_no_removes_the_wording_prior():

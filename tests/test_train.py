@@ -19,6 +19,7 @@ from mmllm import MultimodalLM
 from mmllm.cli import main
 from mmllm.config import load_config
 from mmllm.errors import MmllmError
+from mmllm.models.vision import load_vision_tower
 from mmllm.pipeline import Pipeline
 from mmllm.processor import ALIGN_TEMPLATE, MultimodalProcessor
 from mmllm.train.checkpoint import checkpoints
@@ -282,6 +283,42 @@ def test_gradient_accumulation_and_checkpointing_give_the_same_weights(tiny_dir,
             torch.testing.assert_close(one[key], weights[key], rtol=1e-4, atol=5e-5, msg=f"{other}: {key}")
 
 
+def test_token_target_loss_regresses_image_tokens_onto_the_description_in_order(tiny_dir):
+    from mmllm.train.losses import projected_images, token_target_loss
+
+    model = MultimodalLM.from_pretrained(tiny_dir)
+    processor = MultimodalProcessor.from_pretrained(tiny_dir)
+    from easy_vqa import get_train_image_paths
+
+    chats = [
+        [{"role": "user", "content": "<image>Describe."}, {"role": "assistant", "content": answer}]
+        for answer in (" red circle", " blue")
+    ]
+    paths = get_train_image_paths()
+    batch = processor(chats, [[paths[0]], [paths[1]]], train=True, padding_side="right")
+    ends = processor.stop_token_ids
+    loss = token_target_loss(model, batch, ignore_ids=ends)
+    loss.backward()
+    assert torch.isfinite(loss) and model.projector[0].weight.grad.abs().sum() > 0
+
+    def word(text: str) -> torch.Tensor:
+        ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, f"the tiny tokenizer splits {text!r}"
+        return model.get_input_embeddings().weight[ids[0]].detach()
+
+    count = projected_images(model, batch).shape[1]
+    first = [word(" red")] * (count // 2) + [word(" circle")] * (count - count // 2)
+    targets = torch.stack([torch.stack(first), torch.stack([word(" blue")] * count)])  # (2, N, D)
+    last = model.projector[-1]
+    with torch.no_grad():
+        last.weight.zero_(), last.bias.zero_()
+        assert float(token_target_loss(model, batch, ignore_ids=ends)) == pytest.approx(1.0)
+    model.projector.forward = lambda features: targets  # the exact descriptions, in order
+    assert float(token_target_loss(model, batch, ignore_ids=ends)) == pytest.approx(0.0, abs=1e-6)
+    model.projector.forward = lambda features: torch.stack([targets[0].flip(0), targets[1]])
+    assert float(token_target_loss(model, batch, ignore_ids=ends)) > 0.1  # circle before red: wrong slots
+
+
 def test_contrastive_loss_trains_alongside(tiny_dir, tmp_path):
     from mmllm.train.losses import contrastive_loss
 
@@ -307,7 +344,17 @@ def test_contrastive_loss_trains_alongside(tiny_dir, tmp_path):
     assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
 
 
-def test_contrastive_only_stage_trains_the_tower_without_running_the_lm(tiny_dir, tmp_path, monkeypatch):
+IMAGE_ONLY_STAGES = {
+    # CLIP's contrastive loss against the mean embedding of each image's answers (its colour).
+    "contrastive": ("contrastive_weight", {"per_image": True, "answer_types": ["color"]}),
+    # Image tokens regressed onto the embeddings of the image's description (" red circle").
+    "token_target": ("token_target_weight", {"describe": True}),
+}
+
+
+@pytest.mark.parametrize("loss", IMAGE_ONLY_STAGES)
+def test_image_only_stage_trains_the_tower_without_running_the_lm(loss, tiny_dir, tmp_path, monkeypatch):
+    weight, dataset = IMAGE_ONLY_STAGES[loss]
     lm_calls = []
     monkeypatch.setattr(
         MultimodalLM, "forward", lambda self, *a, **k: lm_calls.append(1) or pytest.fail("LM forward ran")
@@ -315,20 +362,12 @@ def test_contrastive_only_stage_trains_the_tower_without_running_the_lm(tiny_dir
     base = MultimodalLM.from_pretrained(tiny_dir)
     settings = {
         "language_loss_weight": 0.0,
-        "contrastive_weight": 1.0,
+        weight: 1.0,
         "parts.vision_tower": "full",
         "optim.lr_vision": 3e-3,
         "optim.lr_projector": 3e-3,
         "data.batch_size": 8,
-        "data.datasets": [
-            {
-                "format": "easy-vqa",
-                "split": "train",
-                "per_image": True,
-                "limit": 64,
-                "answer_types": ["color"],
-            }
-        ],
+        "data.datasets": [{"format": "easy-vqa", "split": "train", "limit": 64, **dataset}],
         "max_steps": 40,
     }
     model, metrics = run(tiny_dir, tmp_path, **settings)
@@ -340,5 +379,15 @@ def test_contrastive_only_stage_trains_the_tower_without_running_the_lm(tiny_dir
         assert any(not torch.equal(before[k], after[k]) for k in before), f"{part} did not train"
     lm_before, lm_after = state(base.language_model), state(model.language_model)
     assert all(torch.equal(lm_before[k], lm_after[k]) for k in lm_before)
-    with pytest.raises(MmllmError, match="contrastive_weight"):
+    # A new model (other projector, token layout or LM) can start from this trained tower.
+    tower, pretrained = load_vision_tower(str(tmp_path / "model"), "patch")
+    assert pretrained and all(torch.equal(v, state(model.vision_tower)[k]) for k, v in state(tower).items())
+    with pytest.raises(MmllmError, match="feature mode 'patch'"):
+        load_vision_tower(str(tmp_path / "model"), "pooled")
+    with pytest.raises(MmllmError, match="no trained vision tower"):
+        load_vision_tower(str(tiny_dir), "patch")  # its tower is random
+
+
+def test_an_image_only_stage_needs_an_image_loss(tiny_dir, tmp_path):
+    with pytest.raises(MmllmError, match="contrastive_weight or token_target_weight"):
         run(tiny_dir, tmp_path / "nothing", language_loss_weight=0.0)

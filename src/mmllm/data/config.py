@@ -41,6 +41,9 @@ class DatasetSpec:
     """VQA training: within each question type, repeat the rarer of the yes and no answers until both
     are as frequent, so that the wording alone no longer predicts the answer (easy-VQA asks "is there a
     red shape?" mostly of shapes that are not red: a model that never looks scores 88% on such questions)."""
+    describe: bool = False
+    """easy-VQA: instead of its questions, one sample per image that its questions describe fully, answered
+    "COLOR SHAPE" ("red circle"): targets for `token_target_weight` (images left partly open are skipped)."""
     limit: int | None = None
     """Use at most this many samples (after per_image grouping)."""
     weight: float = 1.0

@@ -26,8 +26,9 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
 YES_NO = {"yes", "no"}
 EASY_VQA_COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
+EASY_VQA_SHAPES = {"circle", "rectangle", "triangle"}
 _EASY_VQA_SLOTS = {color: "COLOR" for color in EASY_VQA_COLORS} | {
-    shape: "SHAPE" for shape in ("circle", "rectangle", "triangle")
+    shape: "SHAPE" for shape in EASY_VQA_SHAPES
 }
 
 
@@ -278,7 +279,47 @@ def read_easy_vqa(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
         )
         for n, (question, answer, image_id) in enumerate(zip(questions, answers, image_ids, strict=True))
     ]
+    if spec.describe:
+        for image_id, caption in easy_vqa_descriptions(questions, answers, image_ids).items():
+            # A leading space: the words as questions name them inside a sentence (" red", one token,
+            # where a line's first "red" is another token and "teal" two).
+            conversation = [
+                {"role": "user", "content": "<image>\nDescribe the shape."},
+                {"role": "assistant", "content": " " + caption},
+            ]
+            meta = {"references": [caption]}
+            yield Sample([paths[image_id]], conversation, f"easy-vqa-{spec.split}-image-{image_id}", meta)
+        return
     yield from _vqa_samples(records, paths.__getitem__, spec, f"easy-vqa-{spec.split}", cfg.seed)
+
+
+def easy_vqa_descriptions(questions: list[str], answers: list[str], image_ids: list[int]) -> dict[int, str]:
+    """ "COLOR SHAPE" of every image whose questions tell both: from open answers, the words of open
+    questions ("what color is the circle?"), and yes/no answers, negated wordings included; a colour
+    or shape that all but one yes/no answer rule out is the one left."""
+    present: dict[int, set[str]] = defaultdict(set)
+    absent: dict[int, set[str]] = defaultdict(set)
+    for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
+        words = question.rstrip("?").split()
+        named = {w for w in words if w in _EASY_VQA_SLOTS}
+        if answer not in YES_NO:
+            present[image_id] |= named | {answer}
+        elif (answer == "yes") != bool({"not", "no"} & set(words)):
+            present[image_id] |= named
+        else:
+            absent[image_id] |= named
+
+    def known(image_id: int, kinds: set[str]) -> str | None:
+        seen = present[image_id] & kinds
+        left = kinds - absent[image_id]
+        return next(iter(seen)) if len(seen) == 1 else next(iter(left)) if len(left) == 1 else None
+
+    descriptions = {}
+    for image_id in dict.fromkeys(image_ids):
+        color, shape = known(image_id, EASY_VQA_COLORS), known(image_id, EASY_VQA_SHAPES)
+        if color and shape:
+            descriptions[image_id] = f"{color} {shape}"
+    return descriptions
 
 
 def read_jsonl(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:

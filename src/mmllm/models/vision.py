@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
+from mmllm.errors import MmllmError
 from mmllm.models.configuration import MultimodalConfig
 
 log = logging.getLogger("mmllm")
@@ -48,6 +51,17 @@ def _has_weights(directory: str) -> bool:
     return not path.is_dir() or any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
 
 
+def _mmllm_model_config(path: str) -> MultimodalConfig | None:
+    """The config of a saved mmllm model at `path`, if that is what it is."""
+    config = Path(path).expanduser() / "config.json"
+    if (
+        not config.is_file()
+        or json.loads(config.read_text()).get("model_type") != MultimodalConfig.model_type
+    ):
+        return None
+    return MultimodalConfig.from_pretrained(config.parent)
+
+
 def load_vision_config(name_or_path: str) -> tuple[CLIPVisionConfig, str, bool]:
     """The CLIP vision config a name points to: (config, where its weights are, whether it has weights)."""
     from transformers import AutoConfig
@@ -55,6 +69,10 @@ def load_vision_config(name_or_path: str) -> tuple[CLIPVisionConfig, str, bool]:
     from mmllm.models.configuration import CLIP_VIT_B32
     from mmllm.weights import resolve
 
+    trained = _mmllm_model_config(name_or_path)
+    if trained is not None:
+        log.info("vision tower: the trained tower of %s", name_or_path)
+        return trained.vision_config, name_or_path, True
     resolved = resolve(name_or_path, kind="vision")
     if not resolved.pretrained:
         log.warning("vision tower: %s -> UNTRAINED (random init of the architecture)", resolved.source)
@@ -71,12 +89,34 @@ def load_vision_config(name_or_path: str) -> tuple[CLIPVisionConfig, str, bool]:
 def load_vision_tower(name_or_path: str, feature_mode: str) -> tuple[VisionTower, bool]:
     """Load a CLIP vision tower; returns (tower, pretrained).
 
-    Accepts a registry name, hub id or local directory. A directory holding only a config, or a
+    Accepts a registry name, hub id or local directory: a CLIP model, or a saved mmllm model whose
+    trained tower a new model reuses (with a new projector, token layout or LM). A directory holding only
+    a config, or a
     registry name whose weights cannot be had offline, gives a randomly initialised tower of that
     exact architecture, and says so.
     """
     config, path, pretrained = load_vision_config(name_or_path)
     tower_class = vision_tower_class(feature_mode)
+    if _mmllm_model_config(path) is not None:
+        return _trained_tower(path, tower_class), True
     if pretrained:
         return tower_class.from_pretrained(path), True
     return tower_class._from_config(config), False
+
+
+def _trained_tower(path: str, tower_class: type[VisionTower]) -> VisionTower:
+    """The vision tower of a saved mmllm model (its `vision_tower.*` weights), without loading its LM."""
+    saved = _mmllm_model_config(path)
+    if vision_tower_class(saved.vision_feature_mode) is not tower_class:
+        raise MmllmError(
+            f"{path}: its tower was saved for feature mode {saved.vision_feature_mode!r}; use that mode"
+        )
+    file = Path(path).expanduser() / "model.safetensors"
+    if "vision_tower" not in (saved.trained_parts or ()) or not file.is_file():
+        raise MmllmError(f"{path}: this model holds no trained vision tower in one model.safetensors")
+    tower = tower_class._from_config(saved.vision_config)
+    prefix = "vision_tower."
+    with safe_open(str(file), "pt") as weights:
+        state = {k[len(prefix) :]: weights.get_tensor(k) for k in weights.keys() if k.startswith(prefix)}  # noqa: SIM118
+    tower.load_state_dict(state, strict=True)
+    return tower

@@ -96,9 +96,14 @@ class TrainConfig:
     """Recompute LM activations in the backward pass to save memory."""
     contrastive_weight: float = 0.0
     """Weight of the CLIP-style image-text contrastive loss on projector outputs (0: off)."""
+    token_target_weight: float = 0.0
+    """Weight of a loss that regresses each image's projected tokens onto the LM's input embeddings of its
+    answer's tokens, in order (e.g. 2 tokens "red circle" over 4 image tokens: red, red, circle, circle),
+    so that the LM reads an image as the words that describe it. Needs answers that describe every image
+    fully (easy-VQA's `describe`); 0: off."""
     language_loss_weight: float = 1.0
-    """Weight of the LM's next-token loss. 0 with contrastive_weight > 0: a contrastive-only stage that
-    trains the vision tower and projector against the LM's frozen token embeddings with no LM forward
+    """Weight of the LM's next-token loss. 0 with contrastive_weight or token_target_weight > 0: a stage
+    that trains the vision tower and projector against the LM's frozen token embeddings with no LM forward
     (LiT-style: the embedding table is the locked text tower); one process only."""
     seed: int = 0
     """Seed for initialisation, data order and dropout."""

@@ -26,7 +26,7 @@ from mmllm.models.build import build_model, load_model
 from mmllm.processor import IGNORE_INDEX
 from mmllm.train.checkpoint import checkpoints, load_state, save_checkpoint, save_model, set_rng_state
 from mmllm.train.config import TrainConfig
-from mmllm.train.losses import contrastive_loss
+from mmllm.train.losses import contrastive_loss, token_target_loss
 from mmllm.train.parts import parameter_groups, parameter_table, qlora_quantization_config, setup_parts
 from mmllm.train.tracking import MetricsLogger
 
@@ -125,9 +125,18 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
     total = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
     if total <= 0:
         raise MmllmError("set max_steps: a streamed dataset has no length to derive steps from")
-    if not cfg.language_loss_weight and (not cfg.contrastive_weight or accelerator.num_processes > 1):
+    image_losses = {
+        loss: weight
+        for loss, weight in (
+            (contrastive_loss, cfg.contrastive_weight),
+            (token_target_loss, cfg.token_target_weight),
+        )
+        if weight
+    }
+    if not cfg.language_loss_weight and (not image_losses or accelerator.num_processes > 1):
         raise MmllmError(
-            "language_loss_weight: 0 needs contrastive_weight > 0 and one process (DDP syncs in LM forward)"
+            "language_loss_weight: 0 needs contrastive_weight or token_target_weight > 0 and one process "
+            "(DDP syncs in LM forward)"
         )
     end = min(total, cfg.stop_after) if cfg.stop_after > 0 else total
 
@@ -186,12 +195,16 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
                     output = model(**batch, num_items_in_batch=global_tokens / accelerator.num_processes)
                     loss = cfg.language_loss_weight * output.loss
                     loss_sum += output.loss.detach() * global_tokens / accelerator.num_processes
-                if cfg.contrastive_weight:
-                    aligned = contrastive_loss(
-                        accelerator.unwrap_model(model), batch, ignore_ids=processor.stop_token_ids
-                    ) / len(micro)
-                    loss = loss + cfg.contrastive_weight * aligned
-                    if not cfg.language_loss_weight:  # the reported loss is the contrastive one
+                for image_loss, weight in image_losses.items():
+                    aligned = (
+                        weight
+                        * image_loss(
+                            accelerator.unwrap_model(model), batch, ignore_ids=processor.stop_token_ids
+                        )
+                        / len(micro)
+                    )
+                    loss = loss + aligned
+                    if not cfg.language_loss_weight:  # the reported loss: the weighted image losses
                         loss_sum += aligned.detach() * global_tokens
             accelerator.backward(loss)
             window_tokens += int(batch["attention_mask"].sum())
