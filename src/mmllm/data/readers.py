@@ -265,6 +265,17 @@ def read_easy_vqa(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
         raise MmllmError(f"easy-vqa has splits train and test, not {spec.split!r}")
     questions, answers, image_ids = getattr(easy_vqa, f"get_{spec.split}_questions")()
     paths = getattr(easy_vqa, f"get_{spec.split}_image_paths")()
+    if spec.describe:
+        for image_id, caption in easy_vqa_descriptions(questions, answers, image_ids).items():
+            # A leading space: the words as questions name them inside a sentence (" red", one token,
+            # where a line's first "red" is another token and "teal" two).
+            conversation = [
+                {"role": "user", "content": "<image>\nDescribe the shape."},
+                {"role": "assistant", "content": " " + caption},
+            ]
+            meta = {"references": [caption]}
+            yield Sample([paths[image_id]], conversation, f"easy-vqa-{spec.split}-image-{image_id}", meta)
+        return
     records = [
         (
             image_id,
@@ -279,17 +290,6 @@ def read_easy_vqa(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
         )
         for n, (question, answer, image_id) in enumerate(zip(questions, answers, image_ids, strict=True))
     ]
-    if spec.describe:
-        for image_id, caption in easy_vqa_descriptions(questions, answers, image_ids).items():
-            # A leading space: the words as questions name them inside a sentence (" red", one token,
-            # where a line's first "red" is another token and "teal" two).
-            conversation = [
-                {"role": "user", "content": "<image>\nDescribe the shape."},
-                {"role": "assistant", "content": " " + caption},
-            ]
-            meta = {"references": [caption]}
-            yield Sample([paths[image_id]], conversation, f"easy-vqa-{spec.split}-image-{image_id}", meta)
-        return
     yield from _vqa_samples(records, paths.__getitem__, spec, f"easy-vqa-{spec.split}", cfg.seed)
 
 

@@ -90,23 +90,22 @@ def load_vision_tower(name_or_path: str, feature_mode: str) -> tuple[VisionTower
     """Load a CLIP vision tower; returns (tower, pretrained).
 
     Accepts a registry name, hub id or local directory: a CLIP model, or a saved mmllm model whose
-    trained tower a new model reuses (with a new projector, token layout or LM). A directory holding only
-    a config, or a
-    registry name whose weights cannot be had offline, gives a randomly initialised tower of that
-    exact architecture, and says so.
+    trained tower a new model reuses (with a new projector, token layout or LM). A directory holding
+    only a config, or a registry name whose weights cannot be had offline, gives a randomly
+    initialised tower of that exact architecture, and says so.
     """
-    config, path, pretrained = load_vision_config(name_or_path)
     tower_class = vision_tower_class(feature_mode)
-    if _mmllm_model_config(path) is not None:
-        return _trained_tower(path, tower_class), True
+    saved = _mmllm_model_config(name_or_path)
+    if saved is not None:
+        return _trained_tower(name_or_path, saved, tower_class), True
+    config, path, pretrained = load_vision_config(name_or_path)
     if pretrained:
         return tower_class.from_pretrained(path), True
     return tower_class._from_config(config), False
 
 
-def _trained_tower(path: str, tower_class: type[VisionTower]) -> VisionTower:
+def _trained_tower(path: str, saved: MultimodalConfig, tower_class: type[VisionTower]) -> VisionTower:
     """The vision tower of a saved mmllm model (its `vision_tower.*` weights), without loading its LM."""
-    saved = _mmllm_model_config(path)
     if vision_tower_class(saved.vision_feature_mode) is not tower_class:
         raise MmllmError(
             f"{path}: its tower was saved for feature mode {saved.vision_feature_mode!r}; use that mode"
