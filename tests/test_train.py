@@ -317,6 +317,15 @@ def test_token_target_loss_regresses_image_tokens_onto_the_description_in_order(
     assert float(token_target_loss(model, batch, ignore_ids=ends)) == pytest.approx(0.0, abs=1e-6)
     model.projector.forward = lambda features: torch.stack([targets[0].flip(0), targets[1]])
     assert float(token_target_loss(model, batch, ignore_ids=ends)) > 0.1  # circle before red: wrong slots
+    # The vocabulary term: tokens far out along their target words are read as those words (its share of
+    # the loss -> 0); the same tokens in swapped slots are read as the wrong words (a large share).
+    model.projector.forward = lambda features: 50 * targets
+    right = token_target_loss(model, batch, ignore_ids=ends, vocab_weight=1.0)
+    right -= token_target_loss(model, batch, ignore_ids=ends)
+    model.projector.forward = lambda features: 50 * torch.stack([targets[0].flip(0), targets[1]])
+    wrong = token_target_loss(model, batch, ignore_ids=ends, vocab_weight=1.0)
+    wrong -= token_target_loss(model, batch, ignore_ids=ends)
+    assert float(right) < 0.05 and float(wrong) > 10
 
 
 def test_contrastive_loss_trains_alongside(tiny_dir, tmp_path):
@@ -349,6 +358,8 @@ IMAGE_ONLY_STAGES = {
     "contrastive": ("contrastive_weight", {"per_image": True, "answer_types": ["color"]}),
     # Image tokens regressed onto the embeddings of the image's description (" red circle").
     "token_target": ("token_target_weight", {"describe": True}),
+    # The same, plus cross-entropy against the whole embedding table (`token_target_vocab_weight`).
+    "token_target_vocab": ("token_target_weight", {"describe": True}),
 }
 
 
@@ -369,6 +380,7 @@ def test_image_only_stage_trains_the_tower_without_running_the_lm(loss, tiny_dir
         "data.batch_size": 8,
         "data.datasets": [{"format": "easy-vqa", "split": "train", "limit": 64, **dataset}],
         "max_steps": 40,
+        "token_target_vocab_weight": 1.0 if loss == "token_target_vocab" else 0.0,
     }
     model, metrics = run(tiny_dir, tmp_path, **settings)
     losses = [m["loss"] for m in metrics if "loss" in m]

@@ -101,6 +101,10 @@ class TrainConfig:
     answer's tokens, in order (e.g. 2 tokens "red circle" over 4 image tokens: red, red, circle, circle),
     so that the LM reads an image as the words that describe it. Needs answers that describe every image
     fully (easy-VQA's `describe`); 0: off."""
+    token_target_vocab_weight: float = 0.0
+    """With token_target_weight: add the cross-entropy of each image token's dot products with the whole
+    embedding table against its target word, so that the nearest word is the right one (a squared error
+    misses in any direction, and SmolLM2's colour words have cosine 0.46 to each other); 0: off."""
     language_loss_weight: float = 1.0
     """Weight of the LM's next-token loss. 0 with contrastive_weight or token_target_weight > 0: a stage
     that trains the vision tower and projector against the LM's frozen token embeddings with no LM forward

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -129,7 +130,7 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
         loss: weight
         for loss, weight in (
             (contrastive_loss, cfg.contrastive_weight),
-            (token_target_loss, cfg.token_target_weight),
+            (partial(token_target_loss, vocab_weight=cfg.token_target_vocab_weight), cfg.token_target_weight),
         )
         if weight
     }

@@ -55,7 +55,9 @@ def contrastive_loss(
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-def token_target_loss(model: MultimodalLM, batch: dict, ignore_ids: Sequence[int] = ()) -> torch.Tensor:
+def token_target_loss(
+    model: MultimodalLM, batch: dict, ignore_ids: Sequence[int] = (), vocab_weight: float = 0.0
+) -> torch.Tensor:
     """Regress each image's N tokens onto the LM's input embeddings of its answer's n tokens, in order:
     answer token j is the target of image tokens [j N/n, (j+1) N/n). The LM then reads an image as the
     words of its description and can compare it with a question's words as it compares words in text.
@@ -63,17 +65,23 @@ def token_target_loss(model: MultimodalLM, batch: dict, ignore_ids: Sequence[int
     The answers must describe each image fully and the same way for images that look alike ("red
     circle"): where they disagree (one image's answer names only its colour, another's both), a
     regression fits their average, which is no word at all. Mean squared error relative to the targets'
-    mean square, so 1.0 is what all-zero tokens score.
+    mean square, so 1.0 is what all-zero tokens score. `vocab_weight` adds the cross-entropy of each
+    token's dot products with the whole embedding table against its target word: a squared error does
+    not care which way it misses, and related words lie close together.
     """
     images = projected_images(model, batch)  # (B, N, D)
     answer = answer_mask(batch["labels"], ignore_ids)
-    words = _token_embeddings(model, batch["input_ids"]).to(images.dtype)  # (B, T, D)
     slots = torch.arange(images.shape[1], device=images.device)
     targets = []
-    for sample_words, sample_answer in zip(words, answer, strict=True):
-        described = sample_words[sample_answer]  # (n, D)
+    for sample_ids, sample_answer in zip(batch["input_ids"], answer, strict=True):
+        described = sample_ids[sample_answer]  # (n,)
         if not len(described):
             raise ValueError("token_target_weight needs an answer (a description) for every image")
-        targets.append(described[slots * len(described) // len(slots)])  # (N, D)
-    targets = torch.stack(targets)  # (B, N, D)
-    return F.mse_loss(images, targets) / targets.pow(2).mean()
+        targets.append(described[slots * len(described) // len(slots)])  # (N,)
+    targets = torch.stack(targets)  # (B, N) token ids
+    table = model.get_input_embeddings().weight.detach().to(images.dtype)  # (V, D)
+    words = table[targets]  # (B, N, D)
+    loss = F.mse_loss(images, words) / words.pow(2).mean()
+    if vocab_weight:
+        loss = loss + vocab_weight * F.cross_entropy((images @ table.T).flatten(0, 1), targets.flatten())
+    return loss
