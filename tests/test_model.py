@@ -170,6 +170,22 @@ def test_placeholder_feature_mismatch_raises(images):
         model(input_ids=batch["input_ids"])
 
 
+def test_snapped_image_tokens_are_words_and_still_train_the_projector(tmp_path, images):
+    model, processor = make_tiny("qwen2", feature_mode="patch", projector_snap_to_vocab=True)
+    model.train()
+    batch = processor([CHAT], [[images[0]]], train=True, padding_side="right")
+    embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"])  # (1, T, D)
+    image_tokens = embeds[batch["input_ids"] == model.config.image_token_id]  # (N, D)
+    table = model.get_input_embeddings().weight
+    projected = model.projector(model.get_image_features(batch["pixel_values"]))[0]  # (N, D)
+    torch.testing.assert_close(image_tokens, table[model.nearest_words(projected)], rtol=0, atol=1e-6)
+    assert not torch.allclose(image_tokens, projected)
+    model(**batch).loss.backward()
+    assert model.projector[0].weight.grad.abs().sum() > 0, "straight-through gradient missing"
+    model.save_pretrained(tmp_path)
+    assert MultimodalLM.from_pretrained(tmp_path).config.projector_snap_to_vocab
+
+
 def test_save_load_round_trip_and_auto_classes(tmp_path, images):
     model, processor = make_tiny("phi3")
     batch = processor([QUESTION], [[images[0]]])

@@ -71,6 +71,10 @@ class ModelConfig:
     """In `patch` mode, merge each f x f block of patch tokens into one (f^2 fewer LM tokens per image)."""
     projector: Literal["mlp_ln", "mlp_gelu"] = "mlp_ln"
     """`mlp_ln`: Linear-ReLU-LayerNorm-Linear (seed design); `mlp_gelu`: LLaVA-1.5's Linear-GELU-Linear."""
+    projector_snap_to_vocab: bool = False
+    """Give the LM each image token as its nearest word's embedding (straight-through gradients): an LM
+    learns to compare words it knows far faster than new vectors. Train the projector toward words first
+    (`token_target_vocab_weight`)."""
 
 
 def build_model(
@@ -87,6 +91,7 @@ def build_model(
         vision_use_cls=cfg.vision_use_cls,
         vision_pixel_shuffle=cfg.vision_pixel_shuffle,
         projector_type=cfg.projector,
+        projector_snap_to_vocab=cfg.projector_snap_to_vocab,
         text_model_name_or_path=cfg.lm,
         vision_model_name_or_path=cfg.vision if tower_pretrained else None,
         trained_parts=["language_model", *(["vision_tower"] if tower_pretrained else [])],

@@ -57,6 +57,8 @@ class MultimodalConfig(PreTrainedConfig):
     vision_pixel_shuffle: in `patch` mode, merge each f x f block of neighbouring patch tokens into
         one token f^2 times as wide (Idefics3's and nanoVLM's pixel shuffle): f^2 fewer image tokens.
     projector_type: `mlp_ln` (Linear-ReLU-LayerNorm-Linear) or `mlp_gelu` (LLaVA's Linear-GELU-Linear).
+    projector_snap_to_vocab: replace each projected image token by the LM's input embedding of its nearest
+        word (largest dot product), with straight-through gradients: the LM reads an image as words.
     image_token / image_token_id: the placeholder the processor expands to `num_image_tokens` per image.
     text_model_name_or_path / vision_model_name_or_path: where the base weights came from; used to
         rebuild a checkpoint that stores only its trained parts.
@@ -81,6 +83,7 @@ class MultimodalConfig(PreTrainedConfig):
     vision_use_cls: bool = False
     vision_pixel_shuffle: int = 1
     projector_type: Literal["mlp_ln", "mlp_gelu"] = "mlp_ln"
+    projector_snap_to_vocab: bool = False
     image_token: str = "<image>"
     image_token_id: int = 0
     text_model_name_or_path: str | None = None

@@ -73,6 +73,19 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         """(I, 3, H, W) -> (I, N, D_v): what the feature cache stores and `image_features=` accepts."""
         return image_features(self.vision_tower, pixel_values.to(self.vision_tower.dtype), self.config)
 
+    def nearest_words(self, tokens: torch.Tensor) -> torch.LongTensor:
+        """(..., D) projected image tokens -> (...) ids of the words whose input embeddings score highest
+        against them: the logits that `token_target_vocab_weight` trains, and what an image reads as."""
+        table = self.get_input_embeddings().weight  # (V, D)
+        return (tokens.to(table.dtype) @ table.T).argmax(-1)
+
+    def snap_to_vocab(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(I, N, D) image tokens -> their nearest words' input embeddings. The forward pass sees the words
+        only; gradients pass straight through to the tokens (as in a VQ-VAE), so the projector can go on
+        training."""
+        words = self.get_input_embeddings().weight[self.nearest_words(tokens)].to(tokens.dtype)  # (I, N, D)
+        return tokens + (words - tokens).detach()
+
     def embed_inputs(
         self,
         input_ids: torch.LongTensor,
@@ -96,6 +109,8 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
                 )
             return embeds
         projected = self.projector(image_features.to(self.projector[0].weight.dtype))  # (I, N, D)
+        if self.config.projector_snap_to_vocab:
+            projected = self.snap_to_vocab(projected)
         n_images, per_image = projected.shape[:2]
         if n_placeholders != n_images * per_image:
             raise ValueError(
