@@ -74,7 +74,8 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"model: {args.model}")
     print(
         f"vision features: {config.vision_feature_mode} ({config.num_image_tokens} tokens/image, "
-        f"{config.vision_feature_dim}-d), projector: {config.projector_type}, "
+        f"{config.vision_feature_dim}-d), projector: {config.projector_type}"
+        f"{' (tokens snapped to words)' if config.projector_snap_to_vocab else ''}, "
         f"image size: {processor.image_processor.size}"
     )
     print(
