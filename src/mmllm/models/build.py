@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ import torch
 from mmllm.config import load_config
 from mmllm.errors import MmllmError
 from mmllm.images import ImageProcessor
-from mmllm.models.configuration import MultimodalConfig, num_image_tokens
+from mmllm.models.configuration import MultimodalConfig, is_mmllm_model, num_image_tokens
 from mmllm.models.language import load_language_model, load_tokenizer
 from mmllm.models.multimodal import MultimodalLM
 from mmllm.models.projector import match_embedding_scale
@@ -107,13 +106,6 @@ def build_model(
     return model.eval(), processor
 
 
-def _is_multimodal_checkpoint(path: Path) -> bool:
-    config = path / "config.json"
-    return (
-        config.is_file() and json.loads(config.read_text()).get("model_type") == MultimodalConfig.model_type
-    )
-
-
 def load_model(
     name_or_path: str, dtype: torch.dtype | None = None
 ) -> tuple[MultimodalLM, MultimodalProcessor]:
@@ -125,7 +117,7 @@ def load_model(
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml"):
         return build_model(load_config(ModelConfig, path), dtype)
-    if path.is_dir() and _is_multimodal_checkpoint(path):
+    if path.is_dir() and is_mmllm_model(path):
         if not (path / PROCESSOR_FILE).is_file():
             raise MmllmError(f"{path} holds a model but no processor ({PROCESSOR_FILE})")
         model = MultimodalLM.from_pretrained(path, dtype=dtype)
@@ -138,7 +130,7 @@ def load_processor(name_or_path: str) -> MultimodalProcessor:
     """The processor of what `load_model` would load, without loading any weights."""
     name_or_path = resolve_model_name(name_or_path)
     path = Path(name_or_path).expanduser()
-    if path.is_dir() and _is_multimodal_checkpoint(path):
+    if path.is_dir() and is_mmllm_model(path):
         return MultimodalProcessor.from_pretrained(path)
     if path.suffix in (".yaml", ".yml"):
         cfg = load_config(ModelConfig, path)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Literal
 
 from huggingface_hub.dataclasses import strict
@@ -127,4 +130,12 @@ class MultimodalConfig(PreTrainedConfig):
         return self.vision_config.hidden_size * self.vision_pixel_shuffle**2
 
 
-__all__ = ["CLIP_VIT_B32", "PARTS", "MultimodalConfig", "num_image_tokens"]
+def is_mmllm_model(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder holding a saved mmllm model (its config.json names our model type)."""
+    config = Path(path).expanduser() / "config.json"
+    return (
+        config.is_file() and json.loads(config.read_text()).get("model_type") == MultimodalConfig.model_type
+    )
+
+
+__all__ = ["CLIP_VIT_B32", "PARTS", "MultimodalConfig", "is_mmllm_model", "num_image_tokens"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -12,7 +11,7 @@ from safetensors import safe_open
 from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from mmllm.errors import MmllmError
-from mmllm.models.configuration import MultimodalConfig
+from mmllm.models.configuration import MultimodalConfig, is_mmllm_model
 
 log = logging.getLogger("mmllm")
 
@@ -53,13 +52,7 @@ def _has_weights(directory: str) -> bool:
 
 def _mmllm_model_config(path: str) -> MultimodalConfig | None:
     """The config of a saved mmllm model at `path`, if that is what it is."""
-    config = Path(path).expanduser() / "config.json"
-    if (
-        not config.is_file()
-        or json.loads(config.read_text()).get("model_type") != MultimodalConfig.model_type
-    ):
-        return None
-    return MultimodalConfig.from_pretrained(config.parent)
+    return MultimodalConfig.from_pretrained(Path(path).expanduser()) if is_mmllm_model(path) else None
 
 
 def load_vision_config(name_or_path: str) -> tuple[CLIPVisionConfig, str, bool]:
