@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 
 from mmllm.config import add_arguments, from_namespace
@@ -55,8 +56,8 @@ def cmd_caption(args: argparse.Namespace) -> None:
     from mmllm.images import load_image
 
     images = [load_image(path) for path in args.images]
-    pipeline = _pipeline(args)
     settings = _settings(args)
+    pipeline = _pipeline(args)
     for start in range(0, len(images), args.batch_size):
         chunk = images[start : start + args.batch_size]
         for path, caption in zip(
@@ -193,7 +194,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if cfg.ui:
         from mmllm.ui import mount_ui
 
-        app = mount_ui(app, args.model)
+        app = mount_ui(app, app.state.server.batcher, args.model, cfg.api_key)
     pages = "OpenAPI docs at /docs" + (", chat page at /ui" if cfg.ui else "")
     print(f"serving {args.model} on http://{cfg.host}:{cfg.port} ({pages})", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
@@ -434,7 +435,16 @@ def _configure_logging(verbose: bool, progress_bars: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    with warnings.catch_warnings():
+        # The one place third-party warnings (deprecations inside transformers, peft, torch) are kept
+        # from the user's terminal; `--debug` shows them. Read before parsing: imports warn too.
+        if "--debug" not in argv:
+            warnings.simplefilter("ignore")
+        return _run(build_parser().parse_args(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
     # Long one-off work (weight conversion) keeps its progress bars; quick commands stay quiet.
     _configure_logging(args.verbose, progress_bars=args.command == "weights")
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -24,8 +25,16 @@ SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "hubble_
 ImageInput = str | Path | bytes | Image.Image
 
 
-def load_image(source: ImageInput) -> Image.Image:
-    """Open a path, `sample:NAME` (scikit-image photos), raw bytes or PIL image as an upright RGB image."""
+def load_image(
+    source: ImageInput, max_pixels: int = MAX_IMAGE_PIXELS, shortest_side: int | None = None
+) -> Image.Image:
+    """Open a path, `sample:NAME` (scikit-image photos), raw bytes or PIL image as an upright RGB image.
+
+    The declared size is checked against `max_pixels` before any pixel is decoded. With
+    `shortest_side` (what preprocessing will resize to), a JPEG decodes at the smallest power-of-two
+    scale that keeps its shortest side at least that long, so memory follows what the model sees,
+    not the file's size.
+    """
     if isinstance(source, Image.Image):
         return to_rgb(source)
     if isinstance(source, str) and source.startswith(SAMPLE_PREFIX):
@@ -35,11 +44,13 @@ def load_image(source: ImageInput) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-            if image.width * image.height > MAX_IMAGE_PIXELS:
+            if image.width * image.height > max_pixels:
                 raise MmllmError(
-                    f"{name}: {image.width}x{image.height} pixels is too large "
-                    f"(limit {MAX_IMAGE_PIXELS:,} pixels)"
+                    f"{name}: {image.width}x{image.height} pixels is too large (limit {max_pixels:,} pixels)"
                 )
+            if shortest_side and image.format == "JPEG":
+                scale = shortest_side / min(image.size)
+                image.draft("RGB", (math.ceil(image.width * scale), math.ceil(image.height * scale)))
             image.load()
     except FileNotFoundError:
         raise MmllmError(f"{name}: no such file") from None
@@ -106,9 +117,12 @@ class ImageProcessor:
         """One RGB image -> (3, size, size) float32."""
         scale = self.size / min(image.size)
         width, height = (max(self.size, int(d * scale)) for d in image.size)  # int(): as transformers
-        image = image.resize((width, height), Image.Resampling.BICUBIC)
         left, top = (width - self.size) // 2, (height - self.size) // 2
-        image = image.crop((left, top, left + self.size, top + self.size))
+        # Resize only the centre crop's source box: the same pixels as resizing the whole image and
+        # then cropping, without ever holding the resized whole (a 1x100000 strip would be 224x22M).
+        x, y = width / image.width, height / image.height  # the whole resize's own scale per axis
+        box = (left / x, top / y, (left + self.size) / x, (top + self.size) / y)
+        image = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=box)
         pixels = np.asarray(image, dtype=np.float32) / 255.0  # (S, S, 3)
         pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return pixels.transpose(2, 0, 1)

@@ -24,6 +24,9 @@ log = logging.getLogger("mmllm")
 
 CAPTION_PROMPT = "Describe this image briefly."
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_TEMPERATURE = 100.0
+GREEDY_BELOW = 1e-5
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
 
 
 @dataclass
@@ -47,12 +50,38 @@ class GenerationSettings:
     ignore_eos: bool = False
     """Keep generating past the end of the answer, up to max_new_tokens (for benchmarks)."""
 
+    def __post_init__(self) -> None:
+        """Every setting is checked when the settings are made: before a model loads or a request queues."""
+        problems = [
+            message
+            for bad, message in (
+                (self.max_new_tokens < 1, "max_new_tokens must be at least 1"),
+                (
+                    not 0 <= self.temperature <= MAX_TEMPERATURE,
+                    f"temperature must be in [0, {MAX_TEMPERATURE}]",
+                ),
+                (not 0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                (self.top_k < 0, "top_k must be 0 (no limit) or more"),
+                (self.num_beams < 1, "num_beams must be at least 1"),
+                (not 0 < self.repetition_penalty <= 100, "repetition_penalty must be in (0, 100]"),
+                (
+                    self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1],
+                    f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]",
+                ),
+            )
+            if bad  # NaN fails every range check above, so it is refused too
+        ]
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def sampling(self) -> bool:
+        # Below this, dividing logits by the temperature overflows to inf: the limit of sampling is
+        # greedy decoding, so that is what a near-zero temperature gets (vLLM does the same).
+        return self.temperature >= GREEDY_BELOW
+
     def generation_config(self, processor: MultimodalProcessor) -> GenerationConfig:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.num_beams < 1:
-            raise ValueError("need temperature >= 0, 0 < top_p <= 1 and num_beams >= 1")
-        sampling = self.temperature > 0
+        sampling = self.sampling
         options = (
             {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k} if sampling else {}
         )
@@ -80,7 +109,15 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end of turn or a stop string) or "length"
+    finish_reason: str  # "stop" (end of turn or a stop string), "length", or "cancelled" (client left)
+
+
+@dataclass
+class Prompt:
+    """One conversation, checked and encoded on its own: what a batch is made of."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None  # (I, 3, S, S), or None without images
 
 
 class _RowStreamer(BaseStreamer, StoppingCriteria):
@@ -91,11 +128,18 @@ class _RowStreamer(BaseStreamer, StoppingCriteria):
     """
 
     def __init__(
-        self, pipeline: Pipeline, limits: list[int], stops: list[list[str]], on_delta, ignore_eos: bool
+        self,
+        pipeline: Pipeline,
+        limits: list[int],
+        stops: list[list[str]],
+        on_delta,
+        ignore_eos: bool,
+        cancelled: list[threading.Event] | None = None,
     ):
         self.tokenizer = pipeline.processor.tokenizer
         self.stop_ids = set() if ignore_eos else set(pipeline.processor.stop_token_ids)
         self.limits, self.stops, self.on_delta = limits, stops, on_delta
+        self.cancelled = cancelled or [threading.Event() for _ in limits]
         self.ids: list[list[int]] = [[] for _ in limits]
         self.text = [""] * len(limits)
         self.finish = [""] * len(limits)
@@ -106,6 +150,8 @@ class _RowStreamer(BaseStreamer, StoppingCriteria):
             self.prompt_seen = True
             return
         for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.cancelled[row].is_set() and not self.finish[row]:
+                self.finish[row] = "cancelled"  # the client went away: its row stops costing compute
             if self.finish[row]:
                 continue
             if token in self.stop_ids:
@@ -180,30 +226,46 @@ class Pipeline:
             quantize_int8(model)
         return cls(model.to(device), processor)
 
+    @property
+    def context_length(self) -> int:
+        """The most tokens the language model reads: prompt (image placeholders included) + answer."""
+        return self.model.config.text_config.max_position_embeddings
+
+    def prepare(self, conversation: list[Message], images: list[ImageInput] | None = None) -> Prompt:
+        """Check and encode one conversation on its own (images loaded once, resized, tokens counted).
+
+        What fails here fails this request alone, before it joins a batch with anyone else's.
+        """
+        encoded = self.processor.encode(conversation, [load_image(image) for image in images or ()])
+        if len(encoded["input_ids"]) > self.context_length:
+            raise ValueError(
+                f"the prompt is {len(encoded['input_ids']):,} tokens; the model's context holds "
+                f"{self.context_length:,}"
+            )
+        return Prompt(encoded["input_ids"], encoded["pixel_values"])
+
     @torch.inference_mode()
-    def image_features(self, images: list[ImageInput]) -> torch.Tensor:
-        """(I, N, D_v) vision features, served from the LRU cache when an image was seen before."""
-        loaded = [load_image(image) for image in images]
-        keys = [hashlib.sha256(image.tobytes() + str(image.size).encode()).hexdigest() for image in loaded]
+    def image_features(self, images: list[ImageInput] | torch.Tensor) -> torch.Tensor:
+        """(I, N, D_v) features of images or (I, 3, S, S) pixels, from the LRU cache when seen before."""
+        pixels = images if isinstance(images, torch.Tensor) else self.processor.image_processor(images)
+        keys = [hashlib.sha256(row.numpy().tobytes()).hexdigest() for row in pixels]  # what the tower sees
         found = {key: self.features.get(key) for key in keys}
         missing = [i for i, key in enumerate(keys) if found[key] is None]
         if missing:
-            pixels = self.processor.image_processor([loaded[i] for i in missing]).to(self.model.device)
-            for i, features in zip(missing, self.model.get_image_features(pixels), strict=True):
+            batch = pixels[missing].to(self.model.device)
+            for i, features in zip(missing, self.model.get_image_features(batch), strict=True):
                 found[keys[i]] = features
                 self.features.put(keys[i], features)  # a batch larger than the cache still gets all
         return torch.stack([found[key] for key in keys])
 
-    def _inputs(self, conversations: list[list[Message]], images: list[list[ImageInput]] | None) -> dict:
-        images = images or [[] for _ in conversations]
-        encoded = [self.processor.encode_text(c, len(i)) for c, i in zip(conversations, images, strict=True)]
-        batch = {k: v.to(self.model.device) for k, v in self.processor.pad(encoded).items()}
-        flat = [image for row in images for image in row]
-        if flat:
-            batch["image_features"] = self.image_features(flat)
+    def _inputs(self, prompts: list[Prompt]) -> dict:
+        padded = self.processor.pad([{"input_ids": prompt.input_ids} for prompt in prompts])
+        batch = {k: v.to(self.model.device) for k, v in padded.items()}
+        pixels = [prompt.pixel_values for prompt in prompts if prompt.pixel_values is not None]
+        if pixels:
+            batch["image_features"] = self.image_features(torch.cat(pixels))
         return batch
 
-    @torch.inference_mode()
     def complete(
         self,
         conversations: list[list[Message]],
@@ -217,12 +279,27 @@ class Pipeline:
 
         `on_delta(row, text)` receives each row's new text as it is generated (greedy/sampling).
         """
+        images = images or [[] for _ in conversations]
+        prompts = [self.prepare(c, i) for c, i in zip(conversations, images, strict=True)]
+        return self.complete_prompts(prompts, settings, max_tokens, stop, on_delta)
+
+    @torch.inference_mode()
+    def complete_prompts(
+        self,
+        prompts: list[Prompt],
+        settings: GenerationSettings | None = None,
+        max_tokens: list[int] | None = None,
+        stop: list[list[str]] | None = None,
+        on_delta=None,
+        cancelled: list[threading.Event] | None = None,
+    ) -> list[Completion]:
+        """`complete` for prepared prompts; a row whose `cancelled` event is set stops at its next token."""
         settings = settings or GenerationSettings()
-        limits = max_tokens or [settings.max_new_tokens] * len(conversations)
-        stops = stop or [[] for _ in conversations]
+        limits = max_tokens or [settings.max_new_tokens] * len(prompts)
+        stops = stop or [[] for _ in prompts]
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        inputs = self._inputs(conversations, images)
+        inputs = self._inputs(prompts)
         config = settings.generation_config(self.processor)
         config.max_new_tokens = max(limits)
         if settings.ignore_eos:
@@ -235,7 +312,7 @@ class Pipeline:
             for column in output[:, inputs["input_ids"].shape[1] :].T:
                 streamer.put(column)
         else:
-            streamer = _RowStreamer(self, limits, stops, on_delta, settings.ignore_eos)
+            streamer = _RowStreamer(self, limits, stops, on_delta, settings.ignore_eos, cancelled)
             self.model.generate(
                 **inputs, generation_config=config, streamer=streamer, stopping_criteria=[streamer]
             )
@@ -244,7 +321,7 @@ class Pipeline:
             Completion(
                 streamer.text[row].strip(), prompt_tokens[row], len(streamer.ids[row]), streamer.finish[row]
             )
-            for row in range(len(conversations))
+            for row in range(len(prompts))
         ]
 
     def generate(

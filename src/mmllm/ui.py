@@ -239,8 +239,20 @@ def serve_ui(pipeline: Pipeline, model_name: str, cfg: UiConfig) -> None:
     page.queue().launch(server_name=cfg.host, server_port=cfg.port, show_error=True)
 
 
-def mount_ui(app: Any, model_name: str, whisper: str = "whisper-base", path: str = "/ui") -> Any:
-    """Mount the page into the API server's FastAPI app, sharing its batcher."""
+def mount_ui(
+    app: Any,
+    batcher: DynamicBatcher,
+    model_name: str,
+    api_key: str | None = None,
+    whisper: str = "whisper-base",
+    path: str = "/ui",
+) -> Any:
+    """Mount the page into the API server's FastAPI app, sharing its batcher.
+
+    With an API key the page asks for it on a login form (any user name, the key as password):
+    a browser cannot send the API's Bearer header, and the page must not be a way around it.
+    """
     import gradio as gr
 
-    return gr.mount_gradio_app(app, build_ui(app.state.batcher, model_name, whisper), path=path)
+    auth = (lambda user, password: password == api_key) if api_key else None
+    return gr.mount_gradio_app(app, build_ui(batcher, model_name, whisper), path=path, auth=auth)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from mmllm.errors import MmllmError
+from mmllm.models.language import cache_keyword
 from mmllm.pipeline import GenerationSettings
 from mmllm.processor import Message, MultimodalProcessor
 
@@ -63,11 +64,11 @@ class _DecoderGraph(torch.nn.Module):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
+            **{cache_keyword(self.language_model): cache},
         )
-        present = [t for layer in output.past_key_values.layers for t in (layer.keys, layer.values)]
+        present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         return (output.logits[:, -1], *present)
 
 
@@ -262,7 +263,7 @@ class OnnxPipeline:
 
 def _choose(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator) -> np.ndarray:
     """Next token per row: argmax, or a sample from the temperature/top-k/top-p distribution."""
-    if settings.temperature <= 0:
+    if not settings.sampling:
         return logits.argmax(-1)
     scaled = logits / settings.temperature
     if settings.top_k:

@@ -39,3 +39,10 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(resolved.path, gguf_file=resolved.gguf_file)
     except OSError as err:
         raise MmllmError(f"cannot load tokenizer of '{name_or_path}': {err}") from err
+
+
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The name under which this transformers version's forward takes the KV cache (renamed in 5.24)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

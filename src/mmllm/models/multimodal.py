@@ -129,7 +129,6 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         image_features: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -137,6 +136,9 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """`labels` follow HF convention: -100 is ignored, position t is scored against label t + 1.
+
+        The KV cache travels in `kwargs` under whichever name this transformers version uses
+        (`cache`; `past_key_values` before 5.24), so generate never sees both names set.
 
         With labels, the LM head runs only on the (row, position) pairs that predict a label: answers
         are a small part of a VQA conversation, and the (B, T, vocab) logits are the largest activation
@@ -154,7 +156,6 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
                 use_cache=use_cache,
                 logits_to_keep=logits_to_keep,
                 **kwargs,

@@ -1,7 +1,9 @@
 """The HTTP server: REST (`/generate`, `/caption`) and the OpenAI API (`/v1/chat/completions`, `/v1/models`).
 
-Every bad input gets a 4xx with an OpenAI-shaped error body, never a traceback; the model runs in
-one batcher thread, so the event loop only parses, validates and streams.
+Every bad input gets a 4xx with an OpenAI-shaped error body, never a traceback. The event loop only
+parses, validates and streams: decoding images, transcribing audio and tokenizing run in worker
+threads, and the model runs in one batcher thread. A request whose client disconnects stops
+generating at its next token.
 """
 
 from __future__ import annotations
@@ -14,46 +16,61 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import PlainTextResponse, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mmllm.errors import MmllmError
 from mmllm.images import load_image
-from mmllm.pipeline import Completion, GenerationSettings, Pipeline
+from mmllm.pipeline import CAPTION_PROMPT, Completion, GenerationSettings, Pipeline, Prompt
+from mmllm.processor import Message
 from mmllm.serve.batcher import DynamicBatcher, Job
 from mmllm.serve.config import ServeConfig
+from mmllm.serve.guard import UI_PATH, ErrorResponse, Guard
 from mmllm.serve.metrics import Metrics
 from mmllm.serve.schemas import (
     CaptionRequest,
     ChatCompletion,
     ChatCompletionRequest,
-    ErrorResponse,
+    ChatMessage,
     GenerateRequest,
     Health,
     ModelList,
     TextResponse,
 )
+from mmllm.serve.schemas import ErrorResponse as ErrorSchema
+
+ALIAS = "mmllm"  # a model name every server answers to, whatever it serves
+# Text beyond this many characters per allowed prompt token is refused before tokenizing: no
+# tokenizer packs more into a token, and a 19 MB prompt took 17 s to tokenize only to be refused.
+CHARS_PER_TOKEN = 32
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorSchema, "description": description}
+    for status, description in (
+        (400, "invalid request: the message says which field and why"),
+        (401, "missing or wrong API key"),
+        (413, "request body over the server's limit"),
+        (504, "generation took longer than the server's time limit"),
+    )
+}
 
 
 class ApiError(Exception):
     def __init__(
-        self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
     ):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
 
-def _error(
-    status: int, message: str, kind: str = "invalid_request_error", param: str | None = None
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status)
-
-
-def decode_image(value: str, cfg: ServeConfig) -> Image.Image:
+def decode_image(value: str, cfg: ServeConfig, shortest_side: int | None = None) -> Image.Image:
     """A data URI or bare base64 (or, only if enabled, an http(s) URL). Never a local path."""
     if value.startswith(("http://", "https://")):
         if not cfg.allow_remote_images:
@@ -73,24 +90,208 @@ def decode_image(value: str, cfg: ServeConfig) -> Image.Image:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(400, "image is neither a data URI nor valid base64", "image_url") from None
+    return image_from_bytes(data, cfg, shortest_side, "image_url")
+
+
+def image_from_bytes(data: bytes, cfg: ServeConfig, shortest_side: int | None, param: str) -> Image.Image:
     try:
-        image = load_image(data)
+        return load_image(data, max_pixels=cfg.max_image_pixels, shortest_side=shortest_side)
     except MmllmError as err:
-        raise ApiError(400, f"bad image: {err}", "image_url") from None
-    if image.width * image.height > cfg.max_image_pixels:
-        raise ApiError(400, f"image of {image.width}x{image.height} exceeds {cfg.max_image_pixels:,} pixels")
-    return image
+        raise ApiError(400, f"bad image: {err}", param) from None
 
 
-def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = "mmllm") -> FastAPI:
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """The one error that names the real problem, at a path a client can read (`messages.0.content`).
+
+    A union field reports a mismatch for every branch it could have been; the branch the input took
+    fails deeper, and that is the error to show.
+    """
+    if not errors:
+        return "invalid request body"
+
+    def rank(error: dict[str, Any]) -> tuple[bool, int]:
+        return not error["type"].endswith("_type"), len(error["loc"])
+
+    best = max(errors, key=rank)
+    if best["type"] == "json_invalid":
+        return f"invalid JSON body: {best.get('ctx', {}).get('error', best['msg'])}"
+    loc = [str(p) for p in best["loc"] if p != "body"]
+    # Drop pydantic's union branch names ("function-after[...]", "str", "ImageURL") and a tagged
+    # union's tag, which repeats the field it selects ("image_url", "image_url").
+    kept: list[str] = []
+    for part in loc:
+        if "[" in part or part in ("str", "int", "float", "bool") or part[:1].isupper():
+            continue
+        if not kept or kept[-1] != part:
+            kept.append(part)
+    message = best["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(kept)}: {message}" if kept else message
+
+
+def body_schema(model: type, file_required: bool = False) -> dict:
+    """OpenAPI request body for JSON (base64 `image`) or multipart (an uploaded `file` + the same fields)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    fields = {k: v for k, v in schema["properties"].items() if k != "image"}
+    form = {
+        "type": "object",
+        "properties": {"file": {"type": "string", "format": "binary"}, **fields},
+        "required": [
+            *(["file"] if file_required else []),
+            *(r for r in schema.get("required", []) if r != "image"),
+        ],
+    }
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": schema}, "multipart/form-data": {"schema": form}},
+        }
+    }
+
+
+class Server:
+    """What the handlers share: the pipeline, its batcher, the settings, the metrics."""
+
+    def __init__(self, pipeline: Pipeline, cfg: ServeConfig, model_name: str):
+        self.pipeline, self.cfg, self.model_name = pipeline, cfg, model_name
+        self.metrics = Metrics()
+        self.batcher = DynamicBatcher(
+            pipeline, cfg.max_batch_size, cfg.max_wait_ms, on_batch=self.metrics.observe_batch
+        )
+        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        self.names = list(dict.fromkeys([model_name, ALIAS]))
+        self.created = int(time.time())
+        self.shortest_side = pipeline.processor.image_processor.size
+
+    def check_model(self, name: str) -> None:
+        if name not in self.names:
+            raise ApiError(
+                404,
+                f"model {name!r} is not served here; use one of: {', '.join(self.names)}",
+                "model",
+                code="model_not_found",
+            )
+
+    def check_request(self, texts: list[str], n_images: int, max_tokens: int) -> None:
+        """The limits that need no decoding or tokenizing: checked first, on the event loop."""
+        cfg = self.cfg
+        if n_images > cfg.max_images:
+            raise ApiError(
+                400, f"{n_images} images; this server accepts at most {cfg.max_images}", "messages"
+            )
+        if max_tokens > cfg.max_tokens:
+            raise ApiError(
+                400, f"max_tokens {max_tokens} exceeds this server's limit of {cfg.max_tokens}", "max_tokens"
+            )
+        characters = sum(map(len, texts))
+        if characters > cfg.max_prompt_tokens * CHARS_PER_TOKEN:
+            raise ApiError(
+                400,
+                f"prompt of {characters:,} characters is longer than {cfg.max_prompt_tokens:,} tokens can be",
+                "messages",
+            )
+
+    async def prepare(self, conversation: list[Message], images: list[Image.Image]) -> Prompt:
+        """Tokenize and preprocess one request on its own, off the event loop."""
+        try:
+            prompt = await asyncio.to_thread(self.pipeline.prepare, conversation, images)
+        except (MmllmError, ValueError) as err:
+            raise ApiError(400, str(err), "messages") from None
+        if len(prompt.input_ids) > self.cfg.max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"prompt of {len(prompt.input_ids):,} tokens exceeds this server's limit of "
+                f"{self.cfg.max_prompt_tokens:,}",
+                "messages",
+            )
+        return prompt
+
+    def enqueue(
+        self, prompt: Prompt, settings: GenerationSettings, max_tokens: int, stop: list[str], stream: bool
+    ) -> Job:
+        loop = asyncio.get_running_loop()
+        job = Job(
+            prompt,
+            settings,
+            max_tokens,
+            stop,
+            loop,
+            loop.create_future(),
+            asyncio.Queue() if stream else None,
+        )
+        self.batcher.submit(job)
+        return job
+
+    async def result(self, job: Job, request: Request) -> Completion:
+        """The finished answer; a client that disconnects or a timeout cancels the generation."""
+        left = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait(
+                {job.future, left}, timeout=self.cfg.timeout_s, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            left.cancel()
+        if job.future not in done:
+            job.cancel()
+            if left in done:
+                raise ApiError(499, "client closed the request", kind="client_closed")
+            raise ApiError(504, f"generation took longer than {self.cfg.timeout_s:g} s", kind="timeout")
+        if (failure := job.future.exception()) is not None:
+            raise ApiError(500, f"generation failed: {failure}", kind="server_error")
+        completion = job.future.result()
+        self.metrics.generated_tokens.inc(completion.completion_tokens)
+        return completion
+
+    def max_tokens(self, request: ChatCompletionRequest) -> int:
+        """What the client asked for, or (asking for nothing) as much as this server allows, up to 256."""
+        return request.max_completion_tokens or request.max_tokens or min(256, self.cfg.max_tokens)
+
+    def settings(self, **options: Any) -> GenerationSettings:
+        try:
+            return GenerationSettings(**options)
+        except ValueError as err:
+            raise ApiError(400, str(err)) from None
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _speech_to_text(data: str) -> str:
+    from mmllm.audio import transcribe
+
+    try:
+        audio = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "input_audio.data is not valid base64", "input_audio") from None
+    try:
+        text = transcribe(audio)
+    except MmllmError as err:
+        raise ApiError(400, f"audio: {err}", "input_audio") from None
+    if not text.strip():
+        raise ApiError(400, "audio: no speech was recognised in input_audio", "input_audio")
+    return text
+
+
+def _has_content(message: ChatMessage) -> bool:
+    if isinstance(message.content, str):
+        return bool(message.content.strip())
+    return any(part.type != "text" or part.text.strip() for part in message.content)
+
+
+def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = ALIAS) -> FastAPI:
     app = FastAPI(title="mmllm", description="Multimodal LLM server: REST and OpenAI-compatible API.")
-    metrics = Metrics()
-    batcher = DynamicBatcher(pipeline, cfg.max_batch_size, cfg.max_wait_ms, on_batch=metrics.observe_batch)
-    metrics.queue_depth.set_function(lambda: batcher.depth)
-    created = int(time.time())
+    server = Server(pipeline, cfg, model_name)
+    app.state.server = server
     vision_trained = "vision_tower" in (pipeline.model.config.trained_parts or ())
-    app.state.batcher = batcher
-    if cfg.cors_origins:
+
+    def route_of(path: str) -> str:  # a bounded set of metric labels, whatever paths clients send
+        if path == UI_PATH or path.startswith(UI_PATH + "/"):
+            return UI_PATH
+        return path if any(getattr(r, "path", None) == path for r in app.routes) else "other"
+
+    app.add_middleware(Guard, cfg=cfg, metrics=server.metrics, route_of=route_of)
+    if cfg.cors_origins:  # outside the guard: a browser's preflight carries no API key
         from fastapi.middleware.cors import CORSMiddleware
 
         app.add_middleware(
@@ -100,95 +301,37 @@ def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = "mmllm") 
             allow_headers=["*"],
         )
 
-    @app.middleware("http")
-    async def limits_and_metrics(request: Request, call_next):
-        start = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > cfg.max_body_mb * 2**20:
-            response = _error(413, f"request body over {cfg.max_body_mb} MB")
-        else:
-            response = await call_next(request)
-        metrics.observe_request(request.url.path, response.status_code, time.perf_counter() - start)
-        return response
-
     @app.exception_handler(ApiError)
-    async def api_error(request: Request, err: ApiError) -> JSONResponse:
-        return _error(err.status, err.message, err.kind, err.param)
+    async def api_error(request: Request, err: ApiError) -> ErrorResponse:
+        return ErrorResponse(err.status, err.message, err.kind, err.param, err.code)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0] if err.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:])
-        return _error(
-            400, f"{where}: {first.get('msg', 'invalid request')}" if where else "invalid request body"
-        )
+    async def invalid(request: Request, err: RequestValidationError) -> ErrorResponse:
+        return ErrorResponse(400, validation_message(list(err.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _error(
-            err.status_code,
-            str(err.detail),
-            "not_found_error" if err.status_code == 404 else "invalid_request_error",
-        )
+    async def http_error(request: Request, err: StarletteHTTPException) -> ErrorResponse:
+        kind = "not_found_error" if err.status_code == 404 else "invalid_request_error"
+        return ErrorResponse(err.status_code, str(err.detail), kind, headers=err.headers)  # 405 keeps Allow
 
-    async def authorized(request: Request) -> None:
-        if cfg.api_key and request.headers.get("authorization") != f"Bearer {cfg.api_key}":
-            raise ApiError(
-                401, "missing or invalid API key (Authorization: Bearer ...)", kind="authentication_error"
-            )
-
-    def check(conversation: list[dict], images: list, max_tokens: int) -> None:
-        if len(images) > cfg.max_images:
-            raise ApiError(400, f"{len(images)} images; this server accepts at most {cfg.max_images}")
-        if max_tokens > cfg.max_tokens:
-            raise ApiError(
-                400, f"max_tokens {max_tokens} exceeds this server's limit of {cfg.max_tokens}", "max_tokens"
-            )
-        try:
-            prompt = pipeline.processor.encode_text(conversation, len(images))["input_ids"]
-        except ValueError as err:
-            raise ApiError(400, str(err), "messages") from None
-        if len(prompt) > cfg.max_prompt_tokens:
-            raise ApiError(400, f"prompt of {len(prompt)} tokens exceeds {cfg.max_prompt_tokens}", "messages")
-
-    def enqueue(conversation, images, settings, max_tokens, stop, stream: bool) -> Job:
-        loop = asyncio.get_running_loop()
-        job = Job(
-            conversation,
-            images,
-            settings,
-            max_tokens,
-            stop,
-            loop,
-            loop.create_future(),
-            asyncio.Queue() if stream else None,
-        )
-        batcher.submit(job)
-        return job
-
-    async def result(job: Job) -> Completion:
-        try:
-            completion = await asyncio.wait_for(asyncio.shield(job.future), cfg.timeout_s)
-        except TimeoutError:
-            job.future.cancel()
-            raise ApiError(504, f"generation took longer than {cfg.timeout_s} s", kind="timeout") from None
-        metrics.generated_tokens.inc(completion.completion_tokens)
-        return completion
-
-    def speech_to_text(data: str) -> str:
-        from mmllm.audio import transcribe
-
-        try:
-            audio = base64.b64decode(data, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, "input_audio.data is not valid base64", "input_audio") from None
-        try:
-            return transcribe(audio)
-        except MmllmError as err:
-            raise ApiError(400, f"audio: {err}", "input_audio") from None
-
-    async def chat_inputs(request: ChatCompletionRequest) -> tuple[list[dict], list]:
-        conversation, images = [], []
+    async def chat_inputs(request: ChatCompletionRequest) -> tuple[list[Message], list[Image.Image]]:
+        texts, image_urls = [], []
+        for message in request.messages:
+            parts = [message.content] if isinstance(message.content, str) else message.content
+            for part in parts:
+                if isinstance(part, str):
+                    texts.append(part)
+                elif part.type == "text":
+                    texts.append(part.text)
+                elif part.type == "image_url":
+                    image_urls.append(
+                        part.image_url if isinstance(part.image_url, str) else part.image_url.url
+                    )
+        if not any(m.role == "user" and _has_content(m) for m in request.messages):
+            raise ApiError(400, "messages need a non-empty user message", "messages")
+        server.check_request(texts, len(image_urls), server.max_tokens(request))
+        images = [await asyncio.to_thread(decode_image, url, cfg, server.shortest_side) for url in image_urls]
+        conversation = []
         for message in request.messages:
             if isinstance(message.content, str):
                 text = message.content
@@ -198,39 +341,35 @@ def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = "mmllm") 
                     if part.type == "text":
                         pieces.append(part.text)
                     elif part.type == "image_url":
-                        url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
-                        images.append(decode_image(url, cfg))
                         pieces.append(pipeline.processor.image_token)
-                    else:  # Whisper runs off the event loop
-                        pieces.append(await asyncio.to_thread(speech_to_text, part.input_audio.data))
+                    else:
+                        pieces.append(await asyncio.to_thread(_speech_to_text, part.input_audio.data))
                 text = "\n".join(pieces)
             conversation.append({"role": message.role, "content": text})
-        if not any(m["role"] == "user" and m["content"].strip() for m in conversation):
-            raise ApiError(400, "messages need a non-empty user message", "messages")
         return conversation, images
 
     @app.post(
         "/v1/chat/completions",
         response_model=ChatCompletion,
-        responses={400: {"model": ErrorResponse}},
-        dependencies=[Depends(authorized)],
+        responses={**ERRORS, 404: {"model": ErrorSchema, "description": "unknown model name"}},
     )
-    async def chat_completions(request: ChatCompletionRequest):
-        conversation, images = await chat_inputs(request)
-        max_tokens = request.max_completion_tokens or request.max_tokens or 256
-        check(conversation, images, max_tokens)
-        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        settings = GenerationSettings(
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        server.check_model(body.model)
+        conversation, images = await chat_inputs(body)
+        max_tokens = server.max_tokens(body)
+        settings = server.settings(
             max_new_tokens=max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            seed=request.seed,
-            ignore_eos=request.ignore_eos,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            ignore_eos=body.ignore_eos,
         )
-        job = enqueue(conversation, images, settings, max_tokens, stop, request.stream)
-        completion_id, model = f"chatcmpl-{uuid.uuid4().hex}", request.model
-        if not request.stream:
-            done = await result(job)
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        prompt = await server.prepare(conversation, images)
+        job = server.enqueue(prompt, settings, max_tokens, stop, body.stream)
+        completion_id, model = f"chatcmpl-{uuid.uuid4().hex}", body.model
+        if not body.stream:
+            done = await server.result(job, request)
             return ChatCompletion(
                 id=completion_id,
                 created=int(time.time()),
@@ -254,63 +393,73 @@ def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = "mmllm") 
             return f"data: {json.dumps(body)}\n\n"
 
         async def events():
-            yield chunk({"role": "assistant", "content": ""})
-            first = True
-            while (piece := await job.deltas.get()) is not None:
-                # Answers are stripped of leading whitespace, as in the non-streamed form.
-                piece = piece.lstrip() if first else piece
-                first = first and not piece
-                if piece:
-                    yield chunk({"content": piece})
+            deadline = time.monotonic() + cfg.timeout_s
             try:
-                done = await result(job)
+                yield chunk({"role": "assistant", "content": ""})
+                first = True
+                while (
+                    piece := await asyncio.wait_for(job.deltas.get(), deadline - time.monotonic())
+                ) is not None:
+                    # Answers are stripped of leading whitespace, as in the non-streamed form.
+                    piece = piece.lstrip() if first else piece
+                    first = first and not piece
+                    if piece:
+                        yield chunk({"content": piece})
+                done = await job.future
+                server.metrics.generated_tokens.inc(done.completion_tokens)
                 yield chunk({}, done.finish_reason)
-            except (ApiError, Exception) as err:
+            except TimeoutError:
+                error = {"message": f"generation took longer than {cfg.timeout_s:g} s", "type": "timeout"}
+                yield f"data: {json.dumps({'error': error})}\n\n"
+            except Exception as err:  # after the 200 has gone out, an error can only travel in-band
                 yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error'}})}\n\n"
+            finally:
+                job.cancel()  # the client left (the response is cancelled) or the answer is complete
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def form_or_json(request: Request, model: type) -> tuple[Any, list]:
+    async def form_or_json(request: Request, model: type) -> tuple[Any, list[Image.Image]]:
         """JSON bodies carry base64 images; multipart forms carry an uploaded `file`."""
         kind = request.headers.get("content-type", "")
         if kind.startswith("multipart/form-data"):
-            form = await request.form()
+            try:
+                form = await request.form()
+            except Exception as err:  # a malformed multipart body
+                raise ApiError(400, f"invalid multipart form: {err}") from None
             upload = form.get("file")
             fields = {k: v for k, v in form.items() if k != "file"}
-            image = None
+            images = []
             if upload is not None and hasattr(upload, "read"):
-                try:
-                    image = load_image(await upload.read())
-                except MmllmError as err:
-                    raise ApiError(400, f"bad image: {err}", "file") from None
+                data = await upload.read()
+                images.append(
+                    await asyncio.to_thread(image_from_bytes, data, cfg, server.shortest_side, "file")
+                )
                 fields.setdefault("image", "uploaded")
             try:
-                return model.model_validate(fields), [image] if image else []
+                return model.model_validate(fields), images
             except ValueError as err:
-                raise ApiError(400, f"invalid form: {err}") from None
+                raise ApiError(400, f"invalid form: {validation_message(err.errors())}") from None
         if not kind.startswith("application/json"):
             raise ApiError(415, "send application/json or multipart/form-data")
         try:
             body = model.model_validate_json(await request.body())
         except ValueError as err:
-            raise ApiError(400, f"invalid JSON body: {str(err).splitlines()[0]}") from None
-        return body, [decode_image(body.image, cfg)] if body.image else []
+            raise ApiError(400, validation_message(err.errors())) from None
+        images = (
+            [await asyncio.to_thread(decode_image, body.image, cfg, server.shortest_side)]
+            if body.image
+            else []
+        )
+        return body, images
 
-    def body_schema(model: type) -> dict:
-        schema = {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}
-        form = {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}}
-        return {
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": schema, "multipart/form-data": form},
-            }
-        }
-
-    async def answer(prompt: str, images: list, settings: GenerationSettings) -> TextResponse:
-        conversation = [{"role": "user", "content": prompt}]
-        check(conversation, images, settings.max_new_tokens)
-        done = await result(enqueue(conversation, images, settings, settings.max_new_tokens, [], False))
+    async def answer(
+        request: Request, prompt_text: str, images: list, settings: GenerationSettings
+    ) -> TextResponse:
+        server.check_request([prompt_text], len(images), settings.max_new_tokens)
+        prompt = await server.prepare([{"role": "user", "content": prompt_text}], images)
+        job = server.enqueue(prompt, settings, settings.max_new_tokens, [], False)
+        done = await server.result(job, request)
         return TextResponse(
             text=done.text,
             prompt_tokens=done.prompt_tokens,
@@ -318,51 +467,49 @@ def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = "mmllm") 
             finish_reason=done.finish_reason,
         )
 
+    form_errors = {**ERRORS, 415: {"model": ErrorSchema, "description": "neither JSON nor multipart"}}
+
     @app.post(
         "/generate",
         response_model=TextResponse,
         openapi_extra=body_schema(GenerateRequest),
-        responses={400: {"model": ErrorResponse}},
-        dependencies=[Depends(authorized)],
+        responses=form_errors,
     )
     async def generate(request: Request):
         body, images = await form_or_json(request, GenerateRequest)
         if not body.prompt.strip():
             raise ApiError(400, "the prompt is empty", "prompt")
-        settings = GenerationSettings(
+        settings = server.settings(
             max_new_tokens=body.max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             num_beams=body.num_beams,
             seed=body.seed,
         )
-        return await answer(body.prompt, images, settings)
+        return await answer(request, body.prompt, images, settings)
 
     @app.post(
         "/caption",
         response_model=TextResponse,
-        openapi_extra=body_schema(CaptionRequest),
-        responses={400: {"model": ErrorResponse}},
-        dependencies=[Depends(authorized)],
+        openapi_extra=body_schema(CaptionRequest, file_required=True),
+        responses=form_errors,
     )
     async def caption(request: Request):
         body, images = await form_or_json(request, CaptionRequest)
         if not images:
             raise ApiError(400, "no image", "image")
-        return await answer(
-            "Describe this image briefly.", images, GenerationSettings(max_new_tokens=body.max_tokens)
-        )
+        return await answer(request, CAPTION_PROMPT, images, server.settings(max_new_tokens=body.max_tokens))
 
-    @app.get("/v1/models", response_model=ModelList, dependencies=[Depends(authorized)])
+    @app.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]})
     async def models():
-        return ModelList(data=[{"id": model_name, "created": created}])
+        return ModelList(data=[{"id": name, "created": server.created} for name in server.names])
 
     @app.get("/health", response_model=Health)
     async def health():
-        return Health(model=model_name, vision_trained=vision_trained, queue_depth=batcher.depth)
+        return Health(model=model_name, vision_trained=vision_trained, queue_depth=server.batcher.depth)
 
-    @app.get("/metrics", response_class=PlainTextResponse, dependencies=[Depends(authorized)])
+    @app.get("/metrics", response_class=PlainTextResponse, responses={401: ERRORS[401]})
     async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(server.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app

@@ -2,7 +2,9 @@
 
 Requests batch together only when their decoding settings agree (temperature, top-p, seed, ...);
 each keeps its own token limit and stop strings, and streaming requests receive their text as the
-shared batch produces it.
+shared batch produces it. Each request arrives prepared (`Pipeline.prepare`: decoded, resized,
+tokenized on its own), so one client's bad input can only fail its own request; a request whose
+client left is dropped before its batch starts, or its row stops at the next token.
 """
 
 from __future__ import annotations
@@ -15,14 +17,13 @@ from collections.abc import AsyncIterator
 from dataclasses import astuple, dataclass, field
 from typing import Any
 
-from mmllm.pipeline import Completion, GenerationSettings, Pipeline
+from mmllm.pipeline import Completion, GenerationSettings, Pipeline, Prompt
 from mmllm.processor import Message
 
 
 @dataclass
 class Job:
-    conversation: list[Message]
-    images: list[Any]
+    prompt: Prompt
     settings: GenerationSettings
     max_tokens: int
     stop: list[str]
@@ -30,6 +31,13 @@ class Job:
     future: asyncio.Future
     deltas: asyncio.Queue | None = None  # set for streaming requests
     enqueued: float = field(default_factory=time.perf_counter)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """The client went away or timed out: stop spending compute on this request."""
+        self.cancelled.set()
+        if not self.future.done():
+            self.future.cancel()
 
     @property
     def key(self) -> tuple:
@@ -55,25 +63,30 @@ class DynamicBatcher:
     async def stream(
         self, conversation: list[Message], images: list[Any], settings: GenerationSettings
     ) -> AsyncIterator[str]:
-        """The answer's text piece by piece, batched with whatever else is running (the web UI's path)."""
+        """The answer's text piece by piece, batched with whatever else is running (the web UI's path).
+
+        Closing the iterator early (the page's Stop button, a closed tab) cancels the generation.
+        """
+        prompt = await asyncio.to_thread(self.pipeline.prepare, conversation, images)
         loop = asyncio.get_running_loop()
-        job = Job(
-            conversation,
-            images,
-            settings,
-            settings.max_new_tokens,
-            [],
-            loop,
-            loop.create_future(),
-            asyncio.Queue(),
-        )
+        job = Job(prompt, settings, settings.max_new_tokens, [], loop, loop.create_future(), asyncio.Queue())
         self.submit(job)
-        while (piece := await job.deltas.get()) is not None:
-            yield piece
-        await job.future  # raises the batch's error, if it failed
+        try:
+            while (piece := await job.deltas.get()) is not None:
+                yield piece
+            await job.future  # raises the batch's error, if it failed
+        finally:
+            job.cancel()  # a no-op once the answer is complete
+
+    def _next_job(self, timeout: float | None = None) -> Job:
+        """The next queued job whose client is still waiting (raises queue.Empty after `timeout`)."""
+        while (job := self.jobs.get(timeout=timeout)).cancelled.is_set():
+            pass
+        return job
 
     def _next_batch(self) -> list[Job]:
-        first = self.held.pop(0) if self.held else self.jobs.get()
+        self.held = [job for job in self.held if not job.cancelled.is_set()]
+        first = self.held.pop(0) if self.held else self._next_job()
         batch, deadline = [first], time.perf_counter() + self.max_wait
         for job in list(self.held):
             if len(batch) < self.max_batch_size and job.key == first.key:
@@ -81,7 +94,7 @@ class DynamicBatcher:
                 batch.append(job)
         while len(batch) < self.max_batch_size:
             try:
-                job = self.jobs.get(timeout=max(0.0, deadline - time.perf_counter()))
+                job = self._next_job(timeout=max(0.0, deadline - time.perf_counter()))
             except queue.Empty:
                 break
             (batch if job.key == first.key else self.held).append(job)
@@ -99,13 +112,13 @@ class DynamicBatcher:
 
             try:
                 self.generate_calls += 1
-                results: list[Completion | BaseException] = self.pipeline.complete(
-                    [job.conversation for job in batch],
-                    [job.images for job in batch],
+                results: list[Completion | BaseException] = self.pipeline.complete_prompts(
+                    [job.prompt for job in batch],
                     batch[0].settings,
                     max_tokens=[job.max_tokens for job in batch],
                     stop=[job.stop for job in batch],
                     on_delta=on_delta,
+                    cancelled=[job.cancelled for job in batch],
                 )
             except Exception as err:  # one bad batch fails its requests, never the server
                 results = [err] * len(batch)

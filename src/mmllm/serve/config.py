@@ -14,7 +14,8 @@ class ServeConfig:
     port: int = 8000
     """TCP port."""
     api_key: str | None = None
-    """Require `Authorization: Bearer KEY` on every endpoint but /health."""
+    """Require `Authorization: Bearer KEY` on every endpoint but /health, /docs and /openapi.json; the
+    chat page (/ui) asks for the key on a login form instead."""
     max_batch_size: int = 8
     """Most requests generated together in one batch."""
     max_wait_ms: float = 10.0
@@ -37,3 +38,16 @@ class ServeConfig:
     """Also serve the Gradio chat page at /ui (needs `mmllm[ui]`)."""
     cors_origins: str = ""
     """Comma-separated origins allowed by CORS (empty: CORS off)."""
+
+    def __post_init__(self) -> None:
+        """Checked when the settings are made, before the model loads."""
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, not {self.port}")
+        limits = ("max_batch_size", "max_body_mb", "max_images", "max_image_pixels", "max_prompt_tokens")
+        for name in (*limits, "max_tokens", "timeout_s"):
+            if not getattr(self, name) > 0:  # NaN fails too
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be 0 or more, not {self.max_wait_ms}")
+        if self.api_key == "":
+            raise ValueError("api_key is empty: give a key, or leave the option out for no key")

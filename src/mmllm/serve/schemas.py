@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+# OpenAI's seed is a 64-bit integer; larger ones overflowed torch's generator (a 500) before.
+SEED = Field(default=None, ge=-(2**63), le=2**63 - 1, description="random seed for sampling (int64)")
+
+
+def _valid_unicode(text: str) -> str:
+    # JSON can carry lone UTF-16 surrogates ("\ud800"), which no tokenizer (or UTF-8 encoder) accepts.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text holds a lone UTF-16 surrogate, which is not valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
 class ImageURL(BaseModel):
@@ -13,7 +28,7 @@ class ImageURL(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImagePart(BaseModel):
@@ -31,25 +46,38 @@ class AudioPart(BaseModel):
     input_audio: InputAudio
 
 
-ContentPart = TextPart | ImagePart | AudioPart
+# Tagged by `type`, so a bad part is reported against its own fields, not against every kind of part.
+ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str | list[ContentPart]
+    content: Text | list[ContentPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _string_or_parts(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                if not isinstance(part, dict) or "type" not in part:
+                    raise ValueError(f"part {i} needs a `type` (text, image_url or input_audio)")
+        elif not isinstance(value, str):
+            got = "null" if value is None else type(value).__name__
+            raise ValueError(f"content is {got}; give a string or a list of content parts")
+        return value
 
 
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = "mmllm"
+    model: Text = Field(default="mmllm", description="a name from GET /v1/models")
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = SEED
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     ignore_eos: bool = Field(default=False, description="mmllm/vLLM extension: always generate max_tokens")
@@ -94,13 +122,13 @@ class ModelList(BaseModel):
 
 
 class GenerateRequest(BaseModel):
-    prompt: str = Field(min_length=1, description="the question or instruction")
+    prompt: Text = Field(min_length=1, description="the question or instruction")
     image: str | None = Field(default=None, description="base64 image bytes or a data URI")
     max_tokens: int = Field(default=64, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     num_beams: int = Field(default=1, ge=1, le=8)
-    seed: int | None = None
+    seed: int | None = SEED
 
 
 class CaptionRequest(BaseModel):
