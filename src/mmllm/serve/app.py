@@ -148,6 +148,22 @@ def body_schema(model: type, file_required: bool = False) -> dict:
     }
 
 
+def with_limits(schema: dict[str, Any], cfg: ServeConfig) -> dict[str, Any]:
+    """This server's token limit written into its schema: what the schema allows, the server accepts."""
+    if isinstance(schema, dict):
+        for name, prop in schema.get("properties", {}).items():
+            if name in ("max_tokens", "max_completion_tokens"):
+                for branch in prop.get("anyOf", [prop]):
+                    if branch.get("type") == "integer":
+                        branch["maximum"] = cfg.max_tokens
+        for value in schema.values():
+            with_limits(value, cfg)
+    elif isinstance(schema, list):
+        for value in schema:
+            with_limits(value, cfg)
+    return schema
+
+
 class Server:
     """What the handlers share: the pipeline, its batcher, the settings, the metrics."""
 
@@ -237,9 +253,7 @@ class Server:
             raise ApiError(504, f"generation took longer than {self.cfg.timeout_s:g} s", kind="timeout")
         if (failure := job.future.exception()) is not None:
             raise ApiError(500, f"generation failed: {failure}", kind="server_error")
-        completion = job.future.result()
-        self.metrics.generated_tokens.inc(completion.completion_tokens)
-        return completion
+        return job.future.result()
 
     def max_tokens(self, request: ChatCompletionRequest) -> int:
         """What the client asked for, or (asking for nothing) as much as this server allows, up to 256."""
@@ -406,7 +420,6 @@ def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = ALIAS) ->
                     if piece:
                         yield chunk({"content": piece})
                 done = await job.future
-                server.metrics.generated_tokens.inc(done.completion_tokens)
                 yield chunk({}, done.finish_reason)
             except TimeoutError:
                 error = {"message": f"generation took longer than {cfg.timeout_s:g} s", "type": "timeout"}
@@ -427,8 +440,12 @@ def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = ALIAS) ->
                 form = await request.form()
             except Exception as err:  # a malformed multipart body
                 raise ApiError(400, f"invalid multipart form: {err}") from None
+            names = [name for name, _ in form.multi_items()]
+            if repeated := sorted({name for name in names if names.count(name) > 1}):
+                raise ApiError(400, f"form field {repeated[0]!r} is given more than once", repeated[0])
             upload = form.get("file")
-            fields = {k: v for k, v in form.items() if k != "file"}
+            # A form has no null: the text "null" stands for it (accepted where the field may be null).
+            fields = {k: None if v == "null" else v for k, v in form.items() if k != "file"}
             images = []
             if upload is not None and hasattr(upload, "read"):
                 data = await upload.read()
@@ -437,7 +454,7 @@ def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = ALIAS) ->
                 )
                 fields.setdefault("image", "uploaded")
             try:
-                return model.model_validate(fields), images
+                return model.model_validate(fields, strict=False), images  # form fields are all text
             except ValueError as err:
                 raise ApiError(400, f"invalid form: {validation_message(err.errors())}") from None
         if not kind.startswith("application/json"):
@@ -503,6 +520,13 @@ def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = ALIAS) ->
     @app.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]})
     async def models():
         return ModelList(data=[{"id": name, "created": server.created} for name in server.names])
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = with_limits(FastAPI.openapi(app), cfg)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
     @app.get("/health", response_model=Health)
     async def health():

@@ -47,7 +47,7 @@ class Job:
 class DynamicBatcher:
     def __init__(self, pipeline: Pipeline, max_batch_size: int = 8, max_wait_ms: float = 10, on_batch=None):
         self.pipeline, self.max_batch_size, self.max_wait = pipeline, max_batch_size, max_wait_ms / 1000
-        self.on_batch = on_batch  # metrics hook: on_batch(size, seconds)
+        self.on_batch = on_batch  # metrics hook: on_batch(results, seconds), cancelled rows included
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.held: list[Job] = []  # jobs whose settings did not match the batch being formed
         self.generate_calls = 0
@@ -123,7 +123,7 @@ class DynamicBatcher:
             except Exception as err:  # one bad batch fails its requests, never the server
                 results = [err] * len(batch)
             if self.on_batch:
-                self.on_batch(len(batch), time.perf_counter() - start)
+                self.on_batch(results, time.perf_counter() - start)
             for job, result in zip(batch, results, strict=True):
                 job.loop.call_soon_threadsafe(_settle, job, result)
 

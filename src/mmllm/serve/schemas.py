@@ -67,11 +67,50 @@ class ChatMessage(BaseModel):
         return value
 
 
+_NON_BLANK = {"type": "string", "pattern": "\\S"}
+# What `app._has_content` checks, said in the schema: at least one user message with text that is not
+# blank, or with an image or audio part.
+USER_MESSAGE_WITH_CONTENT = {
+    "type": "object",
+    "required": ["role", "content"],
+    "properties": {
+        "role": {"const": "user"},
+        "content": {
+            "anyOf": [
+                _NON_BLANK,
+                {
+                    "type": "array",
+                    "contains": {
+                        "anyOf": [
+                            {
+                                "required": ["type"],
+                                "properties": {"type": {"enum": ["image_url", "input_audio"]}},
+                            },
+                            {
+                                "required": ["type", "text"],
+                                "properties": {"type": {"const": "text"}, "text": _NON_BLANK},
+                            },
+                        ]
+                    },
+                },
+            ]
+        },
+    },
+}
+
+
+# Strict: what the schema says is what passes (`"n": 1.0` or `"ignore_eos": 0` are refused, not coerced);
+# unknown fields are ignored, as OpenAI clients send many.
+STRICT = ConfigDict(extra="ignore", strict=True)
+
+
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: Text = Field(default="mmllm", description="a name from GET /v1/models")
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(
+        min_length=1, json_schema_extra={"contains": USER_MESSAGE_WITH_CONTENT}
+    )
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
@@ -122,6 +161,8 @@ class ModelList(BaseModel):
 
 
 class GenerateRequest(BaseModel):
+    model_config = STRICT
+
     prompt: Text = Field(min_length=1, description="the question or instruction")
     image: str | None = Field(default=None, description="base64 image bytes or a data URI")
     max_tokens: int = Field(default=64, ge=1)
@@ -132,6 +173,8 @@ class GenerateRequest(BaseModel):
 
 
 class CaptionRequest(BaseModel):
+    model_config = STRICT
+
     image: str = Field(min_length=1, description="base64 image bytes or a data URI")
     max_tokens: int = Field(default=48, ge=1)
 
