@@ -70,6 +70,18 @@ def test_info_lists_parts_and_training_state(model_dir, capsys):
         (["ask", "{bad}", "hi"], "not an image file"),
         (["ask", "{img}", "hi", "--model", "not-a-model"], "unknown model 'not-a-model'"),
         (["ask", "{img}", "hi", "--max-new-tokens", "0"], "max_new_tokens must be at least 1"),
+        # Settings are checked before the model is looked for: an unknown model is not what is reported.
+        (
+            ["ask", "{img}", "hi", "--max-new-tokens", "-5", "--model", "nope"],
+            "max_new_tokens must be at least",
+        ),
+        (["ask", "{img}", "hi", "--top-p", "0", "--model", "nope"], "top_p must be in (0, 1]"),
+        (["ask", "{img}", "hi", "--seed", str(2**70), "--model", "nope"], "seed must be in"),
+        (["ask", "{img}", "hi", "--temperature", "nan", "--model", "nope"], "temperature must be in"),
+        (["caption", "{img}", "--model", "nope", "--max-new-tokens", "0"], "max_new_tokens must be at least"),
+        (["serve", "--model", "nope", "--max-batch-size", "0"], "max_batch_size must be positive"),
+        (["serve", "--model", "nope", "--port", "70000"], "port must be in 0..65535"),
+        (["ask", "{img}", "hi " * 2000], "tokens; the model's context holds 512"),
         (["weights", "install", "nope"], "unknown weights 'nope'"),
     ],
 )
@@ -91,3 +103,37 @@ def test_console_script_exit_code(images):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "mmllm: error: the question is empty"
+
+
+def test_batch_size_must_be_positive(images, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["caption", str(images[0]), "--batch-size", "0"])
+    assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def lora_model_dir(tmp_path_factory):
+    """A saved tiny model with a LoRA adapter: loading it runs peft, as the shipped default model does."""
+    from peft import LoraConfig
+
+    model, processor = make_tiny("llama")
+    model.add_lora(LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.config.trained_parts = ["vision_tower", "projector", "language_model"]
+    folder = tmp_path_factory.mktemp("tiny-lora")
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_ask_prints_no_third_party_warnings(lora_model_dir, images, stream):
+    """stderr holds mmllm's own lines only; `--debug` lets the third-party warnings through."""
+    command = [sys.executable, "-m", "mmllm.cli", "ask", str(images[0]), "What is it?"]
+    command += ["--model", str(lora_model_dir), "--max-new-tokens", "4", *(["--stream"] if stream else [])]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    foreign = [line for line in result.stderr.splitlines() if not line.startswith("mmllm: ")]
+    assert foreign == [], result.stderr
+    debug = subprocess.run([*command[:3], "--debug", *command[3:]], capture_output=True, text=True)
+    assert debug.returncode == 0 and "Warning" in debug.stderr  # peft's deprecated-attribute warning

@@ -11,7 +11,7 @@ from conftest import make_tiny
 from mmllm.cli import main
 from mmllm.eval.report import write_report
 from mmllm.eval.runner import metrics_from_predictions
-from mmllm.eval.vqa import exact_match, normalize_answer, token_f1, vqa_accuracy
+from mmllm.eval.vqa import exact_match, normalize_answer, token_f1, vqa_accuracy, vqa_formula
 
 
 @pytest.mark.parametrize(
@@ -49,6 +49,35 @@ def test_vqa_accuracy_by_hand():
     assert vqa_accuracy("left-hand", ["left-hand"] * 4 + ["right"] * 6) == pytest.approx(1.0)
     # ...which turns a trailing "!" into a space that is never stripped: "yes " != "yes".
     assert vqa_accuracy("yes", ["yes!"] * 4 + ["no"] * 6) == 0.0
+
+
+def test_vqa_accuracy_with_fewer_than_ten_answers():
+    # One answer: exact match (the leave-one-out average gave 0 to every prediction).
+    assert vqa_accuracy("Red.", ["red"]) == 1.0 and vqa_accuracy("blue", ["red"]) == 0.0
+    # n < 10 answers: full credit once min(3, n) of them agree.
+    assert vqa_accuracy("2", ["2", "2"]) == 1.0 and vqa_accuracy("2", ["2", "3"]) == 0.5
+    assert vqa_accuracy("2", ["2", "3", "3", "3", "2"]) == pytest.approx(2 / 3)
+    assert vqa_formula(["a"] * 9) == "fewer answers" and vqa_formula(["a"] * 10) == "official"
+    with pytest.raises(ValueError):
+        vqa_formula([])
+
+
+def test_vqa_report_says_which_formula_scored_how_many_questions(tmp_path):
+    rows = [
+        {"id": "a", "prediction": "red", "answers": ["red"]},
+        {"id": "b", "prediction": "two", "answers": ["2"]},
+        {"id": "c", "prediction": "no", "answers": ["no"] * 10},
+    ]
+    metrics = metrics_from_predictions("vqav2", rows)
+    assert metrics["vqa_accuracy"] == 1.0 and metrics["token_f1"] == 1.0
+    assert {k: v["questions"] for k, v in metrics["vqa_formula"].items()} == {
+        "fewer answers": 2,
+        "official": 1,
+    }
+    report = {"task": "vqav2", "model": "m", "samples": 3, "metrics": metrics, "decoding": {}, "timings": {}}
+    write_report(report, rows, tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| vqa_accuracy formula: fewer answers | 2 questions: min(#matches / min(3, n), 1)" in markdown
 
 
 def test_exact_match_and_token_f1():

@@ -18,6 +18,16 @@ MODEL_HELP = (
 )
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def _pipeline(args: argparse.Namespace):
     from mmllm.pipeline import Pipeline
 
@@ -180,6 +190,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         f"{args.task}: {report['samples']} samples, "
         + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in headline.items())
     )
+    for kind, row in report["metrics"].get("vqa_formula", {}).items():
+        print(f"vqa_accuracy, {row['questions']} questions scored by the {kind} formula: {row['formula']}")
     print(f"report: {args.out}/report.md")
 
 
@@ -295,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument(
         "--prompt", default="Describe this image briefly.", help="instruction given per image"
     )
-    caption.add_argument("--batch-size", type=int, default=8, help="images per generate call")
+    caption.add_argument("--batch-size", type=_positive, default=8, help="images per generate call")
     runtime_arguments(caption)
     add_arguments(caption, GenerationSettings)
 
@@ -313,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     features = command("features", cmd_features, "precompute vision features into a cache directory")
     data_arguments(features)
     features.add_argument("--out", required=True, help="cache directory (resumed if it exists)")
-    features.add_argument("--batch-size", type=int, default=64, help="images per vision-tower call")
+    features.add_argument("--batch-size", type=_positive, default=64, help="images per vision-tower call")
     runtime_arguments(features)
 
     train = command(
@@ -363,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--out", required=True, help="directory for predictions.jsonl, report.json/md, plots"
     )
-    evaluation.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    evaluation.add_argument("--batch-size", type=_positive, default=16, help="prompts per generate call")
     evaluation.add_argument(
         "--from-predictions", action="store_true", help="recompute the report from predictions.jsonl"
     )

@@ -28,6 +28,8 @@ def _markdown(report: dict[str, Any]) -> str:
     for key, value in metrics.items():
         if not isinstance(value, dict):
             lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
+    for kind, row in metrics.get("vqa_formula", {}).items():
+        lines.append(f"| vqa_accuracy formula: {kind} | {row['questions']} questions: {row['formula']} |")
     for grouping in ("answer_type", "question_type"):
         if f"per_{grouping}" in metrics:
             lines += ["", f"| {grouping.replace('_', ' ')} | score | count |", "|---|---|---|"]

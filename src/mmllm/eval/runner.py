@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from mmllm.data.records import Sample
 from mmllm.errors import MmllmError
 from mmllm.eval.captions import caption_metrics
 from mmllm.eval.report import write_report
-from mmllm.eval.vqa import exact_match, normalize_answer, token_f1, vqa_accuracy
+from mmllm.eval.vqa import FORMULAS, exact_match, normalize_answer, token_f1, vqa_accuracy, vqa_formula
 from mmllm.pipeline import GenerationSettings, Pipeline
 
 log = logging.getLogger("mmllm")
@@ -150,6 +150,11 @@ def metrics_from_predictions(task: str, rows: list[dict[str, Any]]) -> dict[str,
         name: sum(scores) / len(scores),
         "token_f1": sum(token_f1(r["prediction"], r["answers"]) for r in rows) / len(rows),
     }
+    if task == "vqav2":  # say how each question was scored: the official formula needs 10 answers
+        formulas = Counter(vqa_formula(row["answers"]) for row in rows)
+        metrics["vqa_formula"] = {
+            kind: {"questions": formulas[kind], "formula": FORMULAS[kind]} for kind in formulas
+        }
     for kind, groups in per_type.items():
         if groups:
             metrics[f"per_{kind}"] = {

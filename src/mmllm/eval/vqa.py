@@ -194,16 +194,34 @@ def normalize_answer(answer: str) -> str:
     return _digits_articles(_punctuation(_clean(answer)))
 
 
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
-    """Official VQA accuracy of one prediction against the (10) human answers, in [0, 1].
+OFFICIAL_ANSWERS = 10  # VQAv2 collects ten human answers per question; the official formula needs them
+FORMULAS = {
+    "official": "min(#matches/3, 1) averaged over the 10 leave-one-out subsets of 10 answers (VQAv2)",
+    "fewer answers": "min(#matches / min(3, n), 1) over all n < 10 answers (one answer: exact match)",
+}
 
-    As the protocol does, human answers get punctuation processing only, and only when they
-    disagree with each other.
+
+def vqa_formula(answers: list[str]) -> str:
+    """Which formula scores a question with these answers (a key of FORMULAS)."""
+    if not answers:
+        raise ValueError("a VQA question needs at least one reference answer")
+    return "official" if len(answers) >= OFFICIAL_ANSWERS else "fewer answers"
+
+
+def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """VQA accuracy of one prediction against the human answers, in [0, 1].
+
+    With ten (or more) answers, the official formula. With fewer, the leave-one-out average is not
+    defined (one answer left it at 0 for every prediction), so a prediction scores fully when at
+    least min(3, n) of the n answers agree with it: exact match for a single answer. As the protocol
+    does, human answers get punctuation processing only, and only when they disagree with each other.
     """
     predicted = normalize_answer(prediction)
     humans = [_clean(a) for a in answers]
     if len(set(humans)) > 1:
         humans = [_punctuation(h) for h in humans]
+    if vqa_formula(answers) == "fewer answers":
+        return min(1.0, sum(h == predicted for h in humans) / min(3, len(humans)))
     scores = []
     for left_out in range(len(humans)):
         others = humans[:left_out] + humans[left_out + 1 :]
