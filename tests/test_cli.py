@@ -51,8 +51,12 @@ def test_caption_and_beams(model_dir, images, capsys):
         "2",
     ]
     assert main(args) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
+    lines = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(p) for p in images]
+    expected = Pipeline.load(str(model_dir)).caption(
+        images, GenerationSettings(max_new_tokens=4, num_beams=2)
+    )
+    assert [line.split("\t", 1)[1] for line in lines] == expected
 
 
 def test_info_lists_parts_and_training_state(model_dir, capsys):

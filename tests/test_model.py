@@ -48,15 +48,52 @@ def test_loss_only_counts_assistant_tokens(tiny, images):
     assert torch.allclose(model(**batch).loss, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("settings", [{}, {"num_beams": 3}, {"temperature": 0.8, "top_p": 0.9, "seed": 0}])
-def test_generate_modes(tiny, images, settings):
+def _continuation_logits(model, batch, out):
+    """(new tokens, vocab) next-token logits at each generated position, by one uncached forward pass."""
+    prompt = batch["input_ids"].shape[1]
+    full = {**batch, "input_ids": out, "attention_mask": torch.ones_like(out)}
+    with torch.no_grad():
+        logits = model(**full).logits[0]  # (T, V)
+    return logits[prompt - 1 : out.shape[1] - 1]
+
+
+def test_greedy_generate_is_the_argmax_at_every_step(tiny, images):
     model, processor = tiny
     batch = processor([QUESTION], [[images[0]]])
-    if "seed" in settings:
-        torch.manual_seed(settings.pop("seed"))
+    out = generate(model, processor, batch, ignore_eos=True)
+    new = out[0, batch["input_ids"].shape[1] :]
+    assert len(new) == 6 and torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+    assert torch.equal(_continuation_logits(model, batch, out).argmax(-1), new)
+
+
+def test_beam_search_finds_an_answer_at_least_as_likely_as_greedy(tiny, images):
+    model, processor = tiny
+    batch = processor([QUESTION], [[images[0]]])
+
+    def log_likelihood(out):
+        logits = _continuation_logits(model, batch, out).log_softmax(-1)
+        return float(logits.gather(1, out[0, batch["input_ids"].shape[1] :, None]).sum())
+
+    greedy = generate(model, processor, batch, ignore_eos=True)
+    beams = generate(model, processor, batch, ignore_eos=True, num_beams=3)
+    assert beams.shape == greedy.shape
+    assert log_likelihood(beams) >= log_likelihood(greedy) - 1e-4
+
+
+def test_nucleus_sampling_draws_only_from_the_nucleus_and_follows_the_seed(tiny, images):
+    model, processor = tiny
+    batch = processor([QUESTION], [[images[0]]])
+    settings = {"temperature": 0.8, "top_p": 0.5, "ignore_eos": True, "max_new_tokens": 12}
+    torch.manual_seed(0)
     out = generate(model, processor, batch, **settings)
-    assert out.shape[0] == 1 and out.shape[1] > batch["input_ids"].shape[1]
-    assert torch.equal(out[:, : batch["input_ids"].shape[1]], batch["input_ids"])
+    torch.manual_seed(0)
+    assert torch.equal(generate(model, processor, batch, **settings), out)
+    probs = (_continuation_logits(model, batch, out) / 0.8).softmax(-1)  # (12, V)
+    for step, token in enumerate(out[0, batch["input_ids"].shape[1] :].tolist()):
+        ranked = probs[step].sort(descending=True)
+        # The nucleus: the most likely tokens until their mass reaches top_p (the last one included).
+        size = int((ranked.values.cumsum(0) < 0.5).sum()) + 1
+        assert token in ranked.indices[:size].tolist(), f"step {step}: token outside the nucleus"
 
 
 def test_kv_cache_matches_no_cache(tiny, images):
@@ -223,10 +260,13 @@ def test_pretrained_parts_are_not_reinitialised_when_composed():
 
 
 def test_image_size_is_checked_before_the_vision_tower():
-    _, processor = make_tiny("qwen2")
+    """Pixels of the wrong size are refused with a message, not silently interpolated by the tower."""
+    model, processor = make_tiny("qwen2")
     image = Image.new("RGB", (300, 120), "green")
     pixels = processor.image_processor([image])
     assert pixels.shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"\(64\*64\) doesn.t match model \(32\*32\)"):
+        model.get_image_features(torch.zeros(1, 3, 64, 64))
 
 
 def test_composed_pretrained_parts_keep_their_attention_backend():

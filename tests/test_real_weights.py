@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmllm.cli import main
 from mmllm.pipeline import GenerationSettings, Pipeline
@@ -25,7 +26,13 @@ def test_install_load_and_answer(name, capsys):
     assert "Paris" in text_only
     # With an image the whole path runs: pixels -> CLIP -> projector -> scatter -> LM -> text.
     with_image = pipeline.ask("sample:chelsea", "What is in this image?", settings)
-    assert isinstance(with_image, str)
+    assert with_image.strip()
+    # The image reaches the LM: two photos give different next-token logits for the same question.
+    question = [[{"role": "user", "content": "What is in this image?"}]] * 2
+    photos = pipeline.processor(question, [["sample:chelsea"], ["sample:astronaut"]])
+    with torch.no_grad():
+        logits = pipeline.model(**photos).logits[:, -1]
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
     batch = pipeline.processor([[{"role": "user", "content": "Describe it."}]], [["sample:chelsea"]])
     assert batch["pixel_values"].shape == (1, 3, 224, 224)
     assert int((batch["input_ids"] == pipeline.model.config.image_token_id).sum()) == 1

@@ -33,5 +33,13 @@ def test_model_and_data_recipes_parse(folder, kind):
 
 
 def test_accelerate_configs_name_a_distributed_type():
-    for path in (CONFIGS / "accelerate").glob("*.yaml"):
-        assert yaml.safe_load(path.read_text())["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED")
+    expected = {
+        "ddp.yaml": "MULTI_GPU",
+        "fsdp.yaml": "FSDP",
+        "deepspeed_zero2.yaml": "DEEPSPEED",
+        "deepspeed_zero3.yaml": "DEEPSPEED",
+    }
+    found = {path.name: path for path in (CONFIGS / "accelerate").glob("*.yaml")}
+    assert set(found) == set(expected)  # an empty or renamed folder fails here
+    for name, kind in expected.items():
+        assert yaml.safe_load(found[name].read_text())["distributed_type"] == kind, name

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import free_port, make_tiny, start_server
+from mmllm.pipeline import CAPTION_PROMPT
 
 KEY = "test-key"
 
@@ -133,7 +134,17 @@ def test_rest_generate_and_caption_json_and_multipart(server):
     caption = httpx.post(
         f"{server}/caption", headers=headers, files={"file": ("x.png", png, "image/png")}, timeout=60
     )
-    assert caption.status_code == 200 and "text" in caption.json()
+    assert caption.status_code == 200
+    # A caption is the answer to the caption prompt, whichever way the image arrives.
+    described = httpx.post(
+        f"{server}/generate",
+        headers=headers,
+        json={"prompt": CAPTION_PROMPT, "image": image, "max_tokens": 48},
+        timeout=60,
+    )
+    as_json = httpx.post(f"{server}/caption", headers=headers, json={"image": image}, timeout=60)
+    assert caption.json()["text"] == as_json.json()["text"] == described.json()["text"]
+    assert caption.json()["completion_tokens"] > 0
 
 
 def test_concurrent_requests_share_generate_calls(server):
