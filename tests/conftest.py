@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -87,6 +91,38 @@ def start_server(command: list[str], url: str) -> subprocess.Popen:
             time.sleep(0.3)
     process.kill()
     pytest.fail(f"{' '.join(command[2:5])} did not start: " + process.stdout.read())
+
+
+def save_tiny(folder: Path, kind: str = "qwen2", **options) -> Path:
+    """A tiny model (`make_tiny(kind, **options)`) saved with its processor, for commands to load."""
+    model, processor = make_tiny(kind, **options)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@contextlib.contextmanager
+def serving(model: Path, *options: str) -> Iterator[str]:
+    """`mmllm serve --model MODEL OPTIONS…` on a free port, live for the block; yields its URL."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "mmllm.cli",
+        "serve",
+        "--model",
+        str(model),
+        "--port",
+        str(port),
+        *options,
+    ]
+    url = f"http://127.0.0.1:{port}"
+    process = start_server(command, f"{url}/health")
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import free_port, make_tiny, start_server
+from conftest import save_tiny, serving
 from mmllm.pipeline import CAPTION_PROMPT
 
 KEY = "test-key"
@@ -27,36 +27,10 @@ def data_uri(colour: str = "red", fmt: str = "PNG") -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model, processor = make_tiny("qwen2", lm_init_std=0.3)
-    folder = tmp_path_factory.mktemp("served")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "mmllm.cli",
-        "serve",
-        "--model",
-        str(folder),
-        "--port",
-        str(port),
-        "--api-key",
-        KEY,
-        "--max-wait-ms",
-        "50",
-        "--max-batch-size",
-        "16",
-        "--max-body-mb",
-        "1",
-        "--max-tokens",
-        "64",
-    ]
-    url = f"http://127.0.0.1:{port}"
-    process = start_server(command, f"{url}/health")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    model = save_tiny(tmp_path_factory.mktemp("served"), lm_init_std=0.3)
+    limits = ("--max-wait-ms", "50", "--max-batch-size", "16", "--max-body-mb", "1", "--max-tokens", "64")
+    with serving(model, "--api-key", KEY, *limits) as url:
+        yield url
 
 
 def client(url):

@@ -9,7 +9,6 @@ import io
 import json
 import socket
 import struct
-import sys
 import threading
 import time
 import zlib
@@ -18,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from conftest import free_port, make_tiny, start_server
+from conftest import save_tiny, serving
 
 KEY = "hostile-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -27,24 +26,10 @@ LONG = 4000  # tokens; the tiny model needs ~3 ms each, so a long answer takes s
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model, processor = make_tiny("qwen2", lm_init_std=0.3)
-    folder = tmp_path_factory.mktemp("served")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "mmllm.cli",
-        "serve",
-        *("--model", str(folder), "--port", str(port), "--api-key", KEY),
-        *("--max-body-mb", "1", "--max-tokens", str(LONG), "--timeout-s", "4", "--max-wait-ms", "5"),
-    ]
-    url = f"http://127.0.0.1:{port}"
-    process = start_server(command, f"{url}/health")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    model = save_tiny(tmp_path_factory.mktemp("served"), lm_init_std=0.3)
+    limits = ("--max-body-mb", "1", "--max-tokens", str(LONG), "--timeout-s", "4", "--max-wait-ms", "5")
+    with serving(model, "--api-key", KEY, *limits) as url:
+        yield url
 
 
 def chat(url: str, body: dict | bytes, timeout: float = 60) -> httpx.Response:

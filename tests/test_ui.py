@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conftest import free_port, make_tiny, start_server
+from conftest import free_port, save_tiny, serving, start_server
 from mmllm.pipeline import GenerationSettings, Pipeline
 
 CHROMIUM = "/usr/bin/chromium"
@@ -26,31 +26,13 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    model, processor = make_tiny("qwen2", lm_init_std=0.3)
-    folder = tmp_path_factory.mktemp("ui-model")
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_tiny(tmp_path_factory.mktemp("ui-model"), lm_init_std=0.3)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_model):
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "mmllm.cli",
-        "serve",
-        "--model",
-        str(tiny_model),
-        "--port",
-        str(port),
-        "--ui",
-    ]
-    process = start_server(command, f"http://127.0.0.1:{port}/health")
-    yield f"http://127.0.0.1:{port}"
-    process.terminate()
-    process.wait(timeout=30)
+    with serving(tiny_model, "--ui") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +210,15 @@ def test_voice_question_shows_transcript_then_answer(page, tmp_path, images):
     )
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=ARTIFACTS / "voice.png", full_page=True)
+
+
+def test_with_an_api_key_the_page_asks_for_it(tiny_model):
+    """`serve --ui --api-key K`: the page is no way around the key; its login form takes K as password."""
+    with serving(tiny_model, "--ui", "--api-key", "page-key") as url:
+        assert httpx.get(f"{url}/ui/config", timeout=10).status_code == 401
+        with httpx.Client(timeout=10) as browser:
+            wrong = browser.post(f"{url}/ui/login", data={"username": "me", "password": "guess"})
+            assert wrong.status_code == 400
+            assert browser.post(f"{url}/ui/login", data={"username": "me", "password": "page-key"}).is_success
+            assert "vision tower" in browser.get(f"{url}/ui/config").text
+        assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401  # the API still needs the header
