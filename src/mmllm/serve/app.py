@@ -378,7 +378,13 @@ def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = ALIAS) ->
     @app.post(
         "/v1/chat/completions",
         response_model=ChatCompletion,
-        responses={**ERRORS, 404: {"model": ErrorSchema, "description": "unknown model name"}},
+        responses={
+            200: {
+                "content": {"text/event-stream": {"schema": {}}}
+            },  # `stream: true`: chunk events, then [DONE]
+            **ERRORS,
+            404: {"model": ErrorSchema, "description": "unknown model name"},
+        },
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         server.check_model(body.model)
