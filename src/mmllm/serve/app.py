@@ -191,6 +191,12 @@ class Server:
         """Run `function(*args)` in the preparation threads, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.workers, function, *args)
 
+    async def image(self, value: str | bytes, param: str = "image_url") -> Image.Image:
+        """A request's image (data URI, base64, allowed URL, or uploaded bytes), decoded off the loop."""
+        if isinstance(value, bytes):
+            return await self.offload(image_from_bytes, value, self.cfg, self.shortest_side, param)
+        return await self.offload(decode_image, value, self.cfg, self.shortest_side)
+
     def check_model(self, name: str) -> None:
         if name not in self.names:
             raise ApiError(
@@ -357,7 +363,7 @@ def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = ALIAS) ->
         if not any(m.role == "user" and _has_content(m) for m in request.messages):
             raise ApiError(400, "messages need a non-empty user message", "messages")
         server.check_request(texts, len(image_urls), server.max_tokens(request))
-        images = [await server.offload(decode_image, url, cfg, server.shortest_side) for url in image_urls]
+        images = [await server.image(url) for url in image_urls]
         conversation = []
         for message in request.messages:
             if isinstance(message.content, str):
@@ -468,7 +474,7 @@ def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = ALIAS) ->
             images = []
             if upload is not None and hasattr(upload, "read"):
                 data = await upload.read()
-                images.append(await server.offload(image_from_bytes, data, cfg, server.shortest_side, "file"))
+                images.append(await server.image(data, "file"))
                 fields.setdefault("image", "uploaded")
             try:
                 return model.model_validate(fields, strict=False), images  # form fields are all text
@@ -480,9 +486,7 @@ def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = ALIAS) ->
             body = model.model_validate_json(await request.body())
         except ValueError as err:
             raise ApiError(400, validation_message(err.errors())) from None
-        images = (
-            [await server.offload(decode_image, body.image, cfg, server.shortest_side)] if body.image else []
-        )
+        images = [await server.image(body.image)] if body.image else []
         return body, images
 
     async def answer(
