@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -80,6 +82,22 @@ def test_vqa_report_says_which_formula_scored_how_many_questions(tmp_path):
     assert "| vqa_accuracy formula: fewer answers | 2 questions: min(#matches / min(3, n), 1)" in markdown
 
 
+def test_spice_is_skipped_offline_with_one_line(monkeypatch, caplog):
+    from pycocoevalcap.spice import get_stanford_models as corenlp
+
+    from mmllm.eval.captions import _spice
+
+    if (Path(corenlp.SPICEDIR) / corenlp.SPICELIB / f"{corenlp.JAR}.jar").is_file():
+        pytest.skip("Stanford CoreNLP is installed: SPICE runs")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(logging.getLogger("mmllm"), "propagate", True)  # the CLI's tests turn it off
+    with caplog.at_level("INFO", logger="mmllm"):
+        assert _spice({}, {}) == "unavailable (offline: needs Stanford CoreNLP models from the internet)"
+    assert [r.message for r in caplog.records] == [
+        "SPICE skipped: offline (HF_HUB_OFFLINE=1) and Stanford CoreNLP is not installed"
+    ]
+
+
 def test_exact_match_and_token_f1():
     assert exact_match("The circle.", "circle") == 1.0 and exact_match("square", "circle") == 0.0
     assert token_f1("red circle", ["circle"]) == pytest.approx(2 / 3)  # p = 1/2, r = 1
@@ -150,6 +168,36 @@ def test_easy_vqa_eval_end_to_end_resume_and_recompute(model_dir, tmp_path, caps
     assert main(["eval", "--task", "easy-vqa", "--out", str(out), "--from-predictions"]) == 0
     assert json.loads((out / "report.json").read_text())["metrics"] == report["metrics"]
     assert "easy-vqa: 10 samples, accuracy" in capsys.readouterr().out
+
+
+def test_eval_resumes_only_the_run_that_made_the_predictions(model_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    common = ["eval", "--task", "easy-vqa", "--data", "easy-vqa:test", "--out", str(out), "--batch-size", "5"]
+    common.append("datasets=[{format: easy-vqa, split: test, limit: 5}]")
+    assert main([*common, "--model", str(model_dir), "--max-new-tokens", "3"]) == 0
+    first = (out / "predictions.jsonl").read_text()
+    capsys.readouterr()
+    # Other decoding, or another model, into the same folder: refused, and nothing is overwritten.
+    assert main([*common, "--model", str(model_dir), "--max-new-tokens", "8"]) == 2
+    error = capsys.readouterr().err
+    assert "holds predictions of another run" in error and "decoding" in error and "--overwrite" in error
+    assert main([*common, "--model", "default", "--max-new-tokens", "3"]) == 2
+    assert f"model: {model_dir} -> default" in capsys.readouterr().err
+    assert (out / "predictions.jsonl").read_text() == first
+    # --overwrite starts fresh; the report then names the run that made its predictions.
+    assert main([*common, "--model", str(model_dir), "--max-new-tokens", "8", "--overwrite"]) == 0
+    assert json.loads((out / "report.json").read_text())["generated_this_run"] == 5
+    assert main(["eval", "--task", "easy-vqa", "--out", str(out), "--from-predictions"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["decoding"]["max_new_tokens"] == 8 and report["model"] == str(model_dir)
+
+
+def test_a_task_checks_its_data_before_loading_a_model(tmp_path, capsys):
+    args = ["eval", "--task", "coco-captions", "--model", "no-such-model", "--data", "easy-vqa:test"]
+    assert main([*args, "--out", str(tmp_path), "datasets=[{format: easy-vqa, split: test, limit: 3}]"]) == 2
+    error = capsys.readouterr().err
+    assert "--task coco-captions needs references for every sample; 3 of 3 have none" in error
+    assert not (tmp_path / "predictions.jsonl").exists()
 
 
 def test_perplexity_task(model_dir, tmp_path):

@@ -184,6 +184,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         args.from_predictions,
         device=args.device,
         dtype=args.dtype,
+        overwrite=args.overwrite,
     )
     headline = {k: v for k, v in report["metrics"].items() if not isinstance(v, dict)}
     print(
@@ -378,6 +379,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--batch-size", type=_positive, default=16, help="prompts per generate call")
     evaluation.add_argument(
         "--from-predictions", action="store_true", help="recompute the report from predictions.jsonl"
+    )
+    evaluation.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard OUT's predictions and start fresh (without it, only a run with the same model, "
+        "data and decoding resumes)",
     )
     runtime_arguments(evaluation)
     evaluation.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data config overrides")

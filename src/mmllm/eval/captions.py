@@ -8,7 +8,9 @@ unavailable, with the reason, and never stops the evaluation.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+from pathlib import Path
 
 from mmllm.errors import MmllmError
 
@@ -45,7 +47,14 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
 
 def _spice(gts: dict, res: dict) -> float | str:
     try:
+        from pycocoevalcap.spice import get_stanford_models as corenlp
         from pycocoevalcap.spice.spice import Spice
+
+        jar = Path(corenlp.SPICEDIR) / corenlp.SPICELIB / f"{corenlp.JAR}.jar"
+        if not jar.is_file() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            # Offline, its first use would only fail at DNS after trying to download CoreNLP.
+            log.info("SPICE skipped: offline (HF_HUB_OFFLINE=1) and Stanford CoreNLP is not installed")
+            return "unavailable (offline: needs Stanford CoreNLP models from the internet)"
 
         return float(Spice().compute_score(gts, res)[0])
     except Exception as err:  # its CoreNLP models come from a download that may be impossible here

@@ -1,6 +1,7 @@
 """`mmllm eval`: predictions streamed to JSONL (resumable), metrics computed from that file alone.
 
 OUT/predictions.jsonl   one line per sample: id, prediction (or nll/tokens), question, references
+OUT/run.json            the task, model, data and decoding that made them (a resume must match)
 OUT/report.json         metrics, per-type breakdowns, model/data identity, decoding, timings
 OUT/report.md, *.png    the same for people
 """
@@ -31,6 +32,7 @@ log = logging.getLogger("mmllm")
 
 TASKS = ("coco-captions", "vqav2", "easy-vqa", "perplexity", "custom")
 PREDICTIONS = "predictions.jsonl"
+RUN = "run.json"  # the model, data and decoding that made the predictions
 
 
 def task_samples(task: str, cfg: DataConfig) -> list[Sample]:
@@ -178,6 +180,64 @@ def metrics_from_predictions(task: str, rows: list[dict[str, Any]]) -> dict[str,
     return metrics
 
 
+# What each task scores against: generating every prediction first and failing at scoring wastes the run.
+NEEDS = {
+    "coco-captions": ("references",),
+    "vqav2": ("answers",),
+    "easy-vqa": ("answers",),
+    "custom": ("answers", "references"),
+}
+
+
+def check_task_data(task: str, samples: list[Sample]) -> None:
+    """Refuse data that lacks what the task scores against, before any model is loaded."""
+    if not samples:
+        raise MmllmError("the evaluation data holds no samples")
+    if task == "perplexity":
+        missing = [s.id for s in samples if not any(m["role"] == "assistant" for m in s.conversation)]
+        what = "an assistant answer to score"
+    else:
+        missing = [s.id for s in samples if not any(key in _record(s) for key in NEEDS[task])]
+        what = " or ".join(NEEDS[task])
+    if missing:
+        hint = {
+            "coco-captions": "caption data (coco, karpathy, or jsonl with `captions`), or --task custom",
+        }.get(task, "data whose samples carry them, or another --task")
+        raise MmllmError(
+            f"--task {task} needs {what} for every sample; {len(missing)} of {len(samples)} have none "
+            f"(first: {missing[0]}). Use {hint}."
+        )
+
+
+def run_identity(task: str, model: str, data: DataConfig, settings: GenerationSettings, dtype: str) -> dict:
+    """What made a predictions file: a resumed evaluation must match it, or it would mix two runs."""
+    identity = {
+        "task": task,
+        "model": model,
+        "dtype": dtype,
+        "data": [vars(spec) for spec in data.datasets],
+        "decoding": vars(settings),
+    }
+    return json.loads(json.dumps(identity, default=str))  # as it reads back from run.json
+
+
+def _check_resume(out: Path, identity: dict, overwrite: bool) -> None:
+    predictions, run = out / PREDICTIONS, out / RUN
+    if predictions.is_file() and predictions.stat().st_size:
+        if overwrite:
+            predictions.unlink()
+        else:
+            made = json.loads(run.read_text()) if run.is_file() else {}
+            changed = [key for key in identity if made.get(key) != identity[key]]
+            if changed:
+                differences = "; ".join(f"{key}: {made.get(key, '?')} -> {identity[key]}" for key in changed)
+                raise MmllmError(
+                    f"{out} holds predictions of another run ({differences}). Resuming would mix the two: "
+                    "give another --out, or --overwrite to discard them and start fresh"
+                )
+    run.write_text(json.dumps(identity, indent=2) + "\n")
+
+
 def evaluate(
     task: str,
     model: str,
@@ -188,7 +248,12 @@ def evaluate(
     from_predictions: bool = False,
     device: str | None = None,
     dtype: str = "auto",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
+    """Predict (resuming only a run with the same model, data and decoding), then score the file.
+
+    `from_predictions` scores OUT's predictions again, under the identity of the run that made them.
+    """
     if task not in TASKS:
         raise MmllmError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
     out = Path(out)
@@ -196,11 +261,16 @@ def evaluate(
     path = out / PREDICTIONS
     timings: dict[str, float] = {}
     generated = 0
+    identity = run_identity(task, model, data, settings, dtype)
     if from_predictions:
         if not path.is_file():
             raise MmllmError(f"{path} does not exist: run the evaluation once without --from-predictions")
+        if (out / RUN).is_file():
+            identity = json.loads((out / RUN).read_text())
     else:
         samples = task_samples(task, data)
+        check_task_data(task, samples)
+        _check_resume(out, identity, overwrite)
         start = time.perf_counter()
         pipeline = Pipeline.load(model, device=device, dtype=dtype)
         timings["load_s"] = round(time.perf_counter() - start, 2)
@@ -213,10 +283,10 @@ def evaluate(
         timings.update(generate_s=round(seconds, 2), samples_per_s=round(generated / max(seconds, 1e-9), 2))
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     report = {
-        "task": task,
-        "model": model,
-        "data": [vars(spec) for spec in data.datasets],
-        "decoding": vars(settings),
+        "task": identity["task"],
+        "model": identity["model"],
+        "data": identity["data"],
+        "decoding": identity["decoding"],
         "samples": len(rows),
         "generated_this_run": generated,
         "timings": timings,
