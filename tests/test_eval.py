@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 from pathlib import Path
 
@@ -90,7 +89,6 @@ def test_spice_is_skipped_offline_with_one_line(monkeypatch, caplog):
     if (Path(corenlp.SPICEDIR) / corenlp.SPICELIB / f"{corenlp.JAR}.jar").is_file():
         pytest.skip("Stanford CoreNLP is installed: SPICE runs")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(logging.getLogger("mmllm"), "propagate", True)  # the CLI's tests turn it off
     with caplog.at_level("INFO", logger="mmllm"):
         assert _spice({}, {}) == "unavailable (offline: needs Stanford CoreNLP models from the internet)"
     assert [r.message for r in caplog.records] == [
