@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from mmllm.config import add_arguments, field_docs, from_namespace, load_config
+from mmllm.config import add_arguments, apply_overrides, field_docs, from_namespace, load_config
 from mmllm.errors import MmllmError
 from mmllm.models.build import ModelConfig
 from mmllm.pipeline import GenerationSettings
@@ -68,3 +68,26 @@ def test_docstrings_become_help_and_options_are_typed():
     assert settings.max_new_tokens == 9 and settings.temperature == 0.5 and settings.seed is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--num-beams", "two"])
+
+
+def test_overrides_index_lists():
+    data = {"datasets": [{"split": "train"}, {"split": "train", "limit": 3}]}
+    apply_overrides(data, ["datasets.0.split=test", "datasets.1.limit=7"])
+    assert data == {"datasets": [{"split": "test"}, {"split": "train", "limit": 7}]}
+    for bad, message in (
+        ("datasets.2.split=x", "'2' is not an index of a list of 2"),
+        ("datasets.x.split=1", "'x'"),
+    ):
+        with pytest.raises(MmllmError, match=message):
+            apply_overrides(data, [bad])
+
+
+def test_dataset_overrides_from_the_command_line_in_any_order(capsys):
+    from mmllm.cli import main
+
+    for args in (
+        ["data", "stats", "easy-vqa:train", "datasets.0.split=test", "datasets.0.limit=3", "--images", ""],
+        ["data", "stats", "easy-vqa:train", "--images", "", "datasets.0.split=test", "datasets.0.limit=3"],
+    ):
+        assert main(args) == 0, capsys.readouterr().err
+        assert "samples: 3" in capsys.readouterr().out

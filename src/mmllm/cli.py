@@ -460,7 +460,20 @@ def main(argv: list[str] | None = None) -> int:
         # from the user's terminal; `--debug` shows them. Read before parsing: imports warn too.
         if "--debug" not in argv:
             warnings.simplefilter("ignore")
-        return _run(build_parser().parse_args(argv))
+        return _run(_parse(argv))
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """argparse, plus KEY=VALUE overrides anywhere on the line (argparse takes a command's
+    positionals in one run, so `data stats D --images I KEY=VALUE` was "unrecognized")."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -115,19 +115,37 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b=value` strings to nested dicts; values are parsed as YAML scalars."""
+    """Apply `a.b=value` strings to nested dicts; values are parsed as YAML scalars.
+
+    A number indexes a list: `datasets.0.split=test` sets the first dataset's split.
+    """
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise MmllmError(f"override {override!r} is not of the form key.path=value")
-        node = data
+        node: Any = data
         *parents, leaf = key.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise MmllmError(f"override {override!r}: {part} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw else ""
+            node = _child(node, part, override)
+        value = yaml.safe_load(raw) if raw else ""
+        if isinstance(node, list):
+            node[_index(node, leaf, override)] = value
+        else:
+            node[leaf] = value
     return data
+
+
+def _index(items: list, part: str, override: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise MmllmError(f"override {override!r}: {part!r} is not an index of a list of {len(items)}")
+    return int(part)
+
+
+def _child(node: Any, part: str, override: str) -> Any:
+    child = node[_index(node, part, override)] if isinstance(node, list) else node.setdefault(part, {})
+    if not isinstance(child, dict | list):
+        raise MmllmError(f"override {override!r}: {part} is not a section")
+    return child
 
 
 def load_config(
