@@ -405,3 +405,17 @@ def test_image_only_stage_trains_the_tower_without_running_the_lm(loss, tiny_dir
 def test_an_image_only_stage_needs_an_image_loss(tiny_dir, tmp_path):
     with pytest.raises(MmllmError, match="contrastive_weight or token_target_weight"):
         run(tiny_dir, tmp_path / "nothing", language_loss_weight=0.0)
+
+
+def test_a_used_output_dir_is_refused_or_cleared_never_mixed(tiny_dir, tmp_path, capfd):
+    common = {"max_steps": 4, "save_every": 2, "eval_data.datasets": recipe(tiny_dir, "")["data"]["datasets"]}
+    common["parts.language_model"] = "lora"
+    _, first = run(tiny_dir, tmp_path, **common)
+    console = capfd.readouterr().err
+    assert "step 4: eval_loss" in console and "lr_projector" in console and "lr_lora" in console
+    assert {"lr_projector", "lr_lora"} <= set(first[0])  # each trained part's own rate, logged too
+    with pytest.raises(MmllmError, match=r"holds a previous run .*--resume auto"):
+        run(tiny_dir, tmp_path, **common)
+    _, again = run(tiny_dir, tmp_path, **common, overwrite_output_dir=True)
+    assert [m["step"] for m in again if "loss" in m] == [1, 2, 3, 4]  # the old run's rows are gone
+    assert [c.name for c in checkpoints(tmp_path)] == ["step-000002", "step-000004"]

@@ -148,8 +148,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from mmllm.train.config import TrainConfig
     from mmllm.train.loop import train
 
-    cfg = load_config(TrainConfig, args.recipe, args.overrides)
-    print(f"final model: {train(cfg, resume=args.resume)}")
+    train(
+        load_config(TrainConfig, args.recipe, args.overrides), resume=args.resume
+    )  # it logs the final model
 
 
 def cmd_merge(args: argparse.Namespace) -> None:

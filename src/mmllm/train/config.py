@@ -112,7 +112,10 @@ class TrainConfig:
     seed: int = 0
     """Seed for initialisation, data order and dropout."""
     output_dir: str = "runs/mmllm"
-    """Where checkpoints, the final model and logs go."""
+    """Where checkpoints, the final model and logs go. A new run refuses one that holds a previous
+    run (`--resume auto` continues it)."""
+    overwrite_output_dir: bool = False
+    """Start clean in a used output_dir: remove the previous run's checkpoints, model and logs."""
     save_every: int = 500
     """Checkpoint every N optimiser steps (and always at the end)."""
     keep_last: int = 3

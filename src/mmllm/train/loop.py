@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -96,6 +98,8 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
     set_seed(cfg.seed)
     output_dir = Path(cfg.output_dir)
     resume_from = find_resume(cfg.output_dir, resume)
+    if not resume_from:
+        _fresh_output_dir(output_dir, cfg.overwrite_output_dir, accelerator)
 
     quantization = qlora_quantization_config() if cfg.parts.language_model == "qlora" else None
     if cfg.init_from:
@@ -107,7 +111,8 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
     if resume_from:
         load_trained_weights(model, resume_from)
     if cfg.gradient_checkpointing:
-        model.language_model.gradient_checkpointing_enable()
+        lm = model.language_model  # transformers 5.24 renamed it; older 5.x have only the first name
+        getattr(lm, "activation_checkpointing_enable", lm.gradient_checkpointing_enable)()
         model.language_model.enable_input_require_grads()
     if accelerator.is_main_process:
         log.info(
@@ -173,7 +178,7 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
             epoch, consumed = epoch + 1, 0
 
     tracker = (
-        MetricsLogger(output_dir, cfg.tensorboard, cfg.wandb, dataclasses.asdict(cfg))
+        MetricsLogger(output_dir, cfg.tensorboard, cfg.wandb, dataclasses.asdict(cfg), resumed_at=step)
         if accelerator.is_main_process
         else None
     )
@@ -219,6 +224,9 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         loss_value = float(accelerator.reduce(loss_sum, "sum") / global_tokens.clamp(min=1))
+        rates = {group["name"]: group["lr"] for group in optimizer.param_groups}  # after this step's schedule
+        # Every step's loss and each trained part's learning rate on the bar; the logs every log_every.
+        progress.set_postfix(loss=f"{loss_value:.4f}", **{f"lr_{k}": f"{v:.1e}" for k, v in rates.items()})
         progress.update(1)
         if step % cfg.log_every == 0 or step == end:
             elapsed = time.perf_counter() - window_start
@@ -226,17 +234,19 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
             metrics = {
                 "loss": loss_value,
                 "lr": scheduler.get_last_lr()[0],
+                **{f"lr_{part}": value for part, value in rates.items()},
                 "grad_norm": float(grad_norm),
                 "tokens_per_s": rate,
                 "epoch": epoch,
                 "skipped_steps": skipped,
             }
-            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{metrics['lr']:.2e}", tok_s=f"{rate:.0f}")
             if tracker:
                 tracker.log(step, metrics)
             window_start, window_tokens = time.perf_counter(), 0
         if evaluator and (step == end or (cfg.eval_every and step % cfg.eval_every == 0)):
             eval_loss = evaluator(model)
+            if accelerator.is_main_process:
+                progress.write(f"mmllm: step {step}: eval_loss {eval_loss:.4f} (held-out)", file=sys.stderr)
             if tracker:
                 tracker.log(step, {"eval_loss": eval_loss})
             model.train()
@@ -266,6 +276,27 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
             tracker.close()
     accelerator.wait_for_everyone()
     return final
+
+
+RUN_FILES = ("checkpoints", "model", "metrics.jsonl", "tensorboard")  # what a run writes in output_dir
+
+
+def _fresh_output_dir(output_dir: Path, overwrite: bool, accelerator) -> None:
+    """A new run never mixes with an old one: it refuses a used output_dir, or clears it if told to."""
+    found = [name for name in RUN_FILES if (output_dir / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise MmllmError(
+            f"output_dir {output_dir} holds a previous run ({', '.join(found)}): `--resume auto` continues "
+            "it, `overwrite_output_dir=true` starts clean, or choose another output_dir"
+        )
+    if accelerator.is_main_process:
+        log.info("output_dir %s: removing the previous run (%s)", output_dir, ", ".join(found))
+        for name in found:
+            path = output_dir / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    accelerator.wait_for_everyone()
 
 
 class _Evaluator:

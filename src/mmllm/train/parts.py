@@ -78,14 +78,23 @@ def parameter_groups(model: MultimodalLM, optim: OptimConfig) -> list[dict]:
         "projector": optim.lr_projector,
         "language_model": optim.lr_language,
     }
-    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    groups: dict[tuple[str, float], list[torch.nn.Parameter]] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        lr = optim.lr_lora if "lora_" in name else rates[name.split(".", 1)[0]]
+        part = "lora" if "lora_" in name else name.split(".", 1)[0]
         decay = 0.0 if parameter.ndim < 2 or any(k in name.lower() for k in NO_DECAY) else optim.weight_decay
-        groups.setdefault((lr, decay), []).append(parameter)
-    return [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
+        groups.setdefault((part, decay), []).append(parameter)
+    # `name` travels with the group, so the loop can report each part's own learning rate.
+    return [
+        {
+            "params": params,
+            "lr": optim.lr_lora if part == "lora" else rates[part],
+            "weight_decay": decay,
+            "name": part,
+        }
+        for (part, decay), params in groups.items()
+    ]
 
 
 def parameter_table(model: MultimodalLM) -> str:

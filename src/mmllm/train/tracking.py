@@ -12,9 +12,15 @@ log = logging.getLogger("mmllm")
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, tensorboard: bool, wandb: bool, config: dict[str, Any]):
+    def __init__(
+        self, output_dir: Path, tensorboard: bool, wandb: bool, config: dict[str, Any], resumed_at: int = 0
+    ):
         output_dir.mkdir(parents=True, exist_ok=True)
-        self.file = (output_dir / "metrics.jsonl").open("a")
+        path = output_dir / "metrics.jsonl"
+        if resumed_at and path.is_file():  # rows the interrupted run logged after its checkpoint come again
+            rows = path.read_text().splitlines(keepends=True)
+            path.write_text("".join(row for row in rows if json.loads(row)["step"] <= resumed_at))
+        self.file = path.open("a")
         self.writer = self.run = None
         if tensorboard:
             try:
