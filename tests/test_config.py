@@ -91,3 +91,30 @@ def test_dataset_overrides_from_the_command_line_in_any_order(capsys):
     ):
         assert main(args) == 0, capsys.readouterr().err
         assert "samples: 3" in capsys.readouterr().out
+
+
+def test_train_help_lists_every_recipe_field_with_default_and_doc(capsys):
+    import dataclasses
+
+    from mmllm.cli import main
+    from mmllm.data.config import DatasetSpec
+    from mmllm.train.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+
+    def leaves(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(value):
+                yield from leaves(type(value), f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", f.name, cls
+
+    for path, name, cls in leaves(TrainConfig):
+        assert f"  {path} (default:" in text, path
+        doc = field_docs(cls).get(name)
+        assert doc and doc[:40] in text, path  # every field documents itself
+    assert "  data.datasets.N.split (default: 'train')" in text
+    assert all(f"data.datasets.N.{f.name} " in text for f in dataclasses.fields(DatasetSpec))

@@ -8,7 +8,7 @@ import sys
 import warnings
 from collections.abc import Callable
 
-from mmllm.config import add_arguments, from_namespace
+from mmllm.config import add_arguments, describe_fields, from_namespace
 from mmllm.errors import MmllmError
 
 log = logging.getLogger("mmllm")
@@ -332,6 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = command(
         "train", cmd_train, "train with a recipe (configs/*.yaml) and key=value overrides", model=False
+    )
+    from mmllm.train.config import TrainConfig
+
+    train.formatter_class = argparse.RawDescriptionHelpFormatter
+    train.epilog = (
+        "recipe fields (YAML keys, or KEY=VALUE overrides; a number indexes a list):\n"
+        + "\n".join(describe_fields(TrainConfig))
     )
     train.add_argument("recipe", help="training recipe YAML")
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. optim.lr_projector=5e-4")

@@ -190,6 +190,26 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, dest_prefix: str =
         parser.add_argument(option, **kwargs)
 
 
+def describe_fields(cls: type, prefix: str = "") -> list[str]:
+    """One line per field of `cls`, nested sections spelled out (`optim.lr_projector`), with its
+    default and docstring: a recipe's reference, e.g. for `mmllm train --help`."""
+    docs, lines = field_docs(cls), []
+    for field in dataclasses.fields(cls):
+        tp, _ = _strip_optional(_field_types(cls)[field.name])
+        if dataclasses.is_dataclass(tp):
+            lines += describe_fields(tp, f"{prefix}{field.name}.")
+            continue
+        default = (
+            field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        )
+        default = "required" if default is dataclasses.MISSING else f"default: {default!r}"
+        lines.append(f"  {prefix}{field.name} ({default})  {docs.get(field.name, '')}".rstrip())
+        item = (typing.get_args(tp) or (None,))[0]
+        if typing.get_origin(tp) is list and dataclasses.is_dataclass(item):  # e.g. data.datasets.N.split
+            lines += describe_fields(item, f"{prefix}{field.name}.N.")
+    return lines
+
+
 def _parse_option(raw: str, tp: Any, name: str) -> Any:
     try:
         return coerce(raw, tp, name)
