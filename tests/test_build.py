@@ -102,3 +102,23 @@ def test_shipped_models_resolve_by_name_and_default_falls_back(parts, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="mmllm"):
         assert build.resolve_model_name("default") == "default"
     assert "untrained default stack" in caplog.text
+
+
+def test_an_untrained_tower_is_the_same_every_build(tmp_path):
+    """So a feature cache of an untrained tower (`mmllm features`) matches the run that trains on it."""
+    from transformers import CLIPVisionConfig
+
+    from conftest import TINY_CLIP
+    from mmllm.models.vision import load_vision_tower
+
+    CLIPVisionConfig(**TINY_CLIP).save_pretrained(tmp_path)  # a config and no weights: random init
+    towers = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected = torch.rand(1)
+        torch.manual_seed(seed)
+        tower, pretrained = load_vision_tower(str(tmp_path), "patch")
+        assert not pretrained
+        towers.append(tower.state_dict())
+        assert torch.equal(torch.rand(1), expected)  # the caller's random stream is left untouched
+    assert all(torch.equal(towers[0][k], towers[1][k]) for k in towers[0])

@@ -16,6 +16,7 @@ from mmllm.models.configuration import MultimodalConfig, is_mmllm_model
 log = logging.getLogger("mmllm")
 
 VisionTower = CLIPVisionModel | CLIPVisionModelWithProjection
+UNTRAINED_SEED = 0  # the seed every untrained tower is drawn from
 
 
 def vision_tower_class(feature_mode: str) -> type[VisionTower]:
@@ -94,7 +95,11 @@ def load_vision_tower(name_or_path: str, feature_mode: str) -> tuple[VisionTower
     config, path, pretrained = load_vision_config(name_or_path)
     if pretrained:
         return tower_class.from_pretrained(path), True
-    return tower_class._from_config(config), False
+    # An untrained tower is drawn from its own fixed seed, so every build of it is the same tower:
+    # a feature cache made by `mmllm features` then matches the training run that uses it.
+    with torch.random.fork_rng():
+        torch.manual_seed(UNTRAINED_SEED)
+        return tower_class._from_config(config), False
 
 
 def _trained_tower(path: str, saved: MultimodalConfig, tower_class: type[VisionTower]) -> VisionTower:
