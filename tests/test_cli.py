@@ -60,6 +60,9 @@ def test_caption_and_beams(model_dir, images, capsys):
 
 
 def test_info_lists_parts_and_training_state(model_dir, capsys):
+    assert main(["info", "--model", str(model_dir)]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"model: {model_dir}"
+    assert main(["info"]) == 2 and "which model?" in capsys.readouterr().err
     assert main(["info", str(model_dir)]) == 0
     out = capsys.readouterr().out
     assert "patch (16 tokens/image, 32-d)" in out

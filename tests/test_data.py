@@ -352,7 +352,7 @@ def test_bad_images_are_skipped_and_counted(folder, tmp_path):
         shapes.append(batch["pixel_values"].shape[0])
     assert report.counts["bad images"] == 4 and report.counts["kept"] == 2 and shapes == [1, 1]
     summary = report.summary()
-    assert "2/6 samples used" in summary and "4 bad images" in summary
+    assert "2/6 sample draws used" in summary and "4 bad images" in summary
     assert "no such file" in summary and "too large" in summary
 
 
@@ -505,6 +505,7 @@ def test_features_and_stats_commands(folder, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "samples: 3   images: 3   user turns: 3" in out and "1 not an image file" in out
+    assert f"  {folder / 'corrupt.png'}: not an image file PIL can read" in out.splitlines()
     stats = json.loads((tmp_path / "stats" / "stats.json").read_text())
     assert stats["top answers"] == [["A circle.", 3]]
     assert (tmp_path / "stats" / "token_lengths.png").stat().st_size > 1000

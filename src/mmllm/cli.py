@@ -79,10 +79,13 @@ def cmd_caption(args: argparse.Namespace) -> None:
 def cmd_info(args: argparse.Namespace) -> None:
     from mmllm.models.build import load_model
 
-    model, processor = load_model(args.model)
+    name = args.path or args.model
+    if not name:
+        raise MmllmError("which model? mmllm info PATH (or --model PATH)")
+    model, processor = load_model(name)
     config = model.config
     trained = set(config.trained_parts or ())
-    print(f"model: {args.model}")
+    print(f"model: {name}")
     print(
         f"vision features: {config.vision_feature_mode} ({config.num_image_tokens} tokens/image, "
         f"{config.vision_feature_dim}-d), projector: {config.projector_type}"
@@ -314,8 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(caption, GenerationSettings)
 
     info = command("info", cmd_info, "show a model's parts, parameter counts and which are trained")
-    info.set_defaults(model=None)
-    info.add_argument("model", help=MODEL_HELP)
+    info.set_defaults(model=None)  # `info PATH` and `info --model PATH` both work
+    info.add_argument("path", nargs="?", metavar="model", help=MODEL_HELP)
 
     def data_arguments(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(

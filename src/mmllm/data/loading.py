@@ -251,7 +251,7 @@ class LoadReport:
 
     def summary(self) -> str:
         kept, seen = self.counts["kept"], self.counts["samples"]
-        parts = [f"{kept}/{seen} samples used"]
+        parts = [f"{kept}/{seen} sample draws used"]  # a sample is drawn once per epoch (and per weight)
         parts += [f"{v} {k}" for k, v in sorted(self.counts.items()) if k not in ("kept", "samples") and v]
         text = "data: " + ", ".join(parts)
         if self.examples:

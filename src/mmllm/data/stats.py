@@ -24,12 +24,14 @@ def dataset_stats(samples: Iterable[Sample], processor: MultimodalProcessor) -> 
     ]
     answers = Counter(m["content"] for s in samples for m in s.conversation if m["role"] == "assistant")
     bad: Counter = Counter()
+    bad_files: list[str] = []  # which files, so they can be fixed (a count alone names nothing)
     images = list(unique_images(samples))
     for ref in images:
         try:
             load_image(ref)
         except MmllmError as err:
             bad[str(err).rsplit(": ", 1)[-1].split(" (")[0]] += 1
+            bad_files.append(str(err))
     return {
         "samples": len(samples),
         "images": len(images),
@@ -43,6 +45,7 @@ def dataset_stats(samples: Iterable[Sample], processor: MultimodalProcessor) -> 
         "distinct answers": len(answers),
         "top answers": answers.most_common(15),
         "bad images": dict(bad),
+        "bad image files": bad_files,
         "_lengths": lengths,
     }
 
@@ -73,6 +76,7 @@ def format_stats(stats: dict[str, Any]) -> str:
         lines.append(f"  {count:>7}  {answer[:70]}")
     bad = stats["bad images"]
     lines.append("bad images: " + (", ".join(f"{n} {why}" for why, n in bad.items()) if bad else "none"))
+    lines += [f"  {problem}" for problem in stats["bad image files"]]
     return "\n".join(lines)
 
 

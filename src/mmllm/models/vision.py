@@ -110,7 +110,12 @@ def _trained_tower(path: str, saved: MultimodalConfig, tower_class: type[VisionT
         )
     file = Path(path).expanduser() / "model.safetensors"
     if "vision_tower" not in (saved.trained_parts or ()) or not file.is_file():
-        raise MmllmError(f"{path}: this model holds no trained vision tower in one model.safetensors")
+        raise MmllmError(
+            f"{path}: this model holds no trained vision tower in one model.safetensors (its trained "
+            f"parts: {', '.join(saved.trained_parts or ()) or 'none'}). model.vision takes a saved model "
+            "whose tower was trained, a CLIP model (hub id or local folder), or a registry name such as "
+            "clip-vit-base-patch32"
+        )
     tower = tower_class._from_config(saved.vision_config)
     prefix = "vision_tower."
     with safe_open(str(file), "pt") as weights:
