@@ -43,3 +43,12 @@ def test_accelerate_configs_name_a_distributed_type():
     assert set(found) == set(expected)  # an empty or renamed folder fails here
     for name, kind in expected.items():
         assert yaml.safe_load(found[name].read_text())["distributed_type"] == kind, name
+
+
+def test_the_recipe_reference_is_up_to_date():
+    import runpy
+
+    generated = runpy.run_path(str(CONFIGS.parent / "docs" / "make_recipes.py"))["reference"]()
+    assert (CONFIGS.parent / "docs" / "recipes.md").read_text() == generated, (
+        "run python docs/make_recipes.py"
+    )
