@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -14,6 +15,7 @@ import pytest
 
 from conftest import free_port, save_tiny, serving, start_server
 from mmllm.pipeline import GenerationSettings, Pipeline
+from mmllm.ui import NO_IMAGE_NOTE
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "ui"
@@ -104,8 +106,10 @@ def test_chat_streams_keeps_history_and_clears(page, tiny_model, images):
     # The follow-up is answered with the first turn and the image still in the conversation.
     ask(page, "And its colour?")
     user_rows = page.locator("#chat .message-row.user-row")
-    assert user_rows.count() == 2 and len(bot_texts(page)) == 2
-    assert user_rows.first.locator("img").count() == 1  # the image shows once, with the first question
+    # Every message is its own bubble: the image, the first question, the follow-up.
+    assert user_rows.count() == 3 and len(bot_texts(page)) == 2
+    assert user_rows.first.locator("img").count() == 1  # the image shows once, before the first question
+    assert user_rows.nth(1).inner_text().strip() == "What shape is it?"
     pipeline = Pipeline.load(str(tiny_model), device="cpu")
     settings = GenerationSettings()
     turns = [{"role": "user", "content": "<image>\nWhat shape is it?"}]
@@ -124,9 +128,21 @@ def test_chat_streams_keeps_history_and_clears(page, tiny_model, images):
     assert page.locator("#image img").count() == 0
 
 
+def test_a_question_without_an_image_is_marked_text_only(page):
+    ask(page, "What colour is it?")
+    texts = bot_texts(page)
+    assert texts[0] == NO_IMAGE_NOTE and len(texts) == 2 and texts[1].strip()
+
+
 def test_errors_are_chat_messages(page):
+    ask(page, "Hello?")
+    answered = bot_texts(page)
     page.locator("#question textarea").press("Enter")
-    page.wait_for_selector("#chat .message-row.bot-row")
+    page.wait_for_function(
+        f"document.querySelectorAll('#chat .message-row.bot-row').length > {len(answered)}"
+    )
+    # A bubble of its own: the previous answer reads as it did.
+    assert bot_texts(page)[: len(answered)] == answered
     assert "type a question first" in bot_texts(page)[-1]
     page.locator("#voice-tab-button, button[role=tab]:has-text('Voice')").first.click()
     page.locator("#ask-voice").click()
@@ -147,10 +163,34 @@ def test_a_broken_image_is_a_chat_message(page, tmp_path, images):
     page.wait_for_selector("#image img", state="attached")
     ask(page, "What is it?")
     assert "Error:" in bot_texts(page)[-1]
+    assert page.locator("#question textarea").input_value() == "What is it?"  # kept, to ask again
     page.locator("#image input[type=file]").set_input_files(str(images[1]))  # the page goes on working
     page.wait_for_selector("#image img")
     ask(page, "And now?")
     assert "Error:" not in bot_texts(page)[-1]
+
+
+def test_stop_ends_the_answer_and_its_generation(page, server):
+    def cancelled() -> float:
+        lines = httpx.get(f"{server}/metrics", timeout=10).text.splitlines()
+        return float(next(line.split()[-1] for line in lines if line.startswith("mmllm_cancelled_total")))
+
+    before = cancelled()
+    page.locator("#settings").click()  # open the settings: the longest answer the slider allows
+    page.locator("#settings input[type=number]").first.fill("512")
+    page.locator("#settings input[type=number]").first.press("Enter")
+    page.locator("#question textarea").fill("Tell me a long story.")
+    page.locator("#question textarea").press("Enter")
+    page.wait_for_function(  # the answer has begun to stream
+        "[...document.querySelectorAll('#chat .message-row.bot-row')].pop()?.innerText.trim().length > 0",
+        timeout=60_000,
+    )
+    page.locator("#stop").click()
+    wait_until_answered(page)  # the box is usable again
+    deadline = time.time() + 20
+    while cancelled() == before and time.time() < deadline:
+        time.sleep(0.2)
+    assert cancelled() == before + 1  # the server stopped generating, not only the page
 
 
 def test_examples_offer_easy_vqa_images_and_photos(page):

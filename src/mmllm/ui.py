@@ -32,6 +32,7 @@ SAMPLE_QUESTIONS = {
     "rocket": "What is in the picture?",
 }
 EASY_VQA_EXAMPLES = 3
+NO_IMAGE_NOTE = "No image attached: the model answers from the text alone. Upload one to ask about it."
 
 
 @dataclass
@@ -126,7 +127,10 @@ def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-b
             if not chat.image_keys or _image_key(image) != chat.image_keys[-1]:
                 new_image, turn = image, "<image>\n" + question
                 history = [*history, {"role": "user", "content": gr.Image(image)}]
-        history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+        history = [*history, {"role": "user", "content": question}]
+        if new_image is None and not chat.images:  # said on the page only: the model's prompt stays as asked
+            history.append({"role": "assistant", "content": NO_IMAGE_NOTE})
+        history.append({"role": "assistant", "content": ""})
         yield history, chat
         messages = [*chat.messages, {"role": "user", "content": turn}]
         images = chat.images + ([new_image] if new_image else [])
@@ -142,16 +146,17 @@ def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-b
         )
         yield history, chat
 
-    async def guarded(steps: AsyncIterator[tuple[list, Chat]], history: list, chat: Chat):
-        """Pass the steps on with the question box locked; an error becomes an assistant message and
-        the conversation stays as it was."""
+    async def guarded(steps: AsyncIterator[tuple[list, Chat]], history: list, chat: Chat, question: str = ""):
+        """Pass the steps on with the question box locked; an error becomes an assistant message of its
+        own, the conversation stays as it was, and the question goes back into the box to retry."""
         shown, after = history, chat
         try:
             async for shown, after in steps:
                 yield shown, after, gr.update(value="", interactive=False)
         except (MmllmError, ValueError, OSError, RuntimeError) as err:
-            pending = [m for m in shown if m.get("content") != ""]  # drop the empty answer bubble
-            shown, after = [*pending, {"role": "assistant", "content": f"Error: {err}"}], chat
+            shown, after = [*history, {"role": "assistant", "content": f"Error: {err}"}], chat
+            yield shown, after, gr.update(value=question, interactive=True)
+            return
         yield shown, after, gr.update(interactive=True)
 
     async def on_text(question, image, history, chat, *settings):
@@ -159,7 +164,7 @@ def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-b
             steps = _fail("type a question first")
         else:
             steps = answer(question.strip(), image, history, chat, _settings(*settings))
-        async for update in guarded(steps, history, chat):
+        async for update in guarded(steps, history, chat, question or ""):
             yield update
 
     async def on_voice(audio, image, history, chat, *settings):
@@ -193,7 +198,10 @@ def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-b
                     elem_id="image",
                 )
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=460)
+                # Each message its own bubble: an error must not read as part of the previous answer.
+                chatbot = gr.Chatbot(
+                    label="Conversation", elem_id="chat", height=460, group_consecutive_messages=False
+                )
                 with gr.Tabs():
                     with gr.Tab("Text", elem_id="text-tab"):
                         question = gr.Textbox(
@@ -211,7 +219,9 @@ def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-b
                             elem_id="audio",
                         )
                         ask_voice = gr.Button("Ask", variant="primary", elem_id="ask-voice")
-                clear = gr.Button("Clear conversation", elem_id="clear")
+                with gr.Row():
+                    stop = gr.Button("Stop", elem_id="stop")
+                    clear = gr.Button("Clear conversation", elem_id="clear")
         with gr.Accordion("Generation settings", open=False, elem_id="settings"):
             settings = [
                 gr.Slider(1, 512, value=defaults.max_new_tokens, step=1, label="Max new tokens"),
@@ -226,9 +236,19 @@ def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-b
             )
 
         inputs = [question, image, chatbot, chat, *settings]
-        for trigger in (question.submit, send.click):
-            trigger(on_text, inputs, [chatbot, chat, question])
-        ask_voice.click(on_voice, [audio, image, chatbot, chat, *settings], [chatbot, chat, question, audio])
+        answering = [
+            trigger(on_text, inputs, [chatbot, chat, question]) for trigger in (question.submit, send.click)
+        ]
+        answering.append(
+            ask_voice.click(
+                on_voice, [audio, image, chatbot, chat, *settings], [chatbot, chat, question, audio]
+            )
+        )
+        # Cancelling the handler closes its stream, which cancels the generation in the batcher; the box
+        # unlocks in a step after the cancellation, so no late update of the cancelled answer relocks it.
+        stop.click(None, None, None, cancels=answering).then(
+            lambda: gr.update(interactive=True), None, question
+        )
         clear.click(lambda: ([], Chat(), None, ""), None, [chatbot, chat, image, question])
     return page
 
