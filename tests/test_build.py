@@ -56,6 +56,26 @@ def test_fresh_projector_speaks_at_the_scale_of_token_embeddings(parts):
     assert 0.5 < float(out_rms / embed_rms) < 2.0
 
 
+def test_a_frozen_untrained_tower_is_rebuilt_not_stored(parts, tmp_path, images):
+    """Checkpoints of a run on an untrained tower (CLIP offline) hold the projector, not the tower:
+    the tower is drawn again from its seed and checked against the digest the config keeps."""
+    model, processor = build_model(ModelConfig(lm=str(parts / "lm"), vision=str(parts / "clip-config-only")))
+    assert model.parts_without_base() == ["projector"]
+    model.save_pretrained(tmp_path / "m", parts=model.parts_without_base())
+    processor.save_pretrained(tmp_path / "m")
+    loaded, _ = load_model(str(tmp_path / "m"))
+    batch = processor([QUESTION], [[images[0]]])
+    torch.testing.assert_close(model(**batch).logits, loaded(**batch).logits, rtol=0, atol=0)
+    # Another draw than the one trained with is refused, not silently used.
+    config = tmp_path / "m" / "config.json"
+    config.write_text(config.read_text().replace(model.config.vision_untrained_digest, "0" * 16))
+    with pytest.raises(ValueError, match="draws a different one"):
+        load_model(str(tmp_path / "m"))
+    # Once the tower trains, it is one of the parts a checkpoint stores.
+    model.config.trained_parts = [*model.config.trained_parts, "vision_tower"]
+    assert model.parts_without_base() == ["projector", "vision_tower"]
+
+
 def test_yaml_recipe_as_model(parts, tmp_path):
     recipe = tmp_path / "model.yaml"
     recipe.write_text(

@@ -141,3 +141,22 @@ def test_align_template_is_bare_text_with_answers_ending_in_eos(lm_kind, images)
         processor.encode(CONVERSATION, [images[0]], train=True)["input_ids"]
     )
     assert processor.chat_template is None  # the original is untouched
+
+
+@pytest.mark.parametrize("template", ["chat", "plain", "align"])
+def test_a_follow_up_is_prompted_as_training_renders_the_conversation(lm_kind, images, template):
+    """The prompt for turn k is the training text of turns 1..k-1, then turn k's question: a chat
+    page's second question reaches the model as the same words a multi-turn training sample gave it."""
+    processor = make_tiny(lm_kind)[1]
+    if template == "align":
+        processor = processor.with_template(ALIGN_TEMPLATE)
+    elif template == "plain":
+        processor.tokenizer.chat_template = None
+        processor = MultimodalProcessor(processor.tokenizer, num_image_tokens=processor.num_image_tokens)
+    conversation = CONVERSATION[1:]
+    trained = processor.encode(conversation, [images[0]], train=True)
+    for turn in (2, 4):
+        prompt = processor.encode(conversation[: turn + 1], [images[0]])["input_ids"]
+        assert trained["input_ids"][: len(prompt)] == prompt
+        assert trained["labels"][len(prompt) - 1] == IGNORE_INDEX
+        assert trained["labels"][len(prompt)] != IGNORE_INDEX  # the next token is the answer's first

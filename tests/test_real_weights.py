@@ -147,3 +147,31 @@ def test_shipped_default_model_sees_easy_vqa_images(capsys):
     # 99 in the full evaluation's predictions for these questions; a model answering yes/no from the
     # wording gets ~85 (the previous default did), a blind one ~45.
     assert right >= 94, f"{right}/100"
+    # A follow-up is answered as it is on its own (the chat page's second question): the image's other
+    # question and the model's answer to it come first.
+    by_image: dict[int, list[int]] = {}
+    for i, image_id in enumerate(image_ids):
+        by_image.setdefault(image_id, []).append(i)
+    pairs = [(qs[0], qs[1]) for qs in list(by_image.values())[:30] if len(qs) > 1]
+    firsts = pipeline.generate(
+        [[{"role": "user", "content": "<image>\n" + questions[a]}] for a, _ in pairs],
+        [[paths[image_ids[a]]] for a, _ in pairs],
+        GenerationSettings(max_new_tokens=4),
+    )
+    conversations = [
+        [
+            {"role": "user", "content": "<image>\n" + questions[a]},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": questions[b]},
+        ]
+        for (a, b), first in zip(pairs, firsts, strict=True)
+    ]
+    alone = pipeline.generate(
+        [[{"role": "user", "content": "<image>\n" + questions[b]}] for _, b in pairs],
+        [[paths[image_ids[b]]] for _, b in pairs],
+        GenerationSettings(max_new_tokens=4),
+    )
+    follow_ups = pipeline.generate(
+        conversations, [[paths[image_ids[a]]] for a, _ in pairs], GenerationSettings(max_new_tokens=4)
+    )
+    assert follow_ups == alone

@@ -156,14 +156,32 @@ def test_errors_are_chat_messages(page):
     assert bot_texts(page)[-1].strip()
 
 
+def _broken_uploads(tmp_path, images) -> list[Path]:
+    """Files Gradio's own preprocessing cannot open (not an image; an RGBA image, converted by Gradio,
+    cut short) and one only we can tell is broken (a valid header with the pixels cut off)."""
+    from PIL import Image
+
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("these are not pixels")
+    rgba = tmp_path / "rgba.png"
+    Image.new("RGBA", (64, 64), (255, 0, 0, 128)).save(rgba)
+    rgba_cut = tmp_path / "rgba-cut.png"
+    rgba_cut.write_bytes(rgba.read_bytes()[:90])
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(images[0].read_bytes()[:120])
+    return [not_an_image, rgba_cut, truncated]
+
+
 def test_a_broken_image_is_a_chat_message(page, tmp_path, images):
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(images[0].read_bytes()[:120])  # a valid header, the pixels cut off
-    page.locator("#image input[type=file]").set_input_files(str(broken))
-    page.wait_for_selector("#image img", state="attached")
-    ask(page, "What is it?")
-    assert "Error:" in bot_texts(page)[-1]
-    assert page.locator("#question textarea").input_value() == "What is it?"  # kept, to ask again
+    for broken in _broken_uploads(tmp_path, images):
+        page.locator("#image input[type=file]").set_input_files(str(broken))
+        page.wait_for_selector("#image img", state="attached")
+        ask(page, "What is it?")
+        error = bot_texts(page)[-1]
+        assert error.startswith("Error:") and broken.name in error, error
+        assert "/" not in error  # no server temp path
+        assert not page.locator(".toast-body").count()  # no Gradio toast either
+        assert page.locator("#question textarea").input_value() == "What is it?"  # kept, to ask again
     page.locator("#image input[type=file]").set_input_files(str(images[1]))  # the page goes on working
     page.wait_for_selector("#image img")
     ask(page, "And now?")

@@ -12,6 +12,7 @@ import hashlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -87,6 +88,40 @@ def example_files() -> list[list[str]]:
     return rows
 
 
+@dataclass(frozen=True)
+class UnreadableUpload:
+    """An upload that Gradio itself could not open, kept (by its own name) for the chat to report."""
+
+    name: str
+
+
+def _keep_unreadable_uploads(component: Any) -> Any:
+    """Let an image component's unreadable uploads reach the handler: failing in Gradio's own
+    preprocessing would show a toast with the server's temp path and drop the question. (Per
+    instance: a subclass of a Gradio component would make Gradio write a .pyi stub beside this file.)"""
+    preprocess = component.preprocess
+
+    def tolerant(payload: Any) -> str | UnreadableUpload | None:
+        try:
+            return preprocess(payload)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return UnreadableUpload(payload.orig_name or "the upload")
+
+    component.preprocess = tolerant
+    return component
+
+
+def _open_upload(image: str | UnreadableUpload) -> Image.Image:
+    """The uploaded image, or an error that names the file as the user called it (never the
+    server's temp path)."""
+    if isinstance(image, UnreadableUpload):
+        raise MmllmError(f"{image.name}: not an image file this page can read")
+    try:
+        return load_image(image)
+    except MmllmError as err:
+        raise MmllmError(str(err).replace(image, Path(image).name)) from None
+
+
 def _image_key(image: Image.Image) -> str:
     return hashlib.sha256(image.tobytes() + str(image.size).encode()).hexdigest()
 
@@ -117,13 +152,17 @@ def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-b
     )
 
     async def answer(
-        question: str, image: str | None, history: list, chat: Chat, settings: GenerationSettings
+        question: str,
+        image: str | UnreadableUpload | None,
+        history: list,
+        chat: Chat,
+        settings: GenerationSettings,
     ) -> AsyncIterator[tuple[list, Chat]]:
         """Add the question (and a new image) to the chat, then stream the answer into it."""
         turn = question
         new_image = None
         if image is not None:
-            image = load_image(image)
+            image = _open_upload(image)
             if not chat.image_keys or _image_key(image) != chat.image_keys[-1]:
                 new_image, turn = image, "<image>\n" + question
                 history = [*history, {"role": "user", "content": gr.Image(image)}]
@@ -190,12 +229,14 @@ def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-b
         chat = gr.State(Chat())
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(
-                    type="filepath",
-                    label="Image",
-                    sources=["upload", "clipboard"],
-                    height=320,
-                    elem_id="image",
+                image = _keep_unreadable_uploads(
+                    gr.Image(
+                        type="filepath",
+                        label="Image",
+                        sources=["upload", "clipboard"],
+                        height=320,
+                        elem_id="image",
+                    )
                 )
             with gr.Column(scale=3):
                 # Each message its own bubble: an error must not read as part of the previous answer.

@@ -17,7 +17,7 @@ from mmllm.models.configuration import MultimodalConfig, is_mmllm_model, num_ima
 from mmllm.models.language import load_language_model, load_tokenizer
 from mmllm.models.multimodal import MultimodalLM
 from mmllm.models.projector import match_embedding_scale
-from mmllm.models.vision import load_vision_config, load_vision_tower
+from mmllm.models.vision import load_vision_config, load_vision_tower, weights_digest
 from mmllm.processor import PROCESSOR_FILE, MultimodalProcessor
 
 log = logging.getLogger("mmllm")
@@ -93,6 +93,7 @@ def build_model(
         projector_snap_to_vocab=cfg.projector_snap_to_vocab,
         text_model_name_or_path=cfg.lm,
         vision_model_name_or_path=cfg.vision if tower_pretrained else None,
+        vision_untrained_digest=None if tower_pretrained else weights_digest(tower),
         trained_parts=["language_model", *(["vision_tower"] if tower_pretrained else [])],
     )
     processor = MultimodalProcessor(

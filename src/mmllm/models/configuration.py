@@ -65,6 +65,8 @@ class MultimodalConfig(PreTrainedConfig):
     image_token / image_token_id: the placeholder the processor expands to `num_image_tokens` per image.
     text_model_name_or_path / vision_model_name_or_path: where the base weights came from; used to
         rebuild a checkpoint that stores only its trained parts.
+    vision_untrained_digest: for a tower drawn at random (no base weights), the `weights_digest` of that
+        draw: a checkpoint that leaves the frozen untrained tower out rebuilds it and checks it is the same.
     saved_parts: the parts whose weights the checkpoint's safetensors hold (all when None).
     adapter: subfolder holding a PEFT LoRA adapter for the language model, applied on load.
     trained_parts: the parts carrying learned weights (loaded pretrained or trained by us); a part
@@ -91,6 +93,7 @@ class MultimodalConfig(PreTrainedConfig):
     image_token_id: int = 0
     text_model_name_or_path: str | None = None
     vision_model_name_or_path: str | None = None
+    vision_untrained_digest: str | None = None
     saved_parts: list[str] | None = None
     adapter: str | None = None
     trained_parts: list[str] | None = None

@@ -15,7 +15,14 @@ from transformers.utils import cached_file
 
 from mmllm.models.configuration import PARTS, MultimodalConfig
 from mmllm.models.projector import build_projector
-from mmllm.models.vision import VisionTower, image_features, load_vision_tower, vision_tower_class
+from mmllm.models.vision import (
+    VisionTower,
+    image_features,
+    load_vision_tower,
+    untrained_tower,
+    vision_tower_class,
+    weights_digest,
+)
 from mmllm.processor import IGNORE_INDEX
 
 IMAGE_INPUTS = ("pixel_values", "image_features")
@@ -217,10 +224,17 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
             state = {actual.get(key, key): value for key, value in state.items()}
         return self.load_state_dict(state, strict=False).unexpected_keys
 
+    def _tower_rebuildable(self) -> bool:
+        """Whether the tower can be had again without storing it: from its base weights, or (untrained
+        and frozen) from its seeded random draw."""
+        config = self.config
+        untrained = "vision_tower" not in (config.trained_parts or ())
+        return bool(config.vision_model_name_or_path or (untrained and config.vision_untrained_digest))
+
     def parts_without_base(self) -> list[str]:
         """Parts that cannot be rebuilt from a base reference: the projector always, others once trained."""
         parts = ["projector"]
-        if not self.config.vision_model_name_or_path:
+        if not self._tower_rebuildable():
             parts.append("vision_tower")
         if not self.config.text_model_name_or_path:
             parts.append("language_model")
@@ -260,10 +274,8 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(f"unknown parts {sorted(unknown)}; known: {list(PARTS)}")
             if "language_model" not in parts and not self.config.text_model_name_or_path:
                 raise ValueError("saving without the language model needs config.text_model_name_or_path")
-            if "vision_tower" not in parts and not self.config.vision_model_name_or_path:
-                raise ValueError(
-                    "the vision tower has no base reference (it is random or was trained here): save it too"
-                )
+            if "vision_tower" not in parts and not self._tower_rebuildable():
+                raise ValueError("the vision tower has no base reference (it was trained here): save it too")
             state = {k: v for k, v in state.items() if k.split(".", 1)[0] in parts}
         kwargs["state_dict"] = state
         previous = self.config.saved_parts, self.config.adapter
@@ -303,6 +315,15 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
             language_model = load_language_model(config.text_model_name_or_path, dtype=dtype)
         if "vision_tower" not in saved and config.vision_model_name_or_path:
             vision_tower, _ = load_vision_tower(config.vision_model_name_or_path, config.vision_feature_mode)
+        elif "vision_tower" not in saved:
+            vision_tower = untrained_tower(config.vision_config, config.vision_feature_mode)
+            expected = config.vision_untrained_digest
+            if expected and weights_digest(vision_tower) != expected:
+                raise ValueError(
+                    f"{path} was trained with an untrained (random) vision tower that it does not store, and "
+                    f"this torch ({torch.__version__}) draws a different one from the same seed: load it "
+                    "with the torch it was trained with"
+                )
         model = cls(config, language_model=language_model, vision_tower=vision_tower)
         state = load_file(cached_file(str(path), "model.safetensors", **_hub_kwargs(kwargs)))
         missing, unexpected = model.load_state_dict(state, strict=False)

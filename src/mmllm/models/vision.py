@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from pathlib import Path
@@ -95,11 +96,25 @@ def load_vision_tower(name_or_path: str, feature_mode: str) -> tuple[VisionTower
     config, path, pretrained = load_vision_config(name_or_path)
     if pretrained:
         return tower_class.from_pretrained(path), True
-    # An untrained tower is drawn from its own fixed seed, so every build of it is the same tower:
-    # a feature cache made by `mmllm features` then matches the training run that uses it.
+    return untrained_tower(config, feature_mode), False
+
+
+def untrained_tower(config: CLIPVisionConfig, feature_mode: str) -> VisionTower:
+    """A random tower of this architecture, drawn from its own fixed seed, so every build of it is the
+    same tower: a feature cache made by `mmllm features` matches the training run that uses it, and a
+    checkpoint of a frozen untrained tower need not store it (see `weights_digest`)."""
     with torch.random.fork_rng():
         torch.manual_seed(UNTRAINED_SEED)
-        return tower_class._from_config(config), False
+        return vision_tower_class(feature_mode)._from_config(config)
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short fingerprint of a module's weights (the first values of every tensor): tells whether a
+    rebuilt untrained tower is the one a checkpoint was trained with (another torch may draw another)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _trained_tower(path: str, saved: MultimodalConfig, tower_class: type[VisionTower]) -> VisionTower:
