@@ -421,3 +421,23 @@ def test_a_used_output_dir_is_refused_or_cleared_never_mixed(tiny_dir, tmp_path,
     _, again = run(tiny_dir, tmp_path, **common, overwrite_output_dir=True)
     assert [m["step"] for m in again if "loss" in m] == [1, 2, 3, 4]  # the old run's rows are gone
     assert [c.name for c in checkpoints(tmp_path)] == ["step-000002", "step-000004"]
+
+
+def test_lora_adapts_every_projection_of_each_lm_kind(lm_kind):
+    """Llama and Qwen2 split q/k/v and gate/up, Phi-3 fuses them: the default targets cover both."""
+    from mmllm.train.config import LoraSettings, PartsConfig
+    from mmllm.train.parts import setup_parts
+
+    model, _ = make_tiny(lm_kind)
+    setup_parts(model, PartsConfig(projector="full", language_model="lora"), LoraSettings())
+    adapted = {
+        n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora_A" in n
+    }
+    expected = {"phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}}.get(
+        lm_kind, {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    )
+    assert adapted == expected
+    with pytest.raises(MmllmError, match="match no module of this LM; its linear layers"):
+        setup_parts(
+            make_tiny(lm_kind)[0], PartsConfig(language_model="lora"), LoraSettings(target_modules=["c_attn"])
+        )

@@ -8,7 +8,10 @@ from typing import Literal
 from mmllm.data.config import DataConfig
 from mmllm.models.build import ModelConfig
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Attention and MLP projections of Llama/Qwen2 (q, k, v, o, gate, up, down) and Phi-3's fused ones.
+LORA_TARGETS = [
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj", "gate_up_proj",
+]  # fmt: skip
 
 
 @dataclass
@@ -34,7 +37,7 @@ class LoraSettings:
     dropout: float = 0.05
     """Dropout on the adapter input."""
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    """LM module names that get adapters."""
+    """LM module names that get adapters; names this LM does not have are skipped (one must match)."""
 
 
 @dataclass

@@ -32,6 +32,24 @@ def qlora_quantization_config():
     )
 
 
+def lora_targets(language_model: torch.nn.Module, wanted: list[str]) -> list[str]:
+    """The wanted module names this LM has (Phi-3 fuses q/k/v and gate/up where Llama splits them)."""
+    names = {name.rsplit(".", 1)[-1] for name, module in language_model.named_modules()}
+    found = [name for name in wanted if name in names]
+    if not found:
+        linear = sorted(
+            {
+                n.rsplit(".", 1)[-1]
+                for n, m in language_model.named_modules()
+                if isinstance(m, torch.nn.Linear)
+            }
+        )
+        raise MmllmError(
+            f"lora.target_modules {list(wanted)} match no module of this LM; its linear layers: {linear}"
+        )
+    return found
+
+
 def setup_parts(model: MultimodalLM, parts: PartsConfig, lora: LoraSettings) -> None:
     """Freeze everything, then unfreeze (or give adapters to) exactly the parts the recipe trains."""
     model.requires_grad_(False)
@@ -54,7 +72,7 @@ def setup_parts(model: MultimodalLM, parts: PartsConfig, lora: LoraSettings) -> 
                 r=lora.r,
                 lora_alpha=lora.alpha,
                 lora_dropout=lora.dropout,
-                target_modules=list(lora.target_modules),
+                target_modules=lora_targets(model.language_model, lora.target_modules),
                 task_type="CAUSAL_LM",
             )
         )
