@@ -10,6 +10,7 @@ from onnx import numpy_helper
 
 from conftest import make_tiny
 from mmllm.errors import MmllmError
+from mmllm.models.projector import PROJECTOR_TYPES
 
 QUESTION = [{"role": "user", "content": "<image>\nWhat shape is it?"}]
 
@@ -61,17 +62,32 @@ def test_llava_hf_export_refuses_other_designs(tmp_path):
     model, processor = make_tiny("qwen2", feature_mode="patch", projector="mlp_gelu", vision_pixel_shuffle=2)
     with pytest.raises(MmllmError, match="cannot carry vision_pixel_shuffle"):
         to_llava(model, processor)
+    model, processor = make_tiny(
+        "qwen2", feature_mode="patch", projector="mlp_gelu", projector_snap_to_vocab=True
+    )
+    with pytest.raises(MmllmError, match="cannot carry projector_snap_to_vocab"):
+        to_llava(model, processor)
 
 
+# Every projector design the config allows, with and without snapping image tokens to words.
+DESIGNS = [
+    {"projector": projector, "projector_snap_to_vocab": snap}
+    for projector in PROJECTOR_TYPES
+    for snap in (False, True)
+]
+DESIGN_IDS = [f"{d['projector']}{'-snap' if d['projector_snap_to_vocab'] else ''}" for d in DESIGNS]
+
+
+@pytest.mark.parametrize("design", DESIGNS, ids=DESIGN_IDS)
 @pytest.mark.parametrize("scheme", ["weight-only", "dynamic"])
-def test_int8_export_loads_as_int8_and_answers_like_fp32(tmp_path, images, scheme):
+def test_int8_export_loads_as_int8_and_answers_like_fp32(tmp_path, images, scheme, design):
     from torchao.quantization import Int8Tensor
 
     from mmllm.export.int8 import export_int8
     from mmllm.models.multimodal import MultimodalLM
     from mmllm.pipeline import GenerationSettings, Pipeline
 
-    model, processor = make_tiny("qwen2", lm_init_std=0.3)
+    model, processor = make_tiny("qwen2", lm_init_std=0.3, **design)
     source = tmp_path / "fp32"
     model.save_pretrained(source)
     processor.save_pretrained(source)
@@ -98,12 +114,13 @@ def test_int8_export_loads_as_int8_and_answers_like_fp32(tmp_path, images, schem
 
 
 @pytest.mark.parametrize("pixel_shuffle", [1, 2])
-def test_onnx_export_matches_pytorch_logits_and_greedy_answers(tmp_path, images, pixel_shuffle):
+@pytest.mark.parametrize("design", DESIGNS, ids=DESIGN_IDS)
+def test_onnx_export_matches_pytorch_logits_and_greedy_answers(tmp_path, images, pixel_shuffle, design):
     from mmllm.export.onnx import OnnxPipeline, export_onnx
     from mmllm.pipeline import GenerationSettings, Pipeline
 
     model, processor = make_tiny(
-        "qwen2", feature_mode="patch", lm_init_std=0.3, vision_pixel_shuffle=pixel_shuffle
+        "qwen2", feature_mode="patch", lm_init_std=0.3, vision_pixel_shuffle=pixel_shuffle, **design
     )
     source = tmp_path / "model"
     model.save_pretrained(source)

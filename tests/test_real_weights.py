@@ -175,3 +175,24 @@ def test_shipped_default_model_sees_easy_vqa_images(capsys):
         conversations, [[paths[image_ids[a]]] for a, _ in pairs], GenerationSettings(max_new_tokens=4)
     )
     assert follow_ups == alone
+
+
+def test_onnx_export_of_the_shipped_default_answers_as_torch_does(tmp_path):
+    """The default model snaps image tokens to words: its ONNX vision graph must too (it once did not,
+    and agreed with torch on 82% of answers)."""
+    import easy_vqa
+
+    from mmllm.export.onnx import OnnxPipeline, export_onnx
+
+    assert main(["weights", "install", "smollm2-135m-instruct"]) == 0
+    export_onnx("default", tmp_path / "onnx")
+    questions, _, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    picked = range(0, len(questions), 97)
+    conversations = [[{"role": "user", "content": "<image>\n" + questions[i]}] for i in picked]
+    pictures = [[paths[image_ids[i]]] for i in picked]
+    settings = GenerationSettings(max_new_tokens=4)
+    ours = Pipeline.load("default", device="cpu").generate(conversations, pictures, settings)
+    theirs = OnnxPipeline.load(tmp_path / "onnx").generate(conversations, pictures, settings)
+    agree = sum(a == b for a, b in zip(ours, theirs, strict=True))
+    assert agree >= 0.99 * len(ours), f"{agree}/{len(ours)}"

@@ -27,6 +27,12 @@ def to_llava(model, processor):
             "llava-hf export needs patch features and the mlp_gelu projector (LLaVA's design); this "
             f"model has {config.vision_feature_mode} features and the {config.projector_type} projector"
         )
+    if config.projector_snap_to_vocab:
+        raise MmllmError(
+            "llava-hf export cannot carry projector_snap_to_vocab (Llava feeds its projector's output to "
+            "the LM as it is, with no step that replaces each image token by its nearest word); export "
+            "this model with `mmllm export onnx` or serve it with mmllm"
+        )
     if config.vision_pixel_shuffle > 1:
         raise MmllmError(
             "llava-hf export cannot carry vision_pixel_shuffle (LLaVA feeds every patch token to its "
@@ -57,7 +63,7 @@ def to_llava(model, processor):
     )
     llava = LlavaForConditionalGeneration(llava_config).to(model.dtype)
     llava.model.vision_tower.load_state_dict(model.vision_tower.state_dict())
-    first, _, second = model.projector  # Linear, GELU, Linear
+    first, second = model.projector.linears  # Linear, GELU, Linear
     llava.model.multi_modal_projector.linear_1.load_state_dict(first.state_dict())
     llava.model.multi_modal_projector.linear_2.load_state_dict(second.state_dict())
     llava.model.language_model.load_state_dict(model.language_model.get_decoder().state_dict())

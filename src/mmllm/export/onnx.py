@@ -44,7 +44,7 @@ class _VisionGraph(torch.nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.projector(self.model.get_image_features(pixel_values))  # (I, N, D)
+        return self.model.project_images(self.model.get_image_features(pixel_values))  # (I, N, D)
 
 
 class _DecoderGraph(torch.nn.Module):

@@ -16,7 +16,6 @@ from mmllm.images import ImageProcessor
 from mmllm.models.configuration import MultimodalConfig, is_mmllm_model, num_image_tokens
 from mmllm.models.language import load_language_model, load_tokenizer
 from mmllm.models.multimodal import MultimodalLM
-from mmllm.models.projector import match_embedding_scale
 from mmllm.models.vision import load_vision_config, load_vision_tower, weights_digest
 from mmllm.processor import PROCESSOR_FILE, MultimodalProcessor
 
@@ -101,7 +100,7 @@ def build_model(
     )
     config.image_token_id = processor.image_token_id
     model = MultimodalLM(config, language_model=language_model, vision_tower=tower)
-    match_embedding_scale(model.projector, language_model.get_input_embeddings().weight)
+    model.projector.match_embedding_scale(language_model.get_input_embeddings().weight)
     if dtype is not None:
         model = model.to(dtype)
     return model.eval(), processor

@@ -14,7 +14,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
 
 from mmllm.models.configuration import PARTS, MultimodalConfig
-from mmllm.models.projector import build_projector
+from mmllm.models.projector import Projector
 from mmllm.models.vision import (
     VisionTower,
     image_features,
@@ -55,7 +55,7 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         self.vision_tower = vision_tower or vision_tower_class(config.vision_feature_mode)._from_config(
             config.vision_config
         )
-        self.projector = build_projector(
+        self.projector = Projector(
             config.projector_type, config.vision_feature_dim, config.text_config.hidden_size
         )
         self.language_model = language_model or AutoModelForCausalLM.from_config(config.text_config)
@@ -93,6 +93,16 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         words = self.get_input_embeddings().weight[self.nearest_words(tokens)].to(tokens.dtype)  # (I, N, D)
         return tokens + (words - tokens).detach()
 
+    def project_images(self, image_features: torch.Tensor) -> torch.Tensor:
+        """(I, N, D_v) vision features -> (I, N, D) the rows the LM reads for each image.
+
+        The one way image features become LM input: the model's forward, the ONNX vision graph, the
+        feature-cache training path and every backend call it, so a design choice made here (the
+        projector, snapping to words) cannot be left out by one of them.
+        """
+        projected = self.projector(image_features)  # (I, N, D)
+        return self.snap_to_vocab(projected) if self.config.projector_snap_to_vocab else projected
+
     def embed_inputs(
         self,
         input_ids: torch.LongTensor,
@@ -115,9 +125,7 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
                     "or image_features were given"
                 )
             return embeds
-        projected = self.projector(image_features.to(self.projector[0].weight.dtype))  # (I, N, D)
-        if self.config.projector_snap_to_vocab:
-            projected = self.snap_to_vocab(projected)
+        projected = self.project_images(image_features)  # (I, N, D)
         n_images, per_image = projected.shape[:2]
         if n_placeholders != n_images * per_image:
             raise ValueError(

@@ -14,7 +14,8 @@ from mmllm.processor import IGNORE_INDEX
 
 
 def projected_images(model: MultimodalLM, batch: dict) -> torch.Tensor:
-    """(B, N, D) image tokens as the LM receives them; one image per sample."""
+    """(B, N, D) image tokens as the projector gives them, before any snapping to words (the losses
+    train the projector towards the words); one image per sample."""
     features = batch.get("image_features")
     if features is None:
         tower_trains = any(p.requires_grad for p in model.vision_tower.parameters())
@@ -22,7 +23,7 @@ def projected_images(model: MultimodalLM, batch: dict) -> torch.Tensor:
             features = model.get_image_features(batch["pixel_values"])
     if features.shape[0] != batch["input_ids"].shape[0]:
         raise ValueError("losses on image tokens need exactly one image per sample")
-    return model.projector(features.to(model.projector[0].weight.dtype))
+    return model.projector(features)
 
 
 def answer_mask(labels: torch.Tensor, ignore_ids: Sequence[int]) -> torch.Tensor:
