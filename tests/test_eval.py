@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import make_tiny
 from mmllm.cli import main
@@ -333,3 +334,44 @@ def test_yes_no_by_true_answer_exposes_a_model_that_reads_only_the_wording(tmp_p
     }
     write_report(report, [], tmp_path)
     assert "| is there a COLOR shape? | 0.0000 | 2 | 1.0000 | 8 |" in (tmp_path / "report.md").read_text()
+
+
+def test_perplexity_renders_prompts_as_the_model_was_trained(tmp_path, images):
+    """A model trained in the `plain` format is scored on plain text, as it answers: the eval data's
+    own (default) conversation_format must not re-render it with the chat template."""
+    from mmllm.processor import ALIGN_TEMPLATE
+
+    model, processor = make_tiny("qwen2")
+    plain = processor.with_template(ALIGN_TEMPLATE)
+    model.save_pretrained(tmp_path / "m")
+    plain.save_pretrained(tmp_path / "m")
+    conversation = [
+        {"role": "user", "content": "<image>\nWhat is it?"},
+        {"role": "assistant", "content": "A red square."},
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"id": "a", "image": str(images[0]), "conversations": conversation}) + "\n")
+    out = tmp_path / "ppl"
+    assert (
+        main(
+            [
+                "eval",
+                "--task",
+                "perplexity",
+                "--model",
+                str(tmp_path / "m"),
+                "--data",
+                f"jsonl:{data}",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    row = json.loads((out / "predictions.jsonl").read_text())
+    batch = plain([conversation], [[images[0]]], train=True, padding_side="right")
+    with torch.no_grad():
+        loss = model(**batch).loss
+    tokens = int((batch["labels"][:, 1:] != -100).sum())
+    assert row["tokens"] == tokens
+    assert row["nll"] == pytest.approx(float(loss) * tokens, rel=1e-4)

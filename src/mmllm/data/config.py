@@ -86,7 +86,8 @@ class DataConfig:
     """Samples per batch."""
     conversation_format: Literal["chat", "plain"] = "chat"
     """`chat`: the model's chat template. `plain`: LLaVA's alignment format, questions and answers as bare
-    text with no template or system prompt (several times fewer tokens; for stage-1 alignment only)."""
+    text with no template or system prompt (several times fewer tokens; for stage-1 alignment only).
+    Read by training, which saves the format with the model; evaluation renders as the model was trained."""
     group_by_length: bool = True
     """Batch samples of similar length together to cut padding."""
     num_workers: int = 2

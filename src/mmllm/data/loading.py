@@ -167,6 +167,9 @@ def processor_for(cfg: DataConfig, processor: MultimodalProcessor) -> Multimodal
 class Collator:
     """Samples -> a right-padded training batch; bad images and over-long samples are dropped and counted.
 
+    Conversations render with the processor as given: a training run sets its format once
+    (`processor_for`), and an evaluation uses the model's own, as generation does.
+
     With a feature cache, a batch whose images are all cached carries `image_features` instead of
     `pixel_values`; otherwise it falls back to pixels (and counts the cache misses).
     """
@@ -178,7 +181,6 @@ class Collator:
         feature_cache: FeatureCache | None = None,
         train: bool = True,
     ):
-        processor = processor_for(cfg, processor)
         self.processor, self.cfg, self.feature_cache, self.train = processor, cfg, feature_cache, train
         self.rng = random.Random(cfg.seed)
 
