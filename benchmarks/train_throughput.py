@@ -49,7 +49,7 @@ def main() -> None:
     if args.quick:
         args.steps, args.batch_size = 3, 2
     logging.basicConfig(level=logging.WARNING)
-    model_cfg = ModelConfig(lm=args.lm, vision=vision, vision_feature_mode="patch", projector="mlp_gelu")
+    model_cfg = ModelConfig(lm=args.lm, vision=vision, vision_feature_mode="patch", projector_type="mlp_gelu")
     spec = {
         "format": "easy-vqa",
         "split": "train",

@@ -79,7 +79,8 @@ def test_a_frozen_untrained_tower_is_rebuilt_not_stored(parts, tmp_path, images)
 def test_yaml_recipe_as_model(parts, tmp_path):
     recipe = tmp_path / "model.yaml"
     recipe.write_text(
-        f"lm: {parts / 'lm'}\nvision: {parts / 'clip'}\nvision_feature_mode: patch\nprojector: mlp_gelu\n"
+        f"lm: {parts / 'lm'}\nvision: {parts / 'clip'}\n"
+        "vision_feature_mode: patch\nprojector_type: mlp_gelu\n"
     )
     model, processor = load_model(str(recipe))
     assert model.config.num_image_tokens == processor.num_image_tokens == 16

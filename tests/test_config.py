@@ -29,7 +29,7 @@ def test_yaml_then_overrides(tmp_path):
     cfg = load_config(Recipe, recipe, ["steps=7", "model.vision_use_cls=true", "tags=[x, y]"])
     assert cfg.model.lm == "smollm2-135m-instruct" and cfg.model.vision_feature_mode == "patch"
     assert cfg.steps == 7 and cfg.model.vision_use_cls is True and cfg.tags == ["x", "y"]
-    assert cfg.model.projector == "mlp_ln"  # untouched default
+    assert cfg.model.projector_type == "mlp_ln"  # untouched default
 
 
 @pytest.mark.parametrize(

@@ -78,6 +78,7 @@ def cmd_caption(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     from mmllm.models.build import load_model
+    from mmllm.models.configuration import PARTS
 
     name = args.path or args.model
     if not name:
@@ -98,7 +99,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     )
     print(f"{'part':<16}{'class':<34}{'parameters':>14}  {'dtype':<10}state")
     total = 0
-    for name in ("vision_tower", "projector", "language_model"):
+    for name in PARTS:
         part = getattr(model, name)
         count = sum(p.numel() for p in part.parameters())
         total += count

@@ -6,14 +6,21 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from mmllm.config import load_config
 from mmllm.errors import MmllmError
 from mmllm.images import ImageProcessor
-from mmllm.models.configuration import MultimodalConfig, is_mmllm_model, num_image_tokens
+from mmllm.models.configuration import (
+    PARTS,
+    ModelDesign,
+    MultimodalConfig,
+    design_of,
+    is_mmllm_model,
+    num_image_tokens,
+)
 from mmllm.models.language import load_language_model, load_tokenizer
 from mmllm.models.multimodal import MultimodalLM
 from mmllm.models.vision import load_vision_config, load_vision_tower, weights_digest
@@ -52,27 +59,16 @@ def resolve_model_name(name_or_path: str) -> str:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(ModelDesign):
     """Parts of a multimodal model: which language model, which vision tower, how they are joined."""
 
     lm: str = "qwen2.5-0.5b-instruct"
     """Language model: registry name (`mmllm weights list`), hub id, local directory or .gguf file."""
     vision: str = "clip-vit-base-patch32"
     """Vision tower: registry name, hub id, or local directory of a CLIP checkpoint or of its config alone."""
-    vision_feature_mode: Literal["pooled", "patch"] = "pooled"
-    """`pooled`: CLIP's 512-d image embedding, 1 token per image; `patch`: one token per patch (LLaVA)."""
-    vision_feature_layer: int = -2
-    """Vision layer read in `patch` mode (-2: penultimate, as LLaVA)."""
-    vision_use_cls: bool = False
-    """In `patch` mode, also pass the CLS token."""
-    vision_pixel_shuffle: int = 1
-    """In `patch` mode, merge each f x f block of patch tokens into one (f^2 fewer LM tokens per image)."""
-    projector: Literal["mlp_ln", "mlp_gelu"] = "mlp_ln"
-    """`mlp_ln`: Linear-ReLU-LayerNorm-Linear (seed design); `mlp_gelu`: LLaVA-1.5's Linear-GELU-Linear."""
-    projector_snap_to_vocab: bool = False
-    """Give the LM each image token as its nearest word's embedding (straight-through gradients): an LM
-    learns to compare words it knows far faster than new vectors. Train the projector toward words first
-    (`token_target_vocab_weight`)."""
+
+    def __post_init__(self) -> None:
+        self.check_design()
 
 
 def build_model(
@@ -84,12 +80,7 @@ def build_model(
     config = MultimodalConfig(
         vision_config=tower.config,
         text_config=language_model.config,
-        vision_feature_mode=cfg.vision_feature_mode,
-        vision_feature_layer=cfg.vision_feature_layer,
-        vision_use_cls=cfg.vision_use_cls,
-        vision_pixel_shuffle=cfg.vision_pixel_shuffle,
-        projector_type=cfg.projector,
-        projector_snap_to_vocab=cfg.projector_snap_to_vocab,
+        **design_of(cfg),
         text_model_name_or_path=cfg.lm,
         vision_model_name_or_path=cfg.vision if tower_pretrained else None,
         vision_untrained_digest=None if tower_pretrained else weights_digest(tower),
@@ -106,6 +97,20 @@ def build_model(
     return model.eval(), processor
 
 
+def _source(name_or_path: str) -> Path | ModelConfig:
+    """What a model name means: a saved mmllm model's folder, or the recipe of a new model (a
+    ModelConfig YAML, `default`, or a bare LM with the default vision tower)."""
+    name_or_path = resolve_model_name(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if path.suffix in (".yaml", ".yml"):
+        return load_config(ModelConfig, path)
+    if path.is_dir() and is_mmllm_model(path):
+        if not (path / PROCESSOR_FILE).is_file():
+            raise MmllmError(f"{path} holds a model but no processor ({PROCESSOR_FILE})")
+        return path
+    return ModelConfig() if name_or_path == DEFAULT_MODEL else ModelConfig(lm=name_or_path)
+
+
 def load_model(
     name_or_path: str, dtype: torch.dtype | None = None
 ) -> tuple[MultimodalLM, MultimodalProcessor]:
@@ -113,37 +118,28 @@ def load_model(
 
     A YAML recipe or a bare LM builds a new model, whose projector (and vision tower, offline) is untrained.
     """
-    name_or_path = resolve_model_name(name_or_path)
-    path = Path(name_or_path).expanduser()
-    if path.suffix in (".yaml", ".yml"):
-        return build_model(load_config(ModelConfig, path), dtype)
-    if path.is_dir() and is_mmllm_model(path):
-        if not (path / PROCESSOR_FILE).is_file():
-            raise MmllmError(f"{path} holds a model but no processor ({PROCESSOR_FILE})")
-        model = MultimodalLM.from_pretrained(path, dtype=dtype)
-        return model.eval(), MultimodalProcessor.from_pretrained(path)
-    cfg = ModelConfig() if name_or_path == DEFAULT_MODEL else ModelConfig(lm=name_or_path)
-    return build_model(cfg, dtype)
+    source = _source(name_or_path)
+    if isinstance(source, ModelConfig):
+        return build_model(source, dtype)
+    model = MultimodalLM.from_pretrained(source, dtype=dtype)
+    return model.eval(), MultimodalProcessor.from_pretrained(source)
 
 
 def load_processor(name_or_path: str) -> MultimodalProcessor:
     """The processor of what `load_model` would load, without loading any weights."""
-    name_or_path = resolve_model_name(name_or_path)
-    path = Path(name_or_path).expanduser()
-    if path.is_dir() and is_mmllm_model(path):
-        return MultimodalProcessor.from_pretrained(path)
-    if path.suffix in (".yaml", ".yml"):
-        cfg = load_config(ModelConfig, path)
-    else:
-        cfg = ModelConfig() if name_or_path == DEFAULT_MODEL else ModelConfig(lm=name_or_path)
-    vision_config, _, _ = load_vision_config(cfg.vision)
+    source = _source(name_or_path)
+    if not isinstance(source, ModelConfig):
+        return MultimodalProcessor.from_pretrained(source)
+    vision_config, _, _ = load_vision_config(source.vision)
     tokens = num_image_tokens(
-        vision_config, cfg.vision_feature_mode, cfg.vision_use_cls, cfg.vision_pixel_shuffle
+        vision_config, source.vision_feature_mode, source.vision_use_cls, source.vision_pixel_shuffle
     )
-    return MultimodalProcessor(load_tokenizer(cfg.lm), tokens, ImageProcessor(size=vision_config.image_size))
+    return MultimodalProcessor(
+        load_tokenizer(source.lm), tokens, ImageProcessor(size=vision_config.image_size)
+    )
 
 
 def untrained_parts(model: MultimodalLM) -> list[str]:
     """Parts holding random weights: a model with any of these cannot really see."""
     trained = set(model.config.trained_parts or ())
-    return [p for p in ("vision_tower", "projector", "language_model") if p not in trained]
+    return [p for p in PARTS if p not in trained]

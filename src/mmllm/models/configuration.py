@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
@@ -30,6 +31,52 @@ CLIP_VIT_B32 = {
 }
 
 PARTS = ("vision_tower", "projector", "language_model")
+FEATURE_MODES = ("pooled", "patch")
+PROJECTOR_TYPES = ("mlp_ln", "mlp_gelu")
+
+
+@dataclass(kw_only=True)
+class ModelDesign:
+    """How the parts are joined: which vision features the projector reads, and how it maps them.
+
+    One description for the recipe (`ModelConfig`, which adds where the parts come from) and the
+    saved model (`MultimodalConfig`, which adds what was loaded and trained): both inherit these
+    fields, so a recipe's design reaches config.json without a hand-written mapping.
+    """
+
+    vision_feature_mode: Literal["pooled", "patch"] = "pooled"
+    """`pooled`: CLIP's 512-d image embedding, 1 token per image; `patch`: one token per patch (LLaVA)."""
+    vision_feature_layer: int = -2
+    """Vision layer read in `patch` mode (-2: penultimate, as LLaVA)."""
+    vision_use_cls: bool = False
+    """In `patch` mode, also pass the CLS token."""
+    vision_pixel_shuffle: int = 1
+    """In `patch` mode, merge each f x f block of patch tokens into one (f^2 fewer LM tokens per image)."""
+    projector_type: Literal["mlp_ln", "mlp_gelu"] = "mlp_ln"
+    """`mlp_ln`: Linear-ReLU-LayerNorm-Linear (seed design); `mlp_gelu`: LLaVA-1.5's Linear-GELU-Linear."""
+    projector_snap_to_vocab: bool = False
+    """Give the LM each image token as its nearest word's embedding (straight-through gradients): an LM
+    learns to compare words it knows far faster than new vectors. Train the projector toward words first
+    (`token_target_vocab_weight`)."""
+
+    def check_design(self) -> None:
+        if self.vision_feature_mode not in FEATURE_MODES:
+            raise ValueError(
+                f"vision_feature_mode must be one of {FEATURE_MODES}, got {self.vision_feature_mode!r}"
+            )
+        if self.projector_type not in PROJECTOR_TYPES:
+            raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
+        shuffle = self.vision_pixel_shuffle
+        if shuffle < 1 or (shuffle > 1 and self.vision_feature_mode != "patch"):
+            raise ValueError(
+                f"vision_pixel_shuffle must be 1, or > 1 with patch features; got {shuffle} "
+                f"with {self.vision_feature_mode} features"
+            )
+
+
+def design_of(source: ModelDesign) -> dict[str, Any]:
+    """The design fields of a recipe or a saved model's config, to build the other from."""
+    return {field.name: getattr(source, field.name) for field in fields(ModelDesign)}
 
 
 def num_image_tokens(
@@ -51,17 +98,10 @@ def num_image_tokens(
 
 
 @strict
-class MultimodalConfig(PreTrainedConfig):
+class MultimodalConfig(PreTrainedConfig, ModelDesign):
     r"""
-    vision_feature_mode: `pooled` (CLIP's projected `image_embeds`, 1 token per image) or `patch`
-        (hidden states of `vision_feature_layer`, one token per patch: the LLaVA design).
-    vision_feature_layer: vision layer read in `patch` mode (-2 = penultimate, as LLaVA).
-    vision_use_cls: in `patch` mode, keep the CLS token in front of the patch tokens.
-    vision_pixel_shuffle: in `patch` mode, merge each f x f block of neighbouring patch tokens into
-        one token f^2 times as wide (Idefics3's and nanoVLM's pixel shuffle): f^2 fewer image tokens.
-    projector_type: `mlp_ln` (Linear-ReLU-LayerNorm-Linear) or `mlp_gelu` (LLaVA's Linear-GELU-Linear).
-    projector_snap_to_vocab: replace each projected image token by the LM's input embedding of its nearest
-        word (largest dot product), with straight-through gradients: the LM reads an image as words.
+    The design fields (vision_feature_mode, vision_feature_layer, vision_use_cls, vision_pixel_shuffle,
+    projector_type, projector_snap_to_vocab) are `ModelDesign`'s.
     image_token / image_token_id: the placeholder the processor expands to `num_image_tokens` per image.
     text_model_name_or_path / vision_model_name_or_path: where the base weights came from; used to
         rebuild a checkpoint that stores only its trained parts.
@@ -83,12 +123,6 @@ class MultimodalConfig(PreTrainedConfig):
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
-    vision_feature_mode: Literal["pooled", "patch"] = "pooled"
-    vision_feature_layer: int = -2
-    vision_use_cls: bool = False
-    vision_pixel_shuffle: int = 1
-    projector_type: Literal["mlp_ln", "mlp_gelu"] = "mlp_ln"
-    projector_snap_to_vocab: bool = False
     image_token: str = "<image>"
     image_token_id: int = 0
     text_model_name_or_path: str | None = None
@@ -101,18 +135,7 @@ class MultimodalConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        if self.vision_feature_mode not in ("pooled", "patch"):
-            raise ValueError(
-                f"vision_feature_mode must be 'pooled' or 'patch', got {self.vision_feature_mode!r}"
-            )
-        if self.projector_type not in ("mlp_ln", "mlp_gelu"):
-            raise ValueError(f"projector_type must be 'mlp_ln' or 'mlp_gelu', got {self.projector_type!r}")
-        shuffle = self.vision_pixel_shuffle
-        if shuffle < 1 or (shuffle > 1 and self.vision_feature_mode != "patch"):
-            raise ValueError(
-                f"vision_pixel_shuffle must be 1, or > 1 with patch features; got {shuffle} "
-                f"with {self.vision_feature_mode} features"
-            )
+        self.check_design()
         for field in ("saved_parts", "trained_parts"):
             unknown = set(getattr(self, field) or ()) - set(PARTS)
             if unknown:
@@ -141,4 +164,12 @@ def is_mmllm_model(path: str | os.PathLike) -> bool:
     )
 
 
-__all__ = ["CLIP_VIT_B32", "PARTS", "MultimodalConfig", "is_mmllm_model", "num_image_tokens"]
+__all__ = [
+    "CLIP_VIT_B32",
+    "PARTS",
+    "ModelDesign",
+    "MultimodalConfig",
+    "design_of",
+    "is_mmllm_model",
+    "num_image_tokens",
+]

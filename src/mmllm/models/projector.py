@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PROJECTOR_TYPES = ("mlp_ln", "mlp_gelu")
+from mmllm.models.configuration import PROJECTOR_TYPES
 
 
 class Projector(nn.Sequential):

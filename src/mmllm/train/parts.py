@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mmllm.errors import MmllmError
+from mmllm.models.configuration import PARTS
 from mmllm.models.multimodal import MultimodalLM
 from mmllm.train.config import LoraSettings, OptimConfig, PartsConfig
 
@@ -118,7 +119,7 @@ def parameter_groups(model: MultimodalLM, optim: OptimConfig) -> list[dict]:
 def parameter_table(model: MultimodalLM) -> str:
     """Trainable vs total parameters per part, printed at the start of a run."""
     lines = [f"{'part':<16}{'trainable':>14}{'total':>16}"]
-    for part in ("vision_tower", "projector", "language_model"):
+    for part in PARTS:
         params = list(getattr(model, part).parameters())
         trainable = sum(p.numel() for p in params if p.requires_grad)
         lines.append(f"{part:<16}{trainable:>14,}{sum(p.numel() for p in params):>16,}")
