@@ -135,28 +135,39 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
     """
     from transformers.generation.streamers import BaseStreamer
 
-    from mmllm.pipeline import GenerationSettings, Pipeline
+    from mmllm.generation import GenerationSettings
+    from mmllm.pipeline import Pipeline
 
     messages = [{"role": "user", "content": QUESTION}]
     settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True)
+
+    def timed(backend):
+        """Time to the first and the last token of one answer through `backend.complete`."""
+
+        def run():
+            backend.features.entries.clear()  # a new image each time: TTFT includes the vision tower
+            marks, start = [], time.perf_counter()
+            backend.complete(
+                [messages],
+                [[image()]],
+                settings,
+                on_delta=lambda row, text: marks.append(time.perf_counter()),
+            )
+            return marks[0] - start, marks[-1] - start
+
+        return run
+
     if variant.startswith("llama.cpp"):
         run, size = _llama_cpp(model_name, tokens, export_dir / GGUF[variant])
     elif variant.startswith("onnx"):
-        from mmllm.export.onnx import OnnxPipeline
+        from mmllm.backends.onnx import OnnxBackend
 
-        onnx = OnnxPipeline.load(export_dir / variant)
+        run = timed(OnnxBackend.load(export_dir / variant))
         size = sum(f.stat().st_size for f in (export_dir / variant).glob("decoder.onnx*"))
-
-        def run():
-            marks, start = [], time.perf_counter()
-            onnx.generate(
-                [messages], [[image()]], settings, on_token=lambda: marks.append(time.perf_counter())
-            )
-            return marks[0] - start, marks[-1] - start
     else:
         pipeline = Pipeline.load(model_name, device="cpu", dtype="bf16" if variant == "bf16" else "fp32")
         if variant.startswith("int8"):
-            from mmllm.export.int8 import quantize_int8
+            from mmllm.models.int8 import quantize_int8
 
             quantize_int8(pipeline.model, variant.removeprefix("int8-"))
         size = weight_bytes(pipeline.model)
@@ -187,17 +198,7 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
                     )
                 return marks.times[1] - start, marks.times[-1] - start
         else:
-
-            def run():
-                pipeline.features.entries.clear()  # a new image each time: TTFT includes the vision tower
-                marks, start = [], time.perf_counter()
-                pipeline.complete(
-                    [messages],
-                    [[image()]],
-                    settings,
-                    on_delta=lambda row, text: marks.append(time.perf_counter()),
-                )
-                return marks[0] - start, marks[-1] - start
+            run = timed(pipeline)
 
     run()  # warm-up
     timings = [run() for _ in range(reps)]

@@ -18,7 +18,8 @@ import torch
 from common import report
 from PIL import Image
 
-from mmllm.pipeline import GenerationSettings, Pipeline
+from mmllm.generation import GenerationSettings
+from mmllm.pipeline import Pipeline
 
 QUESTION = "Look at the picture carefully and tell me which objects and colours you can see in it."
 

@@ -102,7 +102,7 @@ def save_tiny(folder: Path, kind: str = "qwen2", **options) -> Path:
 
 
 @contextlib.contextmanager
-def serving(model: Path, *options: str) -> Iterator[str]:
+def serving(model: Path | str, *options: str) -> Iterator[str]:
     """`mmllm serve --model MODEL OPTIONS…` on a free port, live for the block; yields its URL."""
     port = free_port()
     command = [

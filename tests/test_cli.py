@@ -9,7 +9,8 @@ import pytest
 
 from conftest import make_tiny
 from mmllm.cli import main
-from mmllm.pipeline import GenerationSettings, Pipeline
+from mmllm.generation import GenerationSettings
+from mmllm.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")

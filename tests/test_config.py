@@ -10,8 +10,8 @@ import pytest
 
 from mmllm.config import add_arguments, apply_overrides, field_docs, from_namespace, load_config
 from mmllm.errors import MmllmError
+from mmllm.generation import GenerationSettings
 from mmllm.models.build import ModelConfig
-from mmllm.pipeline import GenerationSettings
 
 
 @dataclass

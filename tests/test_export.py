@@ -84,8 +84,9 @@ def test_int8_export_loads_as_int8_and_answers_like_fp32(tmp_path, images, schem
     from torchao.quantization import Int8Tensor
 
     from mmllm.export.int8 import export_int8
+    from mmllm.generation import GenerationSettings
     from mmllm.models.multimodal import MultimodalLM
-    from mmllm.pipeline import GenerationSettings, Pipeline
+    from mmllm.pipeline import Pipeline
 
     model, processor = make_tiny("qwen2", lm_init_std=0.3, **design)
     source = tmp_path / "fp32"
@@ -116,8 +117,10 @@ def test_int8_export_loads_as_int8_and_answers_like_fp32(tmp_path, images, schem
 @pytest.mark.parametrize("pixel_shuffle", [1, 2])
 @pytest.mark.parametrize("design", DESIGNS, ids=DESIGN_IDS)
 def test_onnx_export_matches_pytorch_logits_and_greedy_answers(tmp_path, images, pixel_shuffle, design):
-    from mmllm.export.onnx import OnnxPipeline, export_onnx
-    from mmllm.pipeline import GenerationSettings, Pipeline
+    from mmllm.backends.onnx import OnnxBackend
+    from mmllm.export.onnx import export_onnx
+    from mmllm.generation import GenerationSettings
+    from mmllm.pipeline import Pipeline
 
     model, processor = make_tiny(
         "qwen2", feature_mode="patch", lm_init_std=0.3, vision_pixel_shuffle=pixel_shuffle, **design
@@ -126,14 +129,16 @@ def test_onnx_export_matches_pytorch_logits_and_greedy_answers(tmp_path, images,
     model.save_pretrained(source)
     processor.save_pretrained(source)
     export_onnx(str(source), tmp_path / "onnx")
-    onnx = OnnxPipeline.load(tmp_path / "onnx")
+    onnx = OnnxBackend.load(tmp_path / "onnx")
 
     conversations = [QUESTION, [{"role": "user", "content": "<image>\nA longer question, about colours?"}]]
     pictures = [[images[0]], [images[1]]]
     batch = processor(conversations, pictures)  # left-padded
     with torch.no_grad():
         expected = model(**batch).logits[:, -1]
-    embeds, mask = onnx.prompt_embeddings(conversations, pictures)
+    embeds, mask = onnx.prompt_embeddings(
+        [onnx.prepare(c, i) for c, i in zip(conversations, pictures, strict=True)]
+    )
     positions = (mask.cumsum(1) - 1).clip(min=0)
     shape = (2, model.config.text_config.num_key_value_heads, 0, onnx.settings["head_dim"])
     cache = {n: torch.zeros(shape).numpy() for n in [i.name for i in onnx.decoder.get_inputs()][3:]}
@@ -149,8 +154,9 @@ def test_onnx_export_matches_pytorch_logits_and_greedy_answers(tmp_path, images,
 
 
 def test_onnx_int8_decoder_is_a_quarter_of_the_bytes_and_answers_alike(tmp_path, images):
-    from mmllm.export.onnx import OnnxPipeline, export_onnx
-    from mmllm.pipeline import GenerationSettings
+    from mmllm.backends.onnx import OnnxBackend
+    from mmllm.export.onnx import export_onnx
+    from mmllm.generation import GenerationSettings
 
     model, processor = make_tiny("qwen2", lm_init_std=0.3)
     model.save_pretrained(tmp_path / "model")
@@ -161,8 +167,8 @@ def test_onnx_int8_decoder_is_a_quarter_of_the_bytes_and_answers_alike(tmp_path,
         folder = export_onnx(str(tmp_path / "model"), tmp_path / weights, weights)
         graph = onnx.load(str(folder / "decoder.onnx")).graph
         decoder_bytes[weights] = sum(numpy_helper.to_array(t).nbytes for t in graph.initializer)
-        pipeline = OnnxPipeline.load(folder)
-        embeds, mask = pipeline.prompt_embeddings([QUESTION], [[images[0]]])
+        pipeline = OnnxBackend.load(folder)
+        embeds, mask = pipeline.prompt_embeddings([pipeline.prepare(QUESTION, [images[0]])])
         cache = {
             i.name: np.zeros([1, *i.shape[1:2], 0, *i.shape[3:]], np.float32)
             for i in pipeline.decoder.get_inputs()[3:]
@@ -182,7 +188,7 @@ def test_onnx_int8_decoder_is_a_quarter_of_the_bytes_and_answers_alike(tmp_path,
     assert decoder_bytes["int8"] < 0.4 * decoder_bytes["fp32"]
     assert torch.nn.functional.cosine_similarity(logits["fp32"], logits["int8"], dim=0) > 0.99
     # The int8 graphs answer a question the same alone and in a left-padded batch.
-    int8 = OnnxPipeline.load(tmp_path / "int8")
+    int8 = OnnxBackend.load(tmp_path / "int8")
     settings = GenerationSettings(max_new_tokens=4, ignore_eos=True)
     alone = int8.ask(images[0], "What is it?", settings)
     longer = [{"role": "user", "content": "Describe the picture in a few more words, please."}]

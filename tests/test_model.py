@@ -9,7 +9,7 @@ from transformers import AutoModel, AutoModelForImageTextToText
 
 from conftest import make_tiny
 from mmllm import MultimodalLM
-from mmllm.pipeline import GenerationSettings
+from mmllm.generation import GenerationSettings
 
 QUESTION = [{"role": "user", "content": "What is in this image?"}]
 CHAT = [*QUESTION, {"role": "assistant", "content": "A red circle."}]

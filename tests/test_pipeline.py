@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from mmllm.pipeline import GenerationSettings, Pipeline
+from mmllm.generation import GenerationSettings
+from mmllm.pipeline import Pipeline
 
 QUESTIONS = [
     [{"role": "user", "content": "What is in this image?"}],

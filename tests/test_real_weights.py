@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mmllm.cli import main
-from mmllm.pipeline import GenerationSettings, Pipeline
+from mmllm.generation import GenerationSettings
+from mmllm.pipeline import Pipeline
 from mmllm.processor import ALIGN_TEMPLATE
 
 pytestmark = pytest.mark.slow
@@ -182,7 +183,8 @@ def test_onnx_export_of_the_shipped_default_answers_as_torch_does(tmp_path):
     and agreed with torch on 82% of answers)."""
     import easy_vqa
 
-    from mmllm.export.onnx import OnnxPipeline, export_onnx
+    from mmllm.backends.onnx import OnnxBackend
+    from mmllm.export.onnx import export_onnx
 
     assert main(["weights", "install", "smollm2-135m-instruct"]) == 0
     export_onnx("default", tmp_path / "onnx")
@@ -193,6 +195,6 @@ def test_onnx_export_of_the_shipped_default_answers_as_torch_does(tmp_path):
     pictures = [[paths[image_ids[i]]] for i in picked]
     settings = GenerationSettings(max_new_tokens=4)
     ours = Pipeline.load("default", device="cpu").generate(conversations, pictures, settings)
-    theirs = OnnxPipeline.load(tmp_path / "onnx").generate(conversations, pictures, settings)
+    theirs = OnnxBackend.load(tmp_path / "onnx").generate(conversations, pictures, settings)
     agree = sum(a == b for a, b in zip(ours, theirs, strict=True))
     assert agree >= 0.99 * len(ours), f"{agree}/{len(ours)}"

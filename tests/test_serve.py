@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import save_tiny, serving
-from mmllm.pipeline import CAPTION_PROMPT
+from mmllm.generation import CAPTION_PROMPT
 
 KEY = "test-key"
 

@@ -28,14 +28,14 @@ def _positive(text: str) -> int:
     return value
 
 
-def _pipeline(args: argparse.Namespace):
-    from mmllm.pipeline import Pipeline
+def _backend(args: argparse.Namespace):
+    from mmllm.backends import load_backend
 
-    return Pipeline.load(args.model, device=args.device, dtype=args.dtype)
+    return load_backend(args.backend, args.model, device=args.device, dtype=args.dtype)
 
 
 def _settings(args: argparse.Namespace):
-    from mmllm.pipeline import GenerationSettings
+    from mmllm.generation import GenerationSettings
 
     return from_namespace(GenerationSettings, args)
 
@@ -47,19 +47,15 @@ def cmd_ask(args: argparse.Namespace) -> None:
         raise MmllmError("the question is empty")
     image = load_image(args.image)  # fail on a bad image before spending time on the model
     settings = _settings(args)
-    if args.backend == "onnx":
-        from mmllm.export.onnx import OnnxPipeline
-
-        print(OnnxPipeline.load(args.model).ask(image, args.question, settings))
-        return
-    pipeline = _pipeline(args)
+    backend = _backend(args)
+    backend.check(settings)
     if args.stream:
         messages = [{"role": "user", "content": args.question}]
-        for piece in pipeline.stream(messages, [image], settings):
+        for piece in backend.stream(messages, [image], settings):
             print(piece, end="", flush=True)
         print()
     else:
-        print(pipeline.ask(image, args.question, settings))
+        print(backend.ask(image, args.question, settings))
 
 
 def cmd_caption(args: argparse.Namespace) -> None:
@@ -67,11 +63,12 @@ def cmd_caption(args: argparse.Namespace) -> None:
 
     images = [load_image(path) for path in args.images]
     settings = _settings(args)
-    pipeline = _pipeline(args)
+    backend = _backend(args)
+    backend.check(settings)
     for start in range(0, len(images), args.batch_size):
         chunk = images[start : start + args.batch_size]
         for path, caption in zip(
-            args.images[start:], pipeline.caption(chunk, settings, args.prompt), strict=False
+            args.images[start:], backend.caption(chunk, settings, args.prompt), strict=False
         ):
             print(f"{path}\t{caption}")
 
@@ -190,6 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         overwrite=args.overwrite,
+        backend=args.backend,
     )
     headline = {k: v for k, v in report["metrics"].items() if not isinstance(v, dict)}
     print(
@@ -204,26 +202,31 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from mmllm.batcher import DynamicBatcher
     from mmllm.serve.app import create_app
     from mmllm.serve.config import ServeConfig
 
     cfg = from_namespace(ServeConfig, args)
-    app = create_app(_pipeline(args), cfg, model_name=args.model)
+    backend = _backend(args)
+    batcher = DynamicBatcher(backend, cfg.max_batch_size, cfg.max_wait_ms)  # the API's and the page's
+    app = create_app(backend, cfg, model_name=args.model, batcher=batcher)
     if cfg.ui:
         from mmllm.ui import mount_ui
 
-        app = mount_ui(app, app.state.server.batcher, args.model, cfg.api_key)
+        app = mount_ui(app, batcher, args.model, cfg.api_key)
     pages = "OpenAPI docs at /docs" + (", chat page at /ui" if cfg.ui else "")
     print(f"serving {args.model} on http://{cfg.host}:{cfg.port} ({pages})", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
+    from mmllm.batcher import DynamicBatcher
     from mmllm.ui import UiConfig, serve_ui
 
     cfg = from_namespace(UiConfig, args)
+    batcher = DynamicBatcher(_backend(args), cfg.max_batch_size)
     print(f"chat page for {args.model} on http://{cfg.host}:{cfg.port}", flush=True)
-    serve_ui(_pipeline(args), args.model, cfg)
+    serve_ui(batcher, args.model, cfg)
 
 
 def cmd_transcribe(args: argparse.Namespace) -> None:
@@ -272,7 +275,8 @@ def cmd_weights_install(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mmllm.pipeline import GenerationSettings
+    from mmllm.backends import BACKENDS
+    from mmllm.generation import GenerationSettings
 
     parser = argparse.ArgumentParser(prog="mmllm", description="Small multimodal LLMs: build, train, serve.")
     parser.add_argument("--verbose", action="store_true", help="show library logs and progress bars")
@@ -286,7 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--model", default="default", help=MODEL_HELP + " (default: default)")
         return sub
 
-    def runtime_arguments(sub: argparse.ArgumentParser) -> None:
+    def runtime_arguments(sub: argparse.ArgumentParser, backends: bool = True) -> None:
+        if backends:
+            sub.add_argument(
+                "--backend",
+                default="torch",
+                choices=BACKENDS,
+                help="torch (PyTorch), or onnx (a `mmllm export onnx` folder run by onnxruntime; "
+                "greedy or sampled, no beams)",
+            )
         sub.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
         sub.add_argument(
             "--dtype",
@@ -299,12 +311,6 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("image", help="image file, or sample:NAME for a scikit-image sample photo")
     ask.add_argument("question")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-    ask.add_argument(
-        "--backend",
-        default="torch",
-        choices=("torch", "onnx"),
-        help="onnx: run a `mmllm export onnx` folder with onnxruntime (greedy or sampling, no streaming)",
-    )
     runtime_arguments(ask)
     add_arguments(ask, GenerationSettings)
 
@@ -332,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_arguments(features)
     features.add_argument("--out", required=True, help="cache directory (resumed if it exists)")
     features.add_argument("--batch-size", type=_positive, default=64, help="images per vision-tower call")
-    runtime_arguments(features)
+    runtime_arguments(features, backends=False)
 
     train = command(
         "train", cmd_train, "train with a recipe (configs/*.yaml) and key=value overrides", model=False

@@ -1,7 +1,7 @@
 """The Gradio chat page: an image, text or voice questions, streamed answers, multi-turn history.
 
-Answers go through the server's `DynamicBatcher` (and so through `Pipeline.complete`, like the CLI
-and the API): `mmllm serve --ui` shares batches between browser users and API clients, and
+Answers go through a `DynamicBatcher` (and so through the backend's `complete_prompts`, like the
+CLI and the API): `mmllm serve --ui` shares batches between browser users and API clients, and
 `mmllm ui` runs the same batcher on its own. Every failure becomes a message in the chat.
 """
 
@@ -17,10 +17,10 @@ from typing import Any
 
 from PIL import Image
 
+from mmllm.batcher import DynamicBatcher
 from mmllm.errors import MmllmError
+from mmllm.generation import GenerationSettings
 from mmllm.images import load_image
-from mmllm.pipeline import GenerationSettings, Pipeline
-from mmllm.serve.batcher import DynamicBatcher
 from mmllm.weights import mmllm_home
 
 log = logging.getLogger("mmllm")
@@ -143,8 +143,7 @@ def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-b
     except ImportError:
         raise MmllmError("the web UI needs gradio: pip install 'mmllm[ui]'") from None
 
-    model = batcher.pipeline.model
-    vision_trained = "vision_tower" in (model.config.trained_parts or ())
+    vision_trained = batcher.backend.vision_trained
     vision_note = (
         "vision tower **trained**"
         if vision_trained
@@ -294,9 +293,9 @@ def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-b
     return page
 
 
-def serve_ui(pipeline: Pipeline, model_name: str, cfg: UiConfig) -> None:
+def serve_ui(batcher: DynamicBatcher, model_name: str, cfg: UiConfig) -> None:
     """`mmllm ui`: the page on its own (the API server mounts it with `mmllm serve --ui`)."""
-    page = build_ui(DynamicBatcher(pipeline, cfg.max_batch_size), model_name, cfg.whisper)
+    page = build_ui(batcher, model_name, cfg.whisper)
     page.queue().launch(server_name=cfg.host, server_port=cfg.port, show_error=True)
 
 

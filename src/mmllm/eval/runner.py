@@ -14,11 +14,12 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
+from mmllm.backends import load_backend
 from mmllm.data.config import DataConfig, DatasetSpec
 from mmllm.data.readers import most_common_answer, read
 from mmllm.data.records import Sample
@@ -26,7 +27,10 @@ from mmllm.errors import MmllmError
 from mmllm.eval.captions import caption_metrics
 from mmllm.eval.report import write_report
 from mmllm.eval.vqa import FORMULAS, exact_match, normalize_answer, token_f1, vqa_accuracy, vqa_formula
-from mmllm.pipeline import GenerationSettings, Pipeline
+from mmllm.generation import Backend, GenerationSettings
+
+if TYPE_CHECKING:
+    from mmllm.pipeline import Pipeline
 
 log = logging.getLogger("mmllm")
 
@@ -81,7 +85,7 @@ def _batches(items: list, size: int) -> Iterable[list]:
 
 
 def generate_predictions(
-    pipeline: Pipeline, samples: list[Sample], path: Path, settings: GenerationSettings, batch_size: int
+    backend: Backend, samples: list[Sample], path: Path, settings: GenerationSettings, batch_size: int
 ) -> int:
     """Answer every sample not yet in `path`, appending as it goes; returns how many were generated."""
     todo = [s for s in samples if s.id not in _done_ids(path)]
@@ -93,7 +97,7 @@ def generate_predictions(
                 s.conversation[: next(i for i, m in enumerate(s.conversation) if m["role"] == "user") + 1]
                 for s in chunk
             ]
-            answers = pipeline.generate(prompts, [s.images for s in chunk], settings)
+            answers = backend.generate(prompts, [s.images for s in chunk], settings)
             for sample, answer in zip(chunk, answers, strict=True):
                 sink.write(json.dumps({**_record(sample), "prediction": answer}) + "\n")
             sink.flush()
@@ -103,7 +107,8 @@ def generate_predictions(
 
 @torch.no_grad()
 def perplexity_predictions(pipeline: Pipeline, samples: list[Sample], path: Path, cfg: DataConfig) -> int:
-    """Summed negative log-likelihood of each sample's trained (assistant) tokens."""
+    """Summed negative log-likelihood of each sample's trained (assistant) tokens (the torch backend:
+    it needs the logits of whole answers)."""
     from mmllm.data.loading import Collator
 
     todo = [s for s in samples if s.id not in _done_ids(path)]
@@ -209,11 +214,14 @@ def check_task_data(task: str, samples: list[Sample]) -> None:
         )
 
 
-def run_identity(task: str, model: str, data: DataConfig, settings: GenerationSettings, dtype: str) -> dict:
+def run_identity(
+    task: str, model: str, data: DataConfig, settings: GenerationSettings, dtype: str, backend: str = "torch"
+) -> dict:
     """What made a predictions file: a resumed evaluation must match it, or it would mix two runs."""
     identity = {
         "task": task,
         "model": model,
+        "backend": backend,
         "dtype": dtype,
         "data": [vars(spec) for spec in data.datasets],
         "decoding": vars(settings),
@@ -249,6 +257,7 @@ def evaluate(
     device: str | None = None,
     dtype: str = "auto",
     overwrite: bool = False,
+    backend: str = "torch",
 ) -> dict[str, Any]:
     """Predict (resuming only a run with the same model, data and decoding), then score the file.
 
@@ -256,12 +265,14 @@ def evaluate(
     """
     if task not in TASKS:
         raise MmllmError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    if task == "perplexity" and backend != "torch":
+        raise MmllmError("perplexity needs the model's logits over whole answers: use --backend torch")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / PREDICTIONS
     timings: dict[str, float] = {}
     generated = 0
-    identity = run_identity(task, model, data, settings, dtype)
+    identity = run_identity(task, model, data, settings, dtype, backend)
     if from_predictions:
         if not path.is_file():
             raise MmllmError(f"{path} does not exist: run the evaluation once without --from-predictions")
@@ -272,13 +283,14 @@ def evaluate(
         check_task_data(task, samples)
         _check_resume(out, identity, overwrite)
         start = time.perf_counter()
-        pipeline = Pipeline.load(model, device=device, dtype=dtype)
+        engine = load_backend(backend, model, device=device, dtype=dtype)
+        engine.check(settings)
         timings["load_s"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
         if task == "perplexity":
-            generated = perplexity_predictions(pipeline, samples, path, data)
+            generated = perplexity_predictions(engine, samples, path, data)
         else:
-            generated = generate_predictions(pipeline, samples, path, settings, batch_size)
+            generated = generate_predictions(engine, samples, path, settings, batch_size)
         seconds = time.perf_counter() - start
         timings.update(generate_s=round(seconds, 2), samples_per_s=round(generated / max(seconds, 1e-9), 2))
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

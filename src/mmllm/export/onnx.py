@@ -1,4 +1,4 @@
-"""`mmllm export onnx` and the onnxruntime backend of `mmllm ask --backend onnx`.
+"""`mmllm export onnx`: the graphs that `--backend onnx` (`mmllm.backends.onnx`) runs.
 
 Two graphs, exported with torch.onnx (TorchScript tracing, opset 17), because onnxruntime-genai's
 builder and optimum only take a text LM, not one that reads `inputs_embeds` with images in them:
@@ -20,21 +20,16 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 
-from mmllm.errors import MmllmError
+from mmllm.backends.onnx import ONNX_CONFIG, ONNX_FORMAT, cache_names
 from mmllm.models.language import cache_keyword
-from mmllm.pipeline import GenerationSettings
-from mmllm.processor import Message, MultimodalProcessor
 
 log = logging.getLogger("mmllm")
 
-ONNX_CONFIG = "mmllm_onnx.json"
 OPSET = 17
 
 
@@ -70,10 +65,6 @@ class _DecoderGraph(torch.nn.Module):
         )
         present = [t for layer in cache.layers for t in (layer.keys, layer.values)]
         return (output.logits[:, -1], *present)
-
-
-def _cache_names(layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}.{layer}.{kind}" for layer in range(layers) for kind in ("key", "value")]
 
 
 def quantize_decoder_int8(path: Path) -> None:
@@ -120,7 +111,7 @@ def export_onnx(model_name: str, out: str | Path, weights: Literal["fp32", "int8
         # Trace with a non-empty cache and several new tokens so neither dimension is baked in.
         batch, new, cached = 2, 3, 2
         past = [torch.zeros(batch, kv_heads, cached, head_dim) for _ in range(2 * layers)]
-        past_names, present_names = _cache_names(layers, "past"), _cache_names(layers, "present")
+        past_names, present_names = cache_names(layers, "past"), cache_names(layers, "present")
         axes = {
             "inputs_embeds": {0: "batch", 1: "new"},
             "attention_mask": {0: "batch", 1: "total"},
@@ -150,6 +141,9 @@ def export_onnx(model_name: str, out: str | Path, weights: Literal["fp32", "int8
     save_file({"embeddings": embeddings}, str(out / "embeddings.safetensors"))
     processor.save_pretrained(out)
     settings = {
+        "format": ONNX_FORMAT,
+        "context_length": text.max_position_embeddings,
+        "trained_parts": list(model.config.trained_parts or ()),
         "layers": layers,
         "kv_heads": kv_heads,
         "head_dim": head_dim,
@@ -159,123 +153,3 @@ def export_onnx(model_name: str, out: str | Path, weights: Literal["fp32", "int8
     (out / ONNX_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
     log.info("wrote %s (vision.onnx, decoder.onnx with %s weights)", out, weights)
     return out
-
-
-@dataclass
-class OnnxPipeline:
-    """Greedy or sampled generation with onnxruntime only (no torch model in memory)."""
-
-    vision: object
-    decoder: object
-    embeddings: np.ndarray  # (V, D)
-    processor: MultimodalProcessor
-    settings: dict
-
-    @classmethod
-    def load(cls, path: str | Path, threads: int = 0) -> OnnxPipeline:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise MmllmError("the onnx backend needs onnxruntime: pip install 'mmllm[export]'") from None
-        from safetensors.numpy import load_file
-
-        path = Path(path)
-        if not (path / ONNX_CONFIG).is_file():
-            raise MmllmError(f"{path} is not an ONNX export (no {ONNX_CONFIG}); run `mmllm export onnx`")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        sessions = [
-            ort.InferenceSession(str(path / name), options, providers=["CPUExecutionProvider"])
-            for name in ("vision.onnx", "decoder.onnx")
-        ]
-        return cls(
-            *sessions,
-            load_file(str(path / "embeddings.safetensors"))["embeddings"],
-            MultimodalProcessor.from_pretrained(path),
-            json.loads((path / ONNX_CONFIG).read_text()),
-        )
-
-    def prompt_embeddings(
-        self, conversations: list[list[Message]], images: list[list]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(B, T, D) embeddings with image features in the placeholder rows, and the (B, T) mask."""
-        encoded = [self.processor.encode_text(c, len(i)) for c, i in zip(conversations, images, strict=True)]
-        batch = self.processor.pad(encoded)  # left padding
-        ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
-        placeholders = ids == self.settings["image_token_id"]
-        embeds = self.embeddings[np.where(placeholders, 0, ids)]  # (B, T, D)
-        flat = [image for row in images for image in row]
-        if flat:
-            pixels = self.processor.image_processor(flat).numpy()
-            features = self.vision.run(None, {"pixel_values": pixels})[0]  # (I, N, D)
-            embeds[placeholders] = features.reshape(-1, features.shape[-1])
-        return embeds, mask
-
-    def generate(
-        self,
-        conversations: list[list[Message]],
-        images: list[list] | None = None,
-        settings: GenerationSettings | None = None,
-        on_token=None,
-    ) -> list[str]:
-        """`on_token()` is called after each decoding step (for timing)."""
-        settings = settings or GenerationSettings()
-        if settings.num_beams > 1:
-            raise MmllmError("the onnx backend decodes greedily or by sampling (num_beams=1)")
-        images = images or [[] for _ in conversations]
-        rng = np.random.default_rng(settings.seed)
-        embeds, mask = self.prompt_embeddings(conversations, images)
-        batch = embeds.shape[0]
-        positions = np.maximum(mask.cumsum(1) - 1, 0)
-        shape = (batch, self.settings["kv_heads"], 0, self.settings["head_dim"])
-        names = _cache_names(self.settings["layers"], "past")
-        cache = {name: np.zeros(shape, np.float32) for name in names}
-        stop = set(self.processor.stop_token_ids)
-        tokens: list[list[int]] = [[] for _ in range(batch)]
-        done = np.zeros(batch, bool)
-        for _ in range(settings.max_new_tokens):
-            logits, *present = self.decoder.run(
-                None, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **cache}
-            )
-            chosen = _choose(logits, settings, rng)  # (B,)
-            if on_token:
-                on_token()
-            for row, token in enumerate(chosen):
-                if not done[row]:
-                    done[row] = token in stop and not settings.ignore_eos
-                    if not done[row]:
-                        tokens[row].append(int(token))
-            if done.all():
-                break
-            cache = dict(zip(names, present, strict=True))
-            embeds = self.embeddings[chosen][:, None]  # (B, 1, D)
-            mask = np.concatenate([mask, np.ones((batch, 1), mask.dtype)], axis=1)
-            positions = positions[:, -1:] + 1
-        return [self.processor.decode(row).strip() for row in tokens]
-
-    def ask(self, image, question: str, settings: GenerationSettings | None = None) -> str:
-        if not question.strip():
-            raise MmllmError("the question is empty")
-        return self.generate([[{"role": "user", "content": question}]], [[image] if image else []], settings)[
-            0
-        ]
-
-
-def _choose(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator) -> np.ndarray:
-    """Next token per row: argmax, or a sample from the temperature/top-k/top-p distribution."""
-    if not settings.sampling:
-        return logits.argmax(-1)
-    scaled = logits / settings.temperature
-    if settings.top_k:
-        kth = np.sort(scaled, axis=-1)[:, -settings.top_k][:, None]
-        scaled = np.where(scaled < kth, -np.inf, scaled)
-    probs = np.exp(scaled - scaled.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
-    if settings.top_p < 1:
-        order = np.argsort(-probs, axis=-1)
-        sorted_probs = np.take_along_axis(probs, order, -1)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < settings.top_p
-        probs = np.zeros_like(probs)
-        np.put_along_axis(probs, order, np.where(keep, sorted_probs, 0), -1)
-        probs /= probs.sum(-1, keepdims=True)
-    return np.array([rng.choice(len(p), p=p) for p in probs])

@@ -25,11 +25,11 @@ from fastapi.responses import PlainTextResponse, StreamingResponse
 from PIL import Image
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mmllm.batcher import DynamicBatcher, Job
 from mmllm.errors import MmllmError
+from mmllm.generation import CAPTION_PROMPT, Backend, Completion, GenerationSettings, Prompt
 from mmllm.images import load_image
-from mmllm.pipeline import CAPTION_PROMPT, Completion, GenerationSettings, Pipeline, Prompt
 from mmllm.processor import Message
-from mmllm.serve.batcher import DynamicBatcher, Job
 from mmllm.serve.config import ServeConfig
 from mmllm.serve.guard import UI_PATH, ErrorResponse, Guard
 from mmllm.serve.metrics import Metrics
@@ -169,18 +169,16 @@ def with_limits(schema: dict[str, Any], cfg: ServeConfig) -> dict[str, Any]:
 
 
 class Server:
-    """What the handlers share: the pipeline, its batcher, the settings, the metrics."""
+    """What the handlers share: the backend's batcher, the settings, the metrics."""
 
-    def __init__(self, pipeline: Pipeline, cfg: ServeConfig, model_name: str):
-        self.pipeline, self.cfg, self.model_name = pipeline, cfg, model_name
+    def __init__(self, batcher: DynamicBatcher, cfg: ServeConfig, model_name: str):
+        self.batcher, self.backend, self.cfg, self.model_name = batcher, batcher.backend, cfg, model_name
         self.metrics = Metrics()
-        self.batcher = DynamicBatcher(
-            pipeline, cfg.max_batch_size, cfg.max_wait_ms, on_batch=self.metrics.observe_batch
-        )
+        batcher.observers.append(self.metrics.observe_batch)
         self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
         self.names = list(dict.fromkeys([model_name, ALIAS]))
         self.created = int(time.time())
-        self.shortest_side = pipeline.processor.image_processor.size
+        self.shortest_side = self.backend.processor.image_processor.size
         # Requests' CPU work (decoding, resizing, tokenizing, Whisper) runs here, one core short of
         # all: with every core busy the event loop is starved, not blocked (4 x 16-megapixel PNGs on
         # 2 cores: /health took 134 ms in the default pool of 6 threads).
@@ -228,7 +226,7 @@ class Server:
     async def prepare(self, conversation: list[Message], images: list[Image.Image]) -> Prompt:
         """Tokenize and preprocess one request on its own, off the event loop."""
         try:
-            prompt = await self.offload(self.pipeline.prepare, conversation, images)
+            prompt = await self.offload(self.backend.prepare, conversation, images)
         except (MmllmError, ValueError) as err:
             raise ApiError(400, str(err), "messages") from None
         if len(prompt.input_ids) > self.cfg.max_prompt_tokens:
@@ -280,9 +278,11 @@ class Server:
 
     def settings(self, **options: Any) -> GenerationSettings:
         try:
-            return GenerationSettings(**options)
+            settings = GenerationSettings(**options)
+            self.backend.check(settings)
         except ValueError as err:
             raise ApiError(400, str(err)) from None
+        return settings
 
 
 async def _disconnected(request: Request) -> None:
@@ -312,11 +312,15 @@ def _has_content(message: ChatMessage) -> bool:
     return any(part.type != "text" or part.text.strip() for part in message.content)
 
 
-def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = ALIAS) -> FastAPI:
+def create_app(
+    backend: Backend, cfg: ServeConfig, model_name: str = ALIAS, batcher: DynamicBatcher | None = None
+) -> FastAPI:
+    """The API app for `backend`, answering through `batcher` (one of its own by default; `mmllm serve
+    --ui` passes the one the chat page shares)."""
     app = FastAPI(title="mmllm", description="Multimodal LLM server: REST and OpenAI-compatible API.")
-    server = Server(pipeline, cfg, model_name)
-    app.state.server = server
-    vision_trained = "vision_tower" in (pipeline.model.config.trained_parts or ())
+    batcher = batcher or DynamicBatcher(backend, cfg.max_batch_size, cfg.max_wait_ms)
+    server = Server(batcher, cfg, model_name)
+    vision_trained = backend.vision_trained
 
     def route_of(path: str) -> str:  # a bounded set of metric labels, whatever paths clients send
         if path == UI_PATH or path.startswith(UI_PATH + "/"):
@@ -374,7 +378,7 @@ def create_app(pipeline: Pipeline, cfg: ServeConfig, model_name: str = ALIAS) ->
                     if part.type == "text":
                         pieces.append(part.text)
                     elif part.type == "image_url":
-                        pieces.append(pipeline.processor.image_token)
+                        pieces.append(backend.processor.image_token)
                     else:
                         pieces.append(await server.offload(_speech_to_text, part.input_audio.data))
                 text = "\n".join(pieces)

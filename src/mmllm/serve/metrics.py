@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from mmllm.pipeline import Completion
+from mmllm.generation import Completion
 
 
 class Metrics:

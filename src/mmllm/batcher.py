@@ -1,8 +1,9 @@
 """Dynamic batching: concurrent requests wait up to `max_wait_ms` to share one batched generate call.
+The server and the chat page both answer through one (`mmllm serve --ui` shares it between them).
 
 Requests batch together only when their decoding settings agree (temperature, top-p, seed, ...);
 each keeps its own token limit and stop strings, and streaming requests receive their text as the
-shared batch produces it. Each request arrives prepared (`Pipeline.prepare`: decoded, resized,
+shared batch produces it. Each request arrives prepared (`Backend.prepare`: decoded, resized,
 tokenized on its own), so one client's bad input can only fail its own request; a request whose
 client left is dropped before its batch starts, or its row stops at the next token.
 """
@@ -13,11 +14,11 @@ import asyncio
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import astuple, dataclass, field
 from typing import Any
 
-from mmllm.pipeline import Completion, GenerationSettings, Pipeline, Prompt
+from mmllm.generation import Backend, Completion, GenerationSettings, Prompt
 from mmllm.processor import Message
 
 
@@ -45,9 +46,10 @@ class Job:
 
 
 class DynamicBatcher:
-    def __init__(self, pipeline: Pipeline, max_batch_size: int = 8, max_wait_ms: float = 10, on_batch=None):
-        self.pipeline, self.max_batch_size, self.max_wait = pipeline, max_batch_size, max_wait_ms / 1000
-        self.on_batch = on_batch  # metrics hook: on_batch(results, seconds), cancelled rows included
+    def __init__(self, backend: Backend, max_batch_size: int = 8, max_wait_ms: float = 10):
+        self.backend, self.max_batch_size, self.max_wait = backend, max_batch_size, max_wait_ms / 1000
+        # Called with (results, seconds) after each batch, cancelled rows included (the server's metrics).
+        self.observers: list[Callable[[list[Completion | BaseException], float], None]] = []
         self.jobs: queue.Queue[Job] = queue.Queue()
         self.held: list[Job] = []  # jobs whose settings did not match the batch being formed
         self.generate_calls = 0
@@ -67,7 +69,7 @@ class DynamicBatcher:
 
         Closing the iterator early (the page's Stop button, a closed tab) cancels the generation.
         """
-        prompt = await asyncio.to_thread(self.pipeline.prepare, conversation, images)
+        prompt = await asyncio.to_thread(self.backend.prepare, conversation, images)
         loop = asyncio.get_running_loop()
         job = Job(prompt, settings, settings.max_new_tokens, [], loop, loop.create_future(), asyncio.Queue())
         self.submit(job)
@@ -112,7 +114,7 @@ class DynamicBatcher:
 
             try:
                 self.generate_calls += 1
-                results: list[Completion | BaseException] = self.pipeline.complete_prompts(
+                results: list[Completion | BaseException] = self.backend.complete_prompts(
                     [job.prompt for job in batch],
                     batch[0].settings,
                     max_tokens=[job.max_tokens for job in batch],
@@ -122,8 +124,8 @@ class DynamicBatcher:
                 )
             except Exception as err:  # one bad batch fails its requests, never the server
                 results = [err] * len(batch)
-            if self.on_batch:
-                self.on_batch(results, time.perf_counter() - start)
+            for observe in self.observers:
+                observe(results, time.perf_counter() - start)
             for job, result in zip(batch, results, strict=True):
                 job.loop.call_soon_threadsafe(_settle, job, result)
 
