@@ -1,0 +1,160 @@
+"""The OpenAI-compatible routes: `POST /v1/chat/completions` (text, images, audio; SSE streaming) and
+`GET /v1/models`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from PIL import Image
+
+from mmllm.errors import MmllmError
+from mmllm.processor import Message
+from mmllm.serve.schemas import ChatCompletion, ChatCompletionRequest, ChatMessage, ModelList
+from mmllm.serve.schemas import ErrorResponse as ErrorSchema
+from mmllm.serve.server import ERRORS, ApiError, Server, ServerDep
+
+router = APIRouter()
+
+
+def _speech_to_text(data: str) -> str:
+    from mmllm.audio import transcribe
+
+    try:
+        audio = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "input_audio.data is not valid base64", "input_audio") from None
+    try:
+        text = transcribe(audio)
+    except MmllmError as err:
+        raise ApiError(400, f"audio: {err}", "input_audio") from None
+    if not text.strip():
+        raise ApiError(400, "audio: no speech was recognised in input_audio", "input_audio")
+    return text
+
+
+def _has_content(message: ChatMessage) -> bool:
+    if isinstance(message.content, str):
+        return bool(message.content.strip())
+    return any(part.type != "text" or part.text.strip() for part in message.content)
+
+
+async def chat_inputs(
+    server: Server, request: ChatCompletionRequest
+) -> tuple[list[Message], list[Image.Image]]:
+    texts, image_urls = [], []
+    for message in request.messages:
+        parts = [message.content] if isinstance(message.content, str) else message.content
+        for part in parts:
+            if isinstance(part, str):
+                texts.append(part)
+            elif part.type == "text":
+                texts.append(part.text)
+            elif part.type == "image_url":
+                image_urls.append(part.image_url if isinstance(part.image_url, str) else part.image_url.url)
+    if not any(m.role == "user" and _has_content(m) for m in request.messages):
+        raise ApiError(400, "messages need a non-empty user message", "messages")
+    server.check_request(texts, len(image_urls), server.max_tokens(request))
+    images = [await server.image(url) for url in image_urls]
+    conversation = []
+    for message in request.messages:
+        if isinstance(message.content, str):
+            text = message.content
+        else:
+            pieces = []
+            for part in message.content:
+                if part.type == "text":
+                    pieces.append(part.text)
+                elif part.type == "image_url":
+                    pieces.append(server.backend.processor.image_token)
+                else:
+                    pieces.append(await server.offload(_speech_to_text, part.input_audio.data))
+            text = "\n".join(pieces)
+        conversation.append({"role": message.role, "content": text})
+    return conversation, images
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses={
+        200: {"content": {"text/event-stream": {"schema": {}}}},  # `stream: true`: chunk events, then [DONE]
+        **ERRORS,
+        404: {"model": ErrorSchema, "description": "unknown model name"},
+    },
+)
+async def chat_completions(body: ChatCompletionRequest, request: Request, server: ServerDep):
+    server.check_model(body.model)
+    conversation, images = await chat_inputs(server, body)
+    max_tokens = server.max_tokens(body)
+    settings = server.settings(
+        max_new_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        ignore_eos=body.ignore_eos,
+    )
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    prompt = await server.prepare(conversation, images)
+    job = server.enqueue(prompt, settings, max_tokens, stop, body.stream)
+    completion_id, model = f"chatcmpl-{uuid.uuid4().hex}", body.model
+    if not body.stream:
+        done = await server.result(job, request)
+        return ChatCompletion(
+            id=completion_id,
+            created=int(time.time()),
+            model=model,
+            choices=[{"message": {"content": done.text}, "finish_reason": done.finish_reason}],
+            usage={
+                "prompt_tokens": done.prompt_tokens,
+                "completion_tokens": done.completion_tokens,
+                "total_tokens": done.prompt_tokens + done.completion_tokens,
+            },
+        )
+
+    def chunk(delta: dict, finish: str | None = None) -> str:
+        body = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    async def events():
+        deadline = time.monotonic() + server.cfg.timeout_s
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            first = True
+            while (
+                piece := await asyncio.wait_for(job.deltas.get(), deadline - time.monotonic())
+            ) is not None:
+                # Answers are stripped of leading whitespace, as in the non-streamed form.
+                piece = piece.lstrip() if first else piece
+                first = first and not piece
+                if piece:
+                    yield chunk({"content": piece})
+            done = await job.future
+            yield chunk({}, done.finish_reason)
+        except TimeoutError:
+            error = {"message": f"generation took longer than {server.cfg.timeout_s:g} s", "type": "timeout"}
+            yield f"data: {json.dumps({'error': error})}\n\n"
+        except Exception as err:  # after the 200 has gone out, an error can only travel in-band
+            yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error'}})}\n\n"
+        finally:
+            job.cancel()  # the client left (the response is cancelled) or the answer is complete
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+@router.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]})
+async def models(server: ServerDep):
+    return ModelList(data=[{"id": name, "created": server.created} for name in server.names])

@@ -1,0 +1,241 @@
+"""What the server's handlers share: the `Server` (backend, batcher, limits, metrics, worker threads),
+its OpenAI-shaped `ApiError`, and the decoding of a request's images."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, Request
+from PIL import Image
+
+from mmllm.batcher import DynamicBatcher, Job
+from mmllm.errors import MmllmError
+from mmllm.generation import Completion, GenerationSettings, Prompt
+from mmllm.images import load_image
+from mmllm.processor import Message
+from mmllm.serve.config import ServeConfig
+from mmllm.serve.metrics import Metrics
+from mmllm.serve.schemas import ChatCompletionRequest
+from mmllm.serve.schemas import ErrorResponse as ErrorSchema
+
+T = TypeVar("T")
+ALIAS = "mmllm"  # a model name every server answers to, whatever it serves
+# Text beyond this many characters per allowed prompt token is refused before tokenizing: no
+# tokenizer packs more into a token, and a 19 MB prompt took 17 s to tokenize only to be refused.
+CHARS_PER_TOKEN = 32
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorSchema, "description": description}
+    for status, description in (
+        (400, "invalid request: the message says which field and why"),
+        (401, "missing or wrong API key"),
+        (413, "request body over the server's limit"),
+        (504, "generation took longer than the server's time limit"),
+    )
+}
+
+
+class ApiError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str = "invalid_request_error",
+        code: str | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+
+def decode_image(value: str, cfg: ServeConfig, shortest_side: int | None = None) -> Image.Image:
+    """A data URI or bare base64 (or, only if enabled, an http(s) URL). Never a local path."""
+    if value.startswith(("http://", "https://")):
+        if not cfg.allow_remote_images:
+            raise ApiError(400, "remote image URLs are disabled on this server; send a data URI", "image_url")
+        import urllib.request
+
+        limit = int(cfg.max_body_mb * 2**20)
+        with urllib.request.urlopen(value, timeout=10) as response:
+            data = response.read(limit + 1)
+        if len(data) > limit:
+            raise ApiError(413, "remote image too large")
+    else:
+        payload = value.partition(",")[2] if value.startswith("data:") else value
+        if value.startswith("data:") and ";base64" not in value.partition(",")[0]:
+            raise ApiError(400, "image data URIs must be base64-encoded", "image_url")
+        try:
+            data = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "image is neither a data URI nor valid base64", "image_url") from None
+    return image_from_bytes(data, cfg, shortest_side, "image_url")
+
+
+def image_from_bytes(data: bytes, cfg: ServeConfig, shortest_side: int | None, param: str) -> Image.Image:
+    try:
+        return load_image(data, max_pixels=cfg.max_image_pixels, shortest_side=shortest_side)
+    except MmllmError as err:
+        raise ApiError(400, f"bad image: {err}", param) from None
+
+
+def validation_message(errors: list[dict[str, Any]]) -> str:
+    """The one error that names the real problem, at a path a client can read (`messages.0.content`).
+
+    A union field reports a mismatch for every branch it could have been; the branch the input took
+    fails deeper, and that is the error to show.
+    """
+    if not errors:
+        return "invalid request body"
+
+    def rank(error: dict[str, Any]) -> tuple[bool, int]:
+        return not error["type"].endswith("_type"), len(error["loc"])
+
+    best = max(errors, key=rank)
+    if best["type"] == "json_invalid":
+        return f"invalid JSON body: {best.get('ctx', {}).get('error', best['msg'])}"
+    loc = [str(p) for p in best["loc"] if p != "body"]
+    # Drop pydantic's union branch names ("function-after[...]", "str", "ImageURL") and a tagged
+    # union's tag, which repeats the field it selects ("image_url", "image_url").
+    kept: list[str] = []
+    for part in loc:
+        if "[" in part or part in ("str", "int", "float", "bool") or part[:1].isupper():
+            continue
+        if not kept or kept[-1] != part:
+            kept.append(part)
+    message = best["msg"].removeprefix("Value error, ")
+    return f"{'.'.join(kept)}: {message}" if kept else message
+
+
+class Server:
+    """What the handlers share: the backend's batcher, the settings, the metrics."""
+
+    def __init__(self, batcher: DynamicBatcher, cfg: ServeConfig, model_name: str):
+        self.batcher, self.backend, self.cfg, self.model_name = batcher, batcher.backend, cfg, model_name
+        self.metrics = Metrics()
+        batcher.observers.append(self.metrics.observe_batch)
+        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        self.names = list(dict.fromkeys([model_name, ALIAS]))
+        self.created = int(time.time())
+        self.shortest_side = self.backend.processor.image_processor.size
+        # Requests' CPU work (decoding, resizing, tokenizing, Whisper) runs here, one core short of
+        # all: with every core busy the event loop is starved, not blocked (4 x 16-megapixel PNGs on
+        # 2 cores: /health took 134 ms in the default pool of 6 threads).
+        workers = max(1, (os.cpu_count() or 2) - 1)
+        self.workers = ThreadPoolExecutor(workers, thread_name_prefix="mmllm-prepare")
+
+    async def offload(self, function: Callable[..., T], *args: Any) -> T:
+        """Run `function(*args)` in the preparation threads, off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.workers, function, *args)
+
+    async def image(self, value: str | bytes, param: str = "image_url") -> Image.Image:
+        """A request's image (data URI, base64, allowed URL, or uploaded bytes), decoded off the loop."""
+        if isinstance(value, bytes):
+            return await self.offload(image_from_bytes, value, self.cfg, self.shortest_side, param)
+        return await self.offload(decode_image, value, self.cfg, self.shortest_side)
+
+    def check_model(self, name: str) -> None:
+        if name not in self.names:
+            raise ApiError(
+                404,
+                f"model {name!r} is not served here; use one of: {', '.join(self.names)}",
+                "model",
+                code="model_not_found",
+            )
+
+    def check_request(self, texts: list[str], n_images: int, max_tokens: int) -> None:
+        """The limits that need no decoding or tokenizing: checked first, on the event loop."""
+        cfg = self.cfg
+        if n_images > cfg.max_images:
+            raise ApiError(
+                400, f"{n_images} images; this server accepts at most {cfg.max_images}", "messages"
+            )
+        if max_tokens > cfg.max_tokens:
+            raise ApiError(
+                400, f"max_tokens {max_tokens} exceeds this server's limit of {cfg.max_tokens}", "max_tokens"
+            )
+        characters = sum(map(len, texts))
+        if characters > cfg.max_prompt_tokens * CHARS_PER_TOKEN:
+            raise ApiError(
+                400,
+                f"prompt of {characters:,} characters is longer than {cfg.max_prompt_tokens:,} tokens can be",
+                "messages",
+            )
+
+    async def prepare(self, conversation: list[Message], images: list[Image.Image]) -> Prompt:
+        """Tokenize and preprocess one request on its own, off the event loop."""
+        try:
+            prompt = await self.offload(self.backend.prepare, conversation, images)
+        except (MmllmError, ValueError) as err:
+            raise ApiError(400, str(err), "messages") from None
+        if len(prompt.input_ids) > self.cfg.max_prompt_tokens:
+            raise ApiError(
+                400,
+                f"prompt of {len(prompt.input_ids):,} tokens exceeds this server's limit of "
+                f"{self.cfg.max_prompt_tokens:,}",
+                "messages",
+            )
+        return prompt
+
+    def enqueue(
+        self, prompt: Prompt, settings: GenerationSettings, max_tokens: int, stop: list[str], stream: bool
+    ) -> Job:
+        loop = asyncio.get_running_loop()
+        job = Job(
+            prompt,
+            settings,
+            max_tokens,
+            stop,
+            loop,
+            loop.create_future(),
+            asyncio.Queue() if stream else None,
+        )
+        self.batcher.submit(job)
+        return job
+
+    async def result(self, job: Job, request: Request) -> Completion:
+        """The finished answer; a client that disconnects or a timeout cancels the generation."""
+        left = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait(
+                {job.future, left}, timeout=self.cfg.timeout_s, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            left.cancel()
+        if job.future not in done:
+            job.cancel()
+            if left in done:
+                raise ApiError(499, "client closed the request", kind="client_closed")
+            raise ApiError(504, f"generation took longer than {self.cfg.timeout_s:g} s", kind="timeout")
+        if (failure := job.future.exception()) is not None:
+            raise ApiError(500, f"generation failed: {failure}", kind="server_error")
+        return job.future.result()
+
+    def max_tokens(self, request: ChatCompletionRequest) -> int:
+        """What the client asked for, or (asking for nothing) as much as this server allows, up to 256."""
+        return request.max_completion_tokens or request.max_tokens or min(256, self.cfg.max_tokens)
+
+    def settings(self, **options: Any) -> GenerationSettings:
+        try:
+            settings = GenerationSettings(**options)
+            self.backend.check(settings)
+        except ValueError as err:
+            raise ApiError(400, str(err)) from None
+        return settings
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def server_of(request: Request) -> Server:
+    return request.app.state.server
+
+
+ServerDep = Annotated[Server, Depends(server_of)]  # what a handler declares to get the app's one `Server`
