@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from mmllm.models.multimodal import MultimodalLM
 from mmllm.processor import IGNORE_INDEX
+from mmllm.train.config import TrainConfig
 
 
 def projected_images(model: MultimodalLM, batch: dict) -> torch.Tensor:
@@ -86,3 +88,21 @@ def token_target_loss(
     if vocab_weight:
         loss = loss + vocab_weight * F.cross_entropy((images @ table.T).flatten(0, 1), targets.flatten())
     return loss
+
+
+class ImageLosses:
+    """The recipe's losses on image tokens alone (no LM forward needed), as one weighted sum."""
+
+    def __init__(self, cfg: TrainConfig):
+        vocab = cfg.token_target_vocab_weight
+        terms = (
+            (contrastive_loss, cfg.contrastive_weight),
+            (partial(token_target_loss, vocab_weight=vocab), cfg.token_target_weight),
+        )
+        self.terms = [(loss, weight) for loss, weight in terms if weight]
+
+    def __bool__(self) -> bool:
+        return bool(self.terms)
+
+    def __call__(self, model: MultimodalLM, batch: dict, ignore_ids: Sequence[int]) -> torch.Tensor:
+        return sum(weight * loss(model, batch, ignore_ids=ignore_ids) for loss, weight in self.terms)
