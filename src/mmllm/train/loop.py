@@ -169,6 +169,50 @@ class _Trainer:
         return _StepResult(loss, float(grad_norm), seen)
 
 
+class _Progress:
+    """What a run shows: the console bar (every step's loss, each trained part's learning rate), the
+    held-out loss on stderr, and the metrics log (every `log_every` steps, main process only)."""
+
+    def __init__(self, cfg: TrainConfig, output_dir: Path, step: int, end: int, accelerator):
+        self.cfg, self.end, self.processes = cfg, end, accelerator.num_processes
+        main = accelerator.is_main_process
+        config = dataclasses.asdict(cfg)
+        self.tracker = (
+            MetricsLogger(output_dir, cfg.tensorboard, cfg.wandb, config, resumed_at=step) if main else None
+        )
+        self.bar = tqdm(total=end, initial=step, desc="train", disable=not main)
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+
+    def step(self, state: TrainState, result: _StepResult, optimizer, scheduler) -> None:
+        self.window_tokens += result.tokens
+        rates = {group["name"]: group["lr"] for group in optimizer.param_groups}  # after this step's schedule
+        self.bar.set_postfix(loss=f"{result.loss:.4f}", **{f"lr_{k}": f"{v:.1e}" for k, v in rates.items()})
+        self.bar.update(1)
+        if self.tracker and (state.step % self.cfg.log_every == 0 or state.step == self.end):
+            elapsed = time.perf_counter() - self.window_start
+            metrics = {
+                "loss": result.loss,
+                "lr": scheduler.get_last_lr()[0],
+                **{f"lr_{part}": value for part, value in rates.items()},
+                "grad_norm": result.grad_norm,
+                "tokens_per_s": self.window_tokens * self.processes / max(elapsed, 1e-9),
+                "epoch": state.epoch,
+                "skipped_steps": state.skipped,
+            }
+            self.tracker.log(state.step, metrics)
+            self.window_start, self.window_tokens = time.perf_counter(), 0
+
+    def held_out(self, step: int, loss: float) -> None:
+        if self.tracker:
+            self.bar.write(f"mmllm: step {step}: eval_loss {loss:.4f} (held-out)", file=sys.stderr)
+            self.tracker.log(step, {"eval_loss": loss})
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.tracker:
+            self.tracker.close()
+
+
 def train(cfg: TrainConfig, resume: str = "") -> Path:
     """Run a recipe; returns the directory of the final model."""
     from accelerate.utils import set_seed
@@ -213,60 +257,30 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
                 yield report.update(batch)
             state.epoch, state.consumed = state.epoch + 1, 0
 
-    tracker = (
-        MetricsLogger(output_dir, cfg.tensorboard, cfg.wandb, dataclasses.asdict(cfg), resumed_at=state.step)
-        if main
-        else None
-    )
+    progress = _Progress(cfg, output_dir, state.step, end, accelerator)
     evaluator = _Evaluator(cfg, processor, accelerator, cache) if cfg.eval_data.datasets else None
     stream = batches()
-    progress = tqdm(total=end, initial=state.step, desc="train", disable=not main)
     model.train()
-    window_start, window_tokens = time.perf_counter(), 0
     while state.step < end:
         result = trainer.step([b for b in (next(stream) for _ in range(cfg.grad_accum)) if "input_ids" in b])
         state.step += 1
-        window_tokens += result.tokens
         if not math.isfinite(result.grad_norm):
             state.skipped += 1
             log.warning(
                 "step %d: non-finite gradient norm, update skipped (%d so far)", state.step, state.skipped
             )
-        rates = {group["name"]: group["lr"] for group in optimizer.param_groups}  # after this step's schedule
-        # Every step's loss and each trained part's learning rate on the bar; the logs every log_every.
-        progress.set_postfix(loss=f"{result.loss:.4f}", **{f"lr_{k}": f"{v:.1e}" for k, v in rates.items()})
-        progress.update(1)
-        if tracker and (state.step % cfg.log_every == 0 or state.step == end):
-            elapsed = time.perf_counter() - window_start
-            tracker.log(
-                state.step,
-                {
-                    "loss": result.loss,
-                    "lr": scheduler.get_last_lr()[0],
-                    **{f"lr_{part}": value for part, value in rates.items()},
-                    "grad_norm": result.grad_norm,
-                    "tokens_per_s": window_tokens * accelerator.num_processes / max(elapsed, 1e-9),
-                    "epoch": state.epoch,
-                    "skipped_steps": state.skipped,
-                },
-            )
-            window_start, window_tokens = time.perf_counter(), 0
+        progress.step(state, result, optimizer, scheduler)
         if evaluator and (state.step == end or (cfg.eval_every and state.step % cfg.eval_every == 0)):
-            eval_loss = evaluator(model)
-            if main:
-                progress.write(
-                    f"mmllm: step {state.step}: eval_loss {eval_loss:.4f} (held-out)", file=sys.stderr
-                )
-            if tracker:
-                tracker.log(state.step, {"eval_loss": eval_loss})
+            progress.held_out(state.step, evaluator(model))
             model.train()
         if state.step % cfg.save_every == 0 or state.step == end:
             accelerator.wait_for_everyone()
             if main:
                 state.data_counts = dict(report.counts)
+                unwrapped = accelerator.unwrap_model(model)
                 save_checkpoint(
                     output_dir,
-                    accelerator.unwrap_model(model),
+                    unwrapped,
                     processor,
                     optimizer,
                     scheduler,
@@ -281,8 +295,6 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
         save_model(accelerator.unwrap_model(model), processor, final)
         log.info(report.summary())
         log.info("final model: %s", final)
-        if tracker:
-            tracker.close()
     accelerator.wait_for_everyone()
     return final
 
