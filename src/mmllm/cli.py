@@ -274,74 +274,83 @@ def cmd_weights_install(args: argparse.Namespace) -> None:
         print(f"{name}: installed at {install(name, force=args.force)}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command(
+    commands: argparse._SubParsersAction, name: str, handler: Callable, help: str, model: bool = True
+) -> argparse.ArgumentParser:
+    sub = commands.add_parser(name, help=help, description=help)
+    sub.set_defaults(handler=handler)
+    if model:
+        sub.add_argument("--model", default="default", help=MODEL_HELP + " (default: default)")
+    return sub
+
+
+def _runtime_arguments(sub: argparse.ArgumentParser, backends: bool = True) -> None:
     from mmllm.backends import BACKENDS
-    from mmllm.generation import GenerationSettings
 
-    parser = argparse.ArgumentParser(prog="mmllm", description="Small multimodal LLMs: build, train, serve.")
-    parser.add_argument("--verbose", action="store_true", help="show library logs and progress bars")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def command(name: str, handler: Callable, help: str, model: bool = True) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
-        sub.set_defaults(handler=handler)
-        if model:
-            sub.add_argument("--model", default="default", help=MODEL_HELP + " (default: default)")
-        return sub
-
-    def runtime_arguments(sub: argparse.ArgumentParser, backends: bool = True) -> None:
-        if backends:
-            sub.add_argument(
-                "--backend",
-                default="torch",
-                choices=BACKENDS,
-                help="torch (PyTorch), or onnx (a `mmllm export onnx` folder run by onnxruntime; "
-                "greedy or sampled, no beams)",
-            )
-        sub.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    if backends:
         sub.add_argument(
-            "--dtype",
-            default="auto",
-            choices=("auto", "fp32", "bf16", "fp16", "int8"),
-            help="weights for inference: auto (bf16 on CUDA, fp32 on CPU), or int8 (torchao, CPU)",
+            "--backend",
+            default="torch",
+            choices=BACKENDS,
+            help="torch (PyTorch), or onnx (a `mmllm export onnx` folder run by onnxruntime; "
+            "greedy or sampled, no beams)",
         )
+    sub.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    sub.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "fp32", "bf16", "fp16", "int8"),
+        help="weights for inference: auto (bf16 on CUDA, fp32 on CPU), or int8 (torchao, CPU)",
+    )
 
-    ask = command("ask", cmd_ask, "answer a question about an image")
+
+def _data_arguments(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--data", required=True, help="data recipe .yaml, or FORMAT:PATH (e.g. easy-vqa:train)")
+    sub.add_argument("--images", default="", help="image folder for FORMAT:PATH data")
+    sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data config overrides")
+
+
+def _answer_commands(commands: argparse._SubParsersAction) -> None:
+    """ask, caption, info: answers and what a model is"""
+    from mmllm.generation import CAPTION_PROMPT, GenerationSettings
+
+    ask = _command(commands, "ask", cmd_ask, "answer a question about an image")
     ask.add_argument("image", help="image file, or sample:NAME for a scikit-image sample photo")
     ask.add_argument("question")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
-    runtime_arguments(ask)
+    _runtime_arguments(ask)
     add_arguments(ask, GenerationSettings)
 
-    caption = command("caption", cmd_caption, "caption one or more images")
+    caption = _command(commands, "caption", cmd_caption, "caption one or more images")
     caption.add_argument("images", nargs="+", metavar="IMAGE")
-    caption.add_argument(
-        "--prompt", default="Describe this image briefly.", help="instruction given per image"
-    )
+    caption.add_argument("--prompt", default=CAPTION_PROMPT, help="instruction given per image")
     caption.add_argument("--batch-size", type=_positive, default=8, help="images per generate call")
-    runtime_arguments(caption)
+    _runtime_arguments(caption)
     add_arguments(caption, GenerationSettings)
 
-    info = command("info", cmd_info, "show a model's parts, parameter counts and which are trained")
+    info = _command(
+        commands, "info", cmd_info, "show a model's parts, parameter counts and which are trained"
+    )
     info.set_defaults(model=None)  # `info PATH` and `info --model PATH` both work
     info.add_argument("path", nargs="?", metavar="model", help=MODEL_HELP)
 
-    def data_arguments(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument(
-            "--data", required=True, help="data recipe .yaml, or FORMAT:PATH (e.g. easy-vqa:train)"
-        )
-        sub.add_argument("--images", default="", help="image folder for FORMAT:PATH data")
-        sub.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data config overrides")
 
-    features = command("features", cmd_features, "precompute vision features into a cache directory")
-    data_arguments(features)
+def _data_and_training_commands(commands: argparse._SubParsersAction) -> None:
+    """features, train, merge, data stats"""
+    features = _command(
+        commands, "features", cmd_features, "precompute vision features into a cache directory"
+    )
+    _data_arguments(features)
     features.add_argument("--out", required=True, help="cache directory (resumed if it exists)")
     features.add_argument("--batch-size", type=_positive, default=64, help="images per vision-tower call")
-    runtime_arguments(features, backends=False)
+    _runtime_arguments(features, backends=False)
 
-    train = command(
-        "train", cmd_train, "train with a recipe (configs/*.yaml) and key=value overrides", model=False
+    train = _command(
+        commands,
+        "train",
+        cmd_train,
+        "train with a recipe (configs/*.yaml) and key=value overrides",
+        model=False,
     )
     from mmllm.train.config import TrainConfig
 
@@ -356,24 +365,41 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", default="", help="`auto` (newest checkpoint in output_dir) or a checkpoint path"
     )
 
-    merge = command("merge", cmd_merge, "merge a LoRA checkpoint into its language model", model=False)
+    merge = _command(
+        commands, "merge", cmd_merge, "merge a LoRA checkpoint into its language model", model=False
+    )
     merge.add_argument("checkpoint", help="checkpoint directory or saved model with a LoRA adapter")
     merge.add_argument("out", help="directory for the merged, plain model")
 
-    serve = command("serve", cmd_serve, "serve REST + OpenAI-compatible API (FastAPI, dynamic batching)")
-    runtime_arguments(serve)
+    data = commands.add_parser("data", help="inspect datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    stats = data_commands.add_parser("stats", help="samples, images, token lengths, answers, bad images")
+    stats.set_defaults(handler=cmd_data_stats)
+    stats.add_argument("data", help="data recipe .yaml, or FORMAT:PATH (e.g. easy-vqa:train)")
+    stats.add_argument("--model", default="default", help="model whose tokenizer counts tokens")
+    stats.add_argument("--images", default="", help="image folder for FORMAT:PATH data")
+    stats.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data config overrides")
+    stats.add_argument("--out", default="", help="also write stats.json, stats.txt, token_lengths.png here")
+
+
+def _serving_commands(commands: argparse._SubParsersAction) -> None:
+    """serve, ui, transcribe"""
+    serve = _command(
+        commands, "serve", cmd_serve, "serve REST + OpenAI-compatible API (FastAPI, dynamic batching)"
+    )
+    _runtime_arguments(serve)
     from mmllm.serve.config import ServeConfig
 
     add_arguments(serve, ServeConfig)
 
-    ui = command("ui", cmd_ui, "chat page in the browser: image, text or voice questions (Gradio)")
-    runtime_arguments(ui)
+    ui = _command(commands, "ui", cmd_ui, "chat page in the browser: image, text or voice questions (Gradio)")
+    _runtime_arguments(ui)
     from mmllm.ui import UiConfig
 
     add_arguments(ui, UiConfig)
 
-    speech = command(
-        "transcribe", cmd_transcribe, "speech to text with Whisper (faster-whisper)", model=False
+    speech = _command(
+        commands, "transcribe", cmd_transcribe, "speech to text with Whisper (faster-whisper)", model=False
     )
     speech.add_argument("audio", help="wav, mp3, ogg, webm or flac file")
     speech.add_argument(
@@ -383,7 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--language", default="en", help="language code, or `auto` to detect it (default: en)"
     )
 
-    evaluation = command("eval", cmd_eval, "evaluate a model: captions, VQA accuracy, perplexity")
+
+def _evaluation_command(commands: argparse._SubParsersAction) -> None:
+    """eval"""
+    from mmllm.generation import GenerationSettings
+
+    evaluation = _command(commands, "eval", cmd_eval, "evaluate a model: captions, VQA accuracy, perplexity")
     evaluation.add_argument(
         "--task", required=True, choices=("coco-captions", "vqav2", "easy-vqa", "perplexity", "custom")
     )
@@ -404,21 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="discard OUT's predictions and start fresh (without it, only a run with the same model, "
         "data and decoding resumes)",
     )
-    runtime_arguments(evaluation)
+    _runtime_arguments(evaluation)
     evaluation.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data config overrides")
     add_arguments(evaluation, GenerationSettings)
 
-    data = commands.add_parser("data", help="inspect datasets")
-    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    stats = data_commands.add_parser("stats", help="samples, images, token lengths, answers, bad images")
-    stats.set_defaults(handler=cmd_data_stats)
-    stats.add_argument("data", help="data recipe .yaml, or FORMAT:PATH (e.g. easy-vqa:train)")
-    stats.add_argument("--model", default="default", help="model whose tokenizer counts tokens")
-    stats.add_argument("--images", default="", help="image folder for FORMAT:PATH data")
-    stats.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="data config overrides")
-    stats.add_argument("--out", default="", help="also write stats.json, stats.txt, token_lengths.png here")
 
-    export = command("export", cmd_export, "export a model for other runtimes", model=False)
+def _export_and_weights_commands(commands: argparse._SubParsersAction) -> None:
+    """export, weights"""
+    export = _command(commands, "export", cmd_export, "export a model for other runtimes", model=False)
     export.add_argument(
         "format",
         choices=("int8", "onnx", "llava-hf", "gguf"),
@@ -454,6 +478,21 @@ def build_parser() -> argparse.ArgumentParser:
     installing.add_argument("names", nargs="+", metavar="NAME")
     installing.add_argument("--force", action="store_true", help="reinstall even if present")
     installing.set_defaults(handler=cmd_weights_install)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mmllm", description="Small multimodal LLMs: build, train, serve.")
+    parser.add_argument("--verbose", action="store_true", help="show library logs and progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        _answer_commands,
+        _data_and_training_commands,
+        _evaluation_command,
+        _serving_commands,
+        _export_and_weights_commands,
+    ):
+        add(commands)
     return parser
 
 
