@@ -136,21 +136,23 @@ def _settings(max_new_tokens, temperature, top_p, top_k, repetition_penalty) -> 
     )
 
 
-def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-base"):
-    """The chat page as `gr.Blocks` (launch it, or mount it into a FastAPI app)."""
+def _gradio() -> Any:
     try:
         import gradio as gr
     except ImportError:
         raise MmllmError("the web UI needs gradio: pip install 'mmllm[ui]'") from None
+    return gr
 
-    vision_trained = batcher.backend.vision_trained
-    vision_note = (
-        "vision tower **trained**"
-        if vision_trained
-        else "vision tower **untrained** (random weights): answers ignore the image"
-    )
+
+class ChatHandlers:
+    """What the page's buttons run: each question (typed or spoken) streamed through the batcher into
+    the chat, its failures turned into chat messages of their own."""
+
+    def __init__(self, batcher: DynamicBatcher, whisper: str):
+        self.batcher, self.whisper, self.gr = batcher, whisper, _gradio()
 
     async def answer(
+        self,
         question: str,
         image: str | UnreadableUpload | None,
         history: list,
@@ -164,7 +166,7 @@ def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-b
             image = _open_upload(image)
             if not chat.image_keys or _image_key(image) != chat.image_keys[-1]:
                 new_image, turn = image, "<image>\n" + question
-                history = [*history, {"role": "user", "content": gr.Image(image)}]
+                history = [*history, {"role": "user", "content": self.gr.Image(image)}]
         history = [*history, {"role": "user", "content": question}]
         if new_image is None and not chat.images:  # said on the page only: the model's prompt stays as asked
             history.append({"role": "assistant", "content": NO_IMAGE_NOTE})
@@ -173,7 +175,7 @@ def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-b
         messages = [*chat.messages, {"role": "user", "content": turn}]
         images = chat.images + ([new_image] if new_image else [])
         text = ""
-        async for piece in batcher.stream(messages, images, settings):
+        async for piece in self.batcher.stream(messages, images, settings):
             text += piece
             history[-1] = {"role": "assistant", "content": text.strip()}
             yield history, chat
@@ -184,112 +186,149 @@ def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-b
         )
         yield history, chat
 
-    async def guarded(steps: AsyncIterator[tuple[list, Chat]], history: list, chat: Chat, question: str = ""):
+    async def guarded(
+        self, steps: AsyncIterator[tuple[list, Chat]], history: list, chat: Chat, question: str = ""
+    ) -> AsyncIterator[tuple[list, Chat, Any]]:
         """Pass the steps on with the question box locked; an error becomes an assistant message of its
         own, the conversation stays as it was, and the question goes back into the box to retry."""
+        update = self.gr.update
         shown, after = history, chat
         try:
             async for shown, after in steps:
-                yield shown, after, gr.update(value="", interactive=False)
+                yield shown, after, update(value="", interactive=False)
         except (MmllmError, ValueError, OSError, RuntimeError) as err:
             shown, after = [*history, {"role": "assistant", "content": f"Error: {err}"}], chat
-            yield shown, after, gr.update(value=question, interactive=True)
+            yield shown, after, update(value=question, interactive=True)
             return
-        yield shown, after, gr.update(interactive=True)
+        yield shown, after, update(interactive=True)
 
-    async def on_text(question, image, history, chat, *settings):
+    async def on_text(self, question, image, history, chat, *settings):
         if not (question or "").strip():
             steps = _fail("type a question first")
         else:
-            steps = answer(question.strip(), image, history, chat, _settings(*settings))
-        async for update in guarded(steps, history, chat, question or ""):
+            steps = self.answer(question.strip(), image, history, chat, _settings(*settings))
+        async for update in self.guarded(steps, history, chat, question or ""):
             yield update
 
-    async def on_voice(audio, image, history, chat, *settings):
+    async def on_voice(self, audio, image, history, chat, *settings):
         async def steps():
             if not audio:
                 raise ValueError("record or upload a question first")
             from mmllm.audio import transcribe
 
-            transcript = await asyncio.to_thread(transcribe, audio, whisper)
-            async for update in answer(f"(voice) {transcript}", image, history, chat, _settings(*settings)):
+            transcript = await asyncio.to_thread(transcribe, audio, self.whisper)
+            async for update in self.answer(
+                f"(voice) {transcript}", image, history, chat, _settings(*settings)
+            ):
                 yield update
 
-        async for update in guarded(steps(), history, chat):
+        async for update in self.guarded(steps(), history, chat):
             yield *update, None  # the recording is used up
 
-    async def _fail(message: str):
-        raise ValueError(message)
-        yield  # an async generator that fails at once
 
-    defaults = GenerationSettings()
-    with gr.Blocks(title="mmllm") as page:
-        gr.Markdown(f"## mmllm\nModel **{model_name}** · {vision_note}", elem_id="model-info")
-        chat = gr.State(Chat())
-        with gr.Row():
-            with gr.Column(scale=2):
-                image = _keep_unreadable_uploads(
-                    gr.Image(
-                        type="filepath",
-                        label="Image",
-                        sources=["upload", "clipboard"],
-                        height=320,
-                        elem_id="image",
+async def _fail(message: str):
+    raise ValueError(message)
+    yield  # an async generator that fails at once
+
+
+@dataclass
+class _Page:
+    """The page's components that the events connect."""
+
+    chat: Any
+    image: Any
+    chatbot: Any
+    question: Any
+    send: Any
+    audio: Any
+    ask_voice: Any
+    stop: Any
+    clear: Any
+    settings: list
+
+
+def _layout(gr: Any, model_name: str, vision_trained: bool) -> _Page:
+    """Image left; conversation, question (text or voice tab) and buttons right; settings below."""
+    vision_note = (
+        "vision tower **trained**"
+        if vision_trained
+        else "vision tower **untrained** (random weights): answers ignore the image"
+    )
+    gr.Markdown(f"## mmllm\nModel **{model_name}** · {vision_note}", elem_id="model-info")
+    chat = gr.State(Chat())
+    with gr.Row():
+        with gr.Column(scale=2):
+            image = _keep_unreadable_uploads(
+                gr.Image(
+                    type="filepath",
+                    label="Image",
+                    sources=["upload", "clipboard"],
+                    height=320,
+                    elem_id="image",
+                )
+            )
+        with gr.Column(scale=3):
+            # Each message its own bubble: an error must not read as part of the previous answer.
+            chatbot = gr.Chatbot(
+                label="Conversation", elem_id="chat", height=460, group_consecutive_messages=False
+            )
+            with gr.Tabs():
+                with gr.Tab("Text", elem_id="text-tab"):
+                    question = gr.Textbox(
+                        placeholder="Ask about the image and press Enter",
+                        label="Question",
+                        show_label=False,
+                        elem_id="question",
                     )
-                )
-            with gr.Column(scale=3):
-                # Each message its own bubble: an error must not read as part of the previous answer.
-                chatbot = gr.Chatbot(
-                    label="Conversation", elem_id="chat", height=460, group_consecutive_messages=False
-                )
-                with gr.Tabs():
-                    with gr.Tab("Text", elem_id="text-tab"):
-                        question = gr.Textbox(
-                            placeholder="Ask about the image and press Enter",
-                            label="Question",
-                            show_label=False,
-                            elem_id="question",
-                        )
-                        send = gr.Button("Send", variant="primary", elem_id="send")
-                    with gr.Tab("Voice", elem_id="voice-tab"):
-                        audio = gr.Audio(
-                            sources=["microphone", "upload"],
-                            type="filepath",
-                            label="Spoken question",
-                            elem_id="audio",
-                        )
-                        ask_voice = gr.Button("Ask", variant="primary", elem_id="ask-voice")
-                with gr.Row():
-                    stop = gr.Button("Stop", elem_id="stop")
-                    clear = gr.Button("Clear conversation", elem_id="clear")
-        with gr.Accordion("Generation settings", open=False, elem_id="settings"):
-            settings = [
-                gr.Slider(1, 512, value=defaults.max_new_tokens, step=1, label="Max new tokens"),
-                gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature (0: greedy)"),
-                gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p"),
-                gr.Slider(0, 100, value=defaults.top_k, step=1, label="Top-k (0: off)"),
-                gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty"),
-            ]
-        if rows := example_files():
-            gr.Examples(
-                rows, inputs=[image, question], label="Examples (image + question)", elem_id="examples"
-            )
-
-        inputs = [question, image, chatbot, chat, *settings]
-        answering = [
-            trigger(on_text, inputs, [chatbot, chat, question]) for trigger in (question.submit, send.click)
+                    send = gr.Button("Send", variant="primary", elem_id="send")
+                with gr.Tab("Voice", elem_id="voice-tab"):
+                    audio = gr.Audio(
+                        sources=["microphone", "upload"],
+                        type="filepath",
+                        label="Spoken question",
+                        elem_id="audio",
+                    )
+                    ask_voice = gr.Button("Ask", variant="primary", elem_id="ask-voice")
+            with gr.Row():
+                stop = gr.Button("Stop", elem_id="stop")
+                clear = gr.Button("Clear conversation", elem_id="clear")
+    defaults = GenerationSettings()
+    with gr.Accordion("Generation settings", open=False, elem_id="settings"):
+        settings = [
+            gr.Slider(1, 512, value=defaults.max_new_tokens, step=1, label="Max new tokens"),
+            gr.Slider(0.0, 2.0, value=defaults.temperature, step=0.05, label="Temperature (0: greedy)"),
+            gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p"),
+            gr.Slider(0, 100, value=defaults.top_k, step=1, label="Top-k (0: off)"),
+            gr.Slider(1.0, 2.0, value=defaults.repetition_penalty, step=0.05, label="Repetition penalty"),
         ]
-        answering.append(
-            ask_voice.click(
-                on_voice, [audio, image, chatbot, chat, *settings], [chatbot, chat, question, audio]
-            )
-        )
-        # Cancelling the handler closes its stream, which cancels the generation in the batcher; the box
-        # unlocks in a step after the cancellation, so no late update of the cancelled answer relocks it.
-        stop.click(None, None, None, cancels=answering).then(
-            lambda: gr.update(interactive=True), None, question
-        )
-        clear.click(lambda: ([], Chat(), None, ""), None, [chatbot, chat, image, question])
+    if rows := example_files():
+        gr.Examples(rows, inputs=[image, question], label="Examples (image + question)", elem_id="examples")
+    return _Page(chat, image, chatbot, question, send, audio, ask_voice, stop, clear, settings)
+
+
+def _connect(gr: Any, page: _Page, handlers: ChatHandlers) -> None:
+    inputs = [page.question, page.image, page.chatbot, page.chat, *page.settings]
+    outputs = [page.chatbot, page.chat, page.question]
+    answering = [
+        trigger(handlers.on_text, inputs, outputs) for trigger in (page.question.submit, page.send.click)
+    ]
+    voice_inputs = [page.audio, page.image, page.chatbot, page.chat, *page.settings]
+    answering.append(page.ask_voice.click(handlers.on_voice, voice_inputs, [*outputs, page.audio]))
+    # Cancelling the handler closes its stream, which cancels the generation in the batcher; the box
+    # unlocks in a step after the cancellation, so no late update of the cancelled answer relocks it.
+    page.stop.click(None, None, None, cancels=answering).then(
+        lambda: gr.update(interactive=True), None, page.question
+    )
+    page.clear.click(
+        lambda: ([], Chat(), None, ""), None, [page.chatbot, page.chat, page.image, page.question]
+    )
+
+
+def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-base") -> Any:
+    """The chat page as `gr.Blocks` (launch it, or mount it into a FastAPI app)."""
+    gr = _gradio()
+    with gr.Blocks(title="mmllm") as page:
+        _connect(gr, _layout(gr, model_name, batcher.backend.vision_trained), ChatHandlers(batcher, whisper))
     return page
 
 
