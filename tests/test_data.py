@@ -14,9 +14,11 @@ from PIL import Image, ImageDraw
 from conftest import make_tiny
 from mmllm.cli import main
 from mmllm.data.config import DataConfig, DatasetSpec, data_config_from_arg
+from mmllm.data.easy_vqa import EASY_VQA_COLORS, EASY_VQA_SHAPES
 from mmllm.data.features import FeatureCache, build_feature_cache, encoder_fingerprint
 from mmllm.data.loading import Collator, LoadReport, MixtureBatchSampler, build_dataloader, open_dataset
-from mmllm.data.readers import EASY_VQA_COLORS, EASY_VQA_SHAPES, YES_NO, read
+from mmllm.data.readers import read
+from mmllm.data.vqa import YES_NO
 from mmllm.errors import MmllmError
 from mmllm.images import MAX_IMAGE_PIXELS
 

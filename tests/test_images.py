@@ -105,3 +105,23 @@ def test_preprocessing_matches_transformers_clip_image_processor():
     assert ours.shape == reference.shape == (1, 3, 224, 224)
     # Both resize with PIL's bicubic filter; only rounding of intermediate values may differ.
     assert (ours - reference).abs().mean() < 0.01
+
+
+def test_a_request_image_is_decoded_and_converted_once(monkeypatch, tmp_path):
+    """The CLI, the backend and the processor each pass a request's image through load_image: only the
+    first decodes it, and an upright RGB image is never copied again."""
+    from conftest import make_tiny
+    from mmllm.pipeline import Pipeline
+
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (48, 40), "teal").save(path)
+    opened, converted = [], []
+    real_open, real_convert = Image.open, Image.Image.convert
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    monkeypatch.setattr(
+        Image.Image, "convert", lambda self, *a, **k: converted.append(1) or real_convert(self, *a, **k)
+    )
+    image = load_image(path)  # what `mmllm ask` does first, to fail before loading the model
+    assert load_image(image) is image
+    Pipeline(*make_tiny("qwen2")).prepare([{"role": "user", "content": "<image>\nWhat is it?"}], [image])
+    assert len(opened) == 1 and len(converted) <= 1

@@ -7,7 +7,8 @@ import torch
 
 from conftest import make_tiny, make_tokenizer
 from mmllm import MultimodalProcessor
-from mmllm.processor import ALIGN_TEMPLATE, IGNORE_INDEX
+from mmllm.conversation import IGNORE_INDEX
+from mmllm.processor import ALIGN_TEMPLATE
 
 CONVERSATION = [
     {"role": "system", "content": "You are a helpful assistant."},

@@ -13,7 +13,7 @@ from collections import Counter
 import torch
 
 from mmllm.data.config import DataConfig, DatasetSpec
-from mmllm.data.readers import read_easy_vqa
+from mmllm.data.easy_vqa import read_easy_vqa
 from mmllm.models.build import load_model
 from mmllm.train.losses import projected_images
 

@@ -18,8 +18,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import astuple, dataclass, field
 from typing import Any
 
+from mmllm.conversation import Message
 from mmllm.generation import Backend, Completion, GenerationSettings, Prompt
-from mmllm.processor import Message
 
 
 @dataclass

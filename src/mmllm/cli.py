@@ -74,36 +74,13 @@ def cmd_caption(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from mmllm.models.build import load_model
-    from mmllm.models.configuration import PARTS
+    from mmllm.models.build import describe_model, load_model
 
     name = args.path or args.model
     if not name:
         raise MmllmError("which model? mmllm info PATH (or --model PATH)")
-    model, processor = load_model(name)
-    config = model.config
-    trained = set(config.trained_parts or ())
     print(f"model: {name}")
-    print(
-        f"vision features: {config.vision_feature_mode} ({config.num_image_tokens} tokens/image, "
-        f"{config.vision_feature_dim}-d), projector: {config.projector_type}"
-        f"{' (tokens snapped to words)' if config.projector_snap_to_vocab else ''}, "
-        f"image size: {processor.image_processor.size}"
-    )
-    print(
-        f"language model: {config.text_config.model_type} ({config.text_model_name_or_path or 'stored'}), "
-        f"end of turn: {processor.end_of_turn}"
-    )
-    print(f"{'part':<16}{'class':<34}{'parameters':>14}  {'dtype':<10}state")
-    total = 0
-    for name in PARTS:
-        part = getattr(model, name)
-        count = sum(p.numel() for p in part.parameters())
-        total += count
-        dtype = str(next(part.parameters()).dtype).removeprefix("torch.")
-        state = "trained" if name in trained else "UNTRAINED (random)"
-        print(f"{name:<16}{type(part).__name__:<34}{count:>14,}  {dtype:<10}{state}")
-    print(f"{'total':<50}{total:>14,}")
+    print("\n".join(describe_model(*load_model(name))))
 
 
 def _data(args: argparse.Namespace):
@@ -155,20 +132,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from pathlib import Path
+    from mmllm.models.build import merge_lora_model
 
-    from mmllm.models.build import load_model
-
-    source = Path(args.checkpoint)
-    source = source / "model" if (source / "state.pt").is_file() else source
-    model, processor = load_model(str(source))
-    if not model.has_lora:
-        raise MmllmError(f"{source} has no LoRA adapter to merge")
-    model.merge_lora()
-    model.config.text_model_name_or_path = None  # merged weights are no longer the base model's
-    model.save_pretrained(args.out)
-    processor.save_pretrained(args.out)
-    print(f"merged model: {args.out}")
+    print(f"merged model: {merge_lora_model(args.checkpoint, args.out)}")
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

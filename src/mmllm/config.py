@@ -110,10 +110,6 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     return cls(**{key: coerce(value, types_[key], prefix + key) for key, value in data.items()})
 
 
-def to_dict(obj: Any) -> dict[str, Any]:
-    return dataclasses.asdict(obj)
-
-
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b=value` strings to nested dicts; values are parsed as YAML scalars.
 

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from transformers import GenerationConfig
 
+from mmllm.conversation import Message
 from mmllm.images import ImageInput, load_image
-from mmllm.processor import Message, MultimodalProcessor
+from mmllm.processor import MultimodalProcessor
 
 CAPTION_PROMPT = "Describe this image briefly."
 MAX_TEMPERATURE = 100.0

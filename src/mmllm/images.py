@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import math
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Decompression-bomb guard: a few kB of PNG can claim billions of pixels.
 MAX_IMAGE_PIXELS = 64_000_000
 SAMPLE_PREFIX = "sample:"
+ORIENTATION = 0x0112  # the EXIF tag exif_transpose reads
 SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "hubble_deep_field")
 
 ImageInput = str | Path | bytes | Image.Image
@@ -66,9 +66,15 @@ def load_image(
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """EXIF-upright, first frame, 8-bit RGB; transparency is composited on white, not on black."""
+    """EXIF-upright, first frame, 8-bit RGB; transparency is composited on white, not on black.
+
+    An image that already is all of that is returned as it is, not copied: a request's image passes
+    through here at each layer (CLI, backend, processor) but is decoded and copied only once.
+    """
     if getattr(image, "is_animated", False):
         image.seek(0)
+    if image.mode == "RGB" and image.getexif().get(ORIENTATION, 1) == 1:
+        return image
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         array = np.asarray(image, dtype=np.float64)
@@ -83,17 +89,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def sample_image(name: str) -> Image.Image:
-    """A sample photo from scikit-image (`pip install mmllm[samples]`), or an easy-VQA image by split
-    and id (`easy-vqa-test-17`, from the `easy-vqa` package): what the shipped model was trained on."""
-    if match := re.fullmatch(r"easy-vqa-(train|test)-(\d+)", name):
-        try:
-            import easy_vqa
-        except ImportError:
-            raise MmllmError("easy-VQA images need the easy-vqa package: pip install easy-vqa==1.0") from None
-        paths = getattr(easy_vqa, f"get_{match[1]}_image_paths")()
-        if int(match[2]) not in paths:
-            raise MmllmError(f"easy-VQA {match[1]} has images 0..{len(paths) - 1}, not {match[2]}")
-        return load_image(paths[int(match[2])])
+    """A sample photo from scikit-image (`pip install mmllm[samples]`), or a dataset's image by name
+    (`easy-vqa-test-17`: what the shipped model was trained on)."""
+    from mmllm.data.easy_vqa import image_path
+
+    if path := image_path(name):
+        return load_image(path)
     if name not in SAMPLES:
         raise MmllmError(
             f"unknown sample image '{name}'; choose {', '.join(SAMPLES)}, easy-vqa-test-N or easy-vqa-train-N"

@@ -17,11 +17,10 @@ import torch
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from mmllm.conversation import IGNORE_INDEX, Message
 from mmllm.images import CLIP_MEAN, CLIP_STD, ImageInput, ImageProcessor
 
-IGNORE_INDEX = -100
 PROCESSOR_FILE = "mmllm_processor.json"
-Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
 # For tokenizers that ship no chat template (base models): one turn per line, EOS ends answers.
 # Answers start on a fresh line so no token straddles the prompt/answer boundary.

@@ -8,8 +8,8 @@ import re
 
 from PIL import Image, ImageEnhance
 
+from mmllm.conversation import Message
 from mmllm.data.config import AugmentConfig
-from mmllm.processor import Message
 
 QUARTER_TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180, 3: Image.Transpose.ROTATE_270}
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from mmllm.conversation import IGNORE_INDEX
 from mmllm.data.augment import augment, augment_questions
 from mmllm.data.config import DataConfig
 from mmllm.data.features import FeatureCache
@@ -24,7 +25,7 @@ from mmllm.data.readers import STREAMED, read
 from mmllm.data.records import Sample, image_key
 from mmllm.errors import MmllmError
 from mmllm.images import load_image
-from mmllm.processor import ALIGN_TEMPLATE, IGNORE_INDEX, MultimodalProcessor
+from mmllm.processor import ALIGN_TEMPLATE, MultimodalProcessor
 
 log = logging.getLogger("mmllm")
 

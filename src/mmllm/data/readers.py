@@ -11,7 +11,6 @@ import glob
 import io
 import json
 import random
-import re
 import tarfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
@@ -19,17 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from mmllm.data.config import DataConfig, DatasetSpec
+from mmllm.data.easy_vqa import read_easy_vqa
 from mmllm.data.records import Sample, caption_sample, vqa_conversation
+from mmllm.data.vqa import vqa_samples
 from mmllm.errors import MmllmError
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
-YES_NO = {"yes", "no"}
-EASY_VQA_COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
-EASY_VQA_SHAPES = {"circle", "rectangle", "triangle"}
-_EASY_VQA_SLOTS = {color: "COLOR" for color in EASY_VQA_COLORS} | {
-    shape: "SHAPE" for shape in EASY_VQA_SHAPES
-}
 
 
 def _load_json(path: Path) -> Any:
@@ -191,135 +186,7 @@ def read_vqav2(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
         }
 
     records = [(q["image_id"], q["question"], meta(q)) for q in questions]
-    yield from _vqa_samples(records, image_path, spec, "vqav2", cfg.seed)
-
-
-def balance_yes_no(records: list[tuple[int, str, dict]]) -> list[tuple[int, str, dict]]:
-    """The records, plus repeats of each question type's rarer yes/no answer (in turn) up to the commoner's
-    count."""
-    by_type: dict[str, dict[str, list]] = defaultdict(lambda: {"yes": [], "no": []})
-    for record in records:
-        if record[2].get("answer") in YES_NO:
-            by_type[record[2].get("question_type", "")][record[2]["answer"]].append(record)
-    repeats = []
-    for answers in by_type.values():
-        rarer, commoner = sorted(answers.values(), key=len)
-        if rarer:
-            repeats += [rarer[n % len(rarer)] for n in range(len(commoner) - len(rarer))]
-    return records + repeats
-
-
-def _vqa_samples(
-    records: list[tuple[int, str, dict]], image_path, spec: DatasetSpec, name: str, seed: int = 0
-):
-    """One sample per question, or (per_image) one conversation per image with all its questions."""
-    if spec.answer_types:
-        records = [r for r in records if r[2].get("answer_type") in spec.answer_types]
-    if spec.balance_yes_no:
-        records = balance_yes_no(records)
-    if not spec.per_image:
-        for image_id, question, meta in records:
-            answer = [meta["answer"]] if "answer" in meta else []
-            conversation = (
-                vqa_conversation([question], answer)
-                if answer
-                else [{"role": "user", "content": "<image>\n" + question}]
-            )
-            yield Sample(
-                [image_path(image_id)], conversation, f"{name}-{meta.get('question_id', image_id)}", meta
-            )
-        return
-    by_image: dict[int, list[tuple[str, dict]]] = defaultdict(list)
-    for image_id, question, meta in records:
-        by_image[image_id].append((question, meta))
-    rng = random.Random(seed)
-    for image_id, items in by_image.items():
-        if not all("answer" in meta for _, meta in items):
-            raise MmllmError(f"{name}: per_image conversations need answers for every question")
-        if spec.shuffle_turns:
-            rng.shuffle(items)
-        conversation = vqa_conversation([q for q, _ in items], [m["answer"] for _, m in items])
-        yield Sample(
-            [image_path(image_id)], conversation, f"{name}-image-{image_id}", {"turns": [m for _, m in items]}
-        )
-
-
-def easy_vqa_answer_type(answer: str) -> str:
-    if answer in YES_NO:
-        return "yes/no"
-    return "color" if answer in EASY_VQA_COLORS else "shape"
-
-
-def easy_vqa_question_type(question: str) -> str:
-    """The question's template, its colour and shape words replaced: "is there not a COLOR shape?"."""
-    return re.sub(r"[a-z]+", lambda m: _EASY_VQA_SLOTS.get(m.group(), m.group()), question)
-
-
-def read_easy_vqa(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
-    """easy-VQA from its PyPI package (`pip install easy-vqa`): 64x64 shapes, 13 one-word answers."""
-    try:
-        import easy_vqa
-    except ImportError:
-        raise MmllmError("the easy-vqa dataset needs its package: pip install easy-vqa==1.0") from None
-    if spec.split not in ("train", "test"):
-        raise MmllmError(f"easy-vqa has splits train and test, not {spec.split!r}")
-    questions, answers, image_ids = getattr(easy_vqa, f"get_{spec.split}_questions")()
-    paths = getattr(easy_vqa, f"get_{spec.split}_image_paths")()
-    if spec.describe:
-        for image_id, caption in easy_vqa_descriptions(questions, answers, image_ids).items():
-            # A leading space: the words as questions name them inside a sentence (" red", one token,
-            # where a line's first "red" is another token and "teal" two).
-            conversation = [
-                {"role": "user", "content": "<image>\nDescribe the shape."},
-                {"role": "assistant", "content": " " + caption},
-            ]
-            meta = {"references": [caption]}
-            yield Sample([paths[image_id]], conversation, f"easy-vqa-{spec.split}-image-{image_id}", meta)
-        return
-    records = [
-        (
-            image_id,
-            question,
-            {
-                "question_id": f"{spec.split}-{n}",
-                "answer": answer,
-                "answers": [answer],
-                "answer_type": easy_vqa_answer_type(answer),
-                "question_type": easy_vqa_question_type(question),
-            },
-        )
-        for n, (question, answer, image_id) in enumerate(zip(questions, answers, image_ids, strict=True))
-    ]
-    yield from _vqa_samples(records, paths.__getitem__, spec, f"easy-vqa-{spec.split}", cfg.seed)
-
-
-def easy_vqa_descriptions(questions: list[str], answers: list[str], image_ids: list[int]) -> dict[int, str]:
-    """ "COLOR SHAPE" of every image whose questions tell both: from open answers, the words of open
-    questions ("what color is the circle?"), and yes/no answers, negated wordings included; a colour
-    or shape that all but one yes/no answer rule out is the one left."""
-    present: dict[int, set[str]] = defaultdict(set)
-    absent: dict[int, set[str]] = defaultdict(set)
-    for question, answer, image_id in zip(questions, answers, image_ids, strict=True):
-        words = question.rstrip("?").split()
-        named = {w for w in words if w in _EASY_VQA_SLOTS}
-        if answer not in YES_NO:
-            present[image_id] |= named | {answer}
-        elif (answer == "yes") != bool({"not", "no"} & set(words)):
-            present[image_id] |= named
-        else:
-            absent[image_id] |= named
-
-    def known(image_id: int, kinds: set[str]) -> str | None:
-        seen = present[image_id] & kinds
-        left = kinds - absent[image_id]
-        return next(iter(seen)) if len(seen) == 1 else next(iter(left)) if len(left) == 1 else None
-
-    descriptions = {}
-    for image_id in dict.fromkeys(image_ids):
-        color, shape = known(image_id, EASY_VQA_COLORS), known(image_id, EASY_VQA_SHAPES)
-        if color and shape:
-            descriptions[image_id] = f"{color} {shape}"
-    return descriptions
+    yield from vqa_samples(records, image_path, spec, "vqav2", cfg.seed)
 
 
 def read_jsonl(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mmllm.processor import Message
+from mmllm.conversation import Message
 
 # An image as a reader knows it: a file path, or the encoded bytes (webdataset members).
 ImageRef = str | bytes
@@ -29,9 +29,6 @@ class Sample:
     id: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     """Kept for evaluation: `references` (captions), `answers` (all VQA answers), answer/question types."""
-
-    def image_names(self) -> list[str]:
-        return [r if isinstance(r, str) else f"<{len(r)} bytes in {self.id}>" for r in self.images]
 
 
 def image_key(ref: ImageRef) -> str:

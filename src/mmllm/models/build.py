@@ -143,3 +143,40 @@ def untrained_parts(model: MultimodalLM) -> list[str]:
     """Parts holding random weights: a model with any of these cannot really see."""
     trained = set(model.config.trained_parts or ())
     return [p for p in PARTS if p not in trained]
+
+
+def describe_model(model: MultimodalLM, processor: MultimodalProcessor) -> list[str]:
+    """`mmllm info`: the design, the LM, and each part's class, parameter count, dtype and state."""
+    config, trained = model.config, set(model.config.trained_parts or ())
+    lines = [
+        f"vision features: {config.vision_feature_mode} ({config.num_image_tokens} tokens/image, "
+        f"{config.vision_feature_dim}-d), projector: {config.projector_type}"
+        f"{' (tokens snapped to words)' if config.projector_snap_to_vocab else ''}, "
+        f"image size: {processor.image_processor.size}",
+        f"language model: {config.text_config.model_type} ({config.text_model_name_or_path or 'stored'}), "
+        f"end of turn: {processor.end_of_turn}",
+        f"{'part':<16}{'class':<34}{'parameters':>14}  {'dtype':<10}state",
+    ]
+    total = 0
+    for name in PARTS:
+        part = getattr(model, name)
+        count = sum(p.numel() for p in part.parameters())
+        total += count
+        dtype = str(next(part.parameters()).dtype).removeprefix("torch.")
+        state = "trained" if name in trained else "UNTRAINED (random)"
+        lines.append(f"{name:<16}{type(part).__name__:<34}{count:>14,}  {dtype:<10}{state}")
+    return [*lines, f"{'total':<50}{total:>14,}"]
+
+
+def merge_lora_model(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Fold a saved model's (or a checkpoint's) LoRA adapter into its LM and save a plain model."""
+    source = Path(source)
+    source = source / "model" if (source / "state.pt").is_file() else source  # a training checkpoint
+    model, processor = load_model(str(source))
+    if not model.has_lora:
+        raise MmllmError(f"{source} has no LoRA adapter to merge")
+    model.merge_lora()
+    model.config.text_model_name_or_path = None  # merged weights are no longer the base model's
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return Path(out)

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
 
+from mmllm.conversation import IGNORE_INDEX
 from mmllm.models.configuration import PARTS, MultimodalConfig
 from mmllm.models.projector import Projector
 from mmllm.models.vision import (
@@ -23,7 +24,6 @@ from mmllm.models.vision import (
     vision_tower_class,
     weights_digest,
 )
-from mmllm.processor import IGNORE_INDEX
 
 IMAGE_INPUTS = ("pixel_values", "image_features")
 

@@ -14,8 +14,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from PIL import Image
 
+from mmllm.conversation import Message
 from mmllm.errors import MmllmError
-from mmllm.processor import Message
 from mmllm.serve.schemas import ChatCompletion, ChatCompletionRequest, ChatMessage, ModelList
 from mmllm.serve.schemas import ErrorResponse as ErrorSchema
 from mmllm.serve.server import ERRORS, ApiError, Server, ServerDep

@@ -16,10 +16,10 @@ from fastapi import Depends, Request
 from PIL import Image
 
 from mmllm.batcher import DynamicBatcher, Job
+from mmllm.conversation import Message
 from mmllm.errors import MmllmError
 from mmllm.generation import Completion, GenerationSettings, Prompt
 from mmllm.images import load_image
-from mmllm.processor import Message
 from mmllm.serve.config import ServeConfig
 from mmllm.serve.metrics import Metrics
 from mmllm.serve.schemas import ChatCompletionRequest

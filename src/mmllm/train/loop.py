@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mmllm.conversation import IGNORE_INDEX
 from mmllm.data.features import cache_for_training
 from mmllm.data.loading import LoadReport, build_dataloader, processor_for
 from mmllm.errors import MmllmError
 from mmllm.models.build import build_model, load_model
 from mmllm.models.multimodal import MultimodalLM
-from mmllm.processor import IGNORE_INDEX, MultimodalProcessor
+from mmllm.processor import MultimodalProcessor
 from mmllm.train.checkpoint import (
     TrainState,
     find_resume,

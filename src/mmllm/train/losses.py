@@ -10,8 +10,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from mmllm.conversation import IGNORE_INDEX
 from mmllm.models.multimodal import MultimodalLM
-from mmllm.processor import IGNORE_INDEX
 from mmllm.train.config import TrainConfig
 
 
