@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
-    vision = "configs/vision/clip-easyvqa" if args.quick else "clip-vit-base-patch32"
+    vision = "configs/easyvqa/clip-easyvqa" if args.quick else "clip-vit-base-patch32"
     if args.quick:
         args.steps, args.batch_size = 3, 2
     logging.basicConfig(level=logging.WARNING)

@@ -64,14 +64,14 @@ def test_easyvqa_recipes_train_both_stages_on_real_smollm2(tmp_path, capsys):
         " answer_types: [color, shape]}]",
         f"output_dir={tmp_path / 'stage0'}",
     ]
-    assert main(["train", str(configs / "easyvqa_vision.yaml"), *stage0]) == 0
+    assert main(["train", str(configs / "easyvqa" / "vision.yaml"), *stage0]) == 0
     stage1 = [
         *common,
         "data.datasets=[{format: easy-vqa, split: train, limit: 4}]",
         f"init_from={tmp_path / 'stage0' / 'model'}",
         f"output_dir={tmp_path / 'stage1'}",
     ]
-    assert main(["train", str(configs / "easyvqa_smollm2.yaml"), *stage1]) == 0
+    assert main(["train", str(configs / "easyvqa" / "smollm2.yaml"), *stage1]) == 0
     pipeline = Pipeline.load(str(tmp_path / "stage1" / "model"), device="cpu")
     assert pipeline.model.config.trained_parts == ["language_model", "projector", "vision_tower"]
     assert (tmp_path / "stage1" / "model" / "lora" / "adapter_model.safetensors").is_file()

@@ -15,7 +15,10 @@ from mmllm.train.config import TrainConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+TRAINING = sorted([*CONFIGS.glob("*.yaml"), *(CONFIGS / "easyvqa").glob("*.yaml")])
+
+
+@pytest.mark.parametrize("path", TRAINING, ids=lambda p: p.name)
 def test_training_recipes_parse(path):
     cfg = load_config(TrainConfig, path)
     assert cfg.data.datasets, "a training recipe needs data"

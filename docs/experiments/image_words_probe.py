@@ -1,5 +1,5 @@
 """Which word does each image token of an easy-VQA model read as? For models whose image tokens were
-trained toward the words of the image's description (`configs/easyvqa_smollm2_words.yaml`): on the first
+trained toward the words of the image's description (`configs/easyvqa/smollm2_words.yaml`): on the first
 N test (or train) images that easy-VQA's questions describe fully, the share whose token j is nearest
 (over the whole vocabulary, `MultimodalLM.nearest_words`) to the description's word j, and the commonest
 confusions.

@@ -61,18 +61,12 @@ class Chat:
 
 def example_files() -> list[list[str]]:
     """[image path, question] rows for gr.Examples; sources whose package is missing are skipped."""
+    from mmllm.data.easy_vqa import examples
+
     rows: list[list[str]] = []
     try:
-        import easy_vqa
-
-        questions, _, image_ids = easy_vqa.get_test_questions()
-        paths = easy_vqa.get_test_image_paths()
-        seen: set[int] = set()
-        for question, image_id in zip(questions, image_ids, strict=True):
-            if image_id not in seen and len(seen) < EASY_VQA_EXAMPLES:
-                seen.add(image_id)
-                rows.append([paths[image_id], question])
-    except ImportError:
+        rows += [[path, question] for path, question in examples(EASY_VQA_EXAMPLES)]
+    except MmllmError:
         log.info("easy-vqa not installed: no easy-VQA examples")
     folder = mmllm_home() / "ui-examples"
     for name, question in SAMPLE_QUESTIONS.items():

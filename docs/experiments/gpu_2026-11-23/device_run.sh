@@ -12,8 +12,8 @@
 set -euo pipefail
 mkdir -p /tmp/logs /tmp/out
 export PYTHONPATH=/tmp/site:$PWD/src:$PWD/benchmarks HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 MMLLM_HOME=/tmp/mmllm
-python3 -m mmllm train configs/easyvqa_qwen_vision.yaml > /tmp/logs/stage0.log 2>&1
-python3 -m mmllm train configs/easyvqa_qwen.yaml > /tmp/logs/stage1.log 2>&1
+python3 -m mmllm train configs/easyvqa/qwen_vision.yaml > /tmp/logs/stage0.log 2>&1
+python3 -m mmllm train configs/easyvqa/qwen.yaml > /tmp/logs/stage1.log 2>&1
 python3 -m mmllm eval --task easy-vqa --data easy-vqa:test --model runs/easyvqa_qwen/model \
   --out runs/easyvqa_qwen/eval --max-new-tokens 4 --batch-size 256 --dtype fp32 > /tmp/logs/eval.log 2>&1
 # The checkpoint first (the files that matter), then the benchmark.

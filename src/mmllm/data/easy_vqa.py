@@ -28,6 +28,17 @@ def _package():
     return easy_vqa
 
 
+def examples(count: int) -> list[tuple[str, str]]:
+    """(image path, question) of the first `count` test images, a question each (the chat page's)."""
+    easy_vqa = _package()
+    questions, _, image_ids = easy_vqa.get_test_questions()
+    paths = easy_vqa.get_test_image_paths()
+    first = {}
+    for question, image_id in zip(questions, image_ids, strict=True):
+        first.setdefault(image_id, question)
+    return [(paths[image_id], question) for image_id, question in list(first.items())[:count]]
+
+
 def image_path(name: str) -> str | None:
     """The file of `easy-vqa-SPLIT-N` (a sample image name), or None for any other name."""
     if not (match := re.fullmatch(r"easy-vqa-(train|test)-(\d+)", name)):

@@ -25,20 +25,21 @@ from mmllm.models.language import load_language_model, load_tokenizer
 from mmllm.models.multimodal import MultimodalLM
 from mmllm.models.vision import load_vision_config, load_vision_tower, weights_digest
 from mmllm.processor import PROCESSOR_FILE, MultimodalProcessor
+from mmllm.weights import mmllm_home
 
 log = logging.getLogger("mmllm")
 
 # `--model default`: the shipped easy-VQA model when its folder is found, else the untrained default stack
-# (ModelConfig's defaults). Shipped models are committed under the repository's models/ folder.
+# (ModelConfig's defaults). Shipped models are committed under the repository's models/ folder, which
+# is ./models when mmllm runs from its checkout; elsewhere, point MMLLM_MODELS at it or copy it home.
 DEFAULT_MODEL = "default"
 SHIPPED_MODELS = ("mmllm-easyvqa",)
-REPO_MODELS = Path(__file__).resolve().parents[3] / "models"
 
 
 def shipped_model_roots() -> list[Path]:
-    """Folders searched for shipped models: `$MMLLM_MODELS`, ./models, the source checkout's models/."""
+    """Folders searched for shipped models: `$MMLLM_MODELS`, ./models, `$MMLLM_HOME/models`."""
     roots = [Path(p) for p in os.environ.get("MMLLM_MODELS", "").split(os.pathsep) if p]
-    return [*roots, Path("models"), REPO_MODELS]
+    return [*roots, Path("models"), mmllm_home() / "models"]
 
 
 def resolve_model_name(name_or_path: str) -> str:
@@ -50,7 +51,13 @@ def resolve_model_name(name_or_path: str) -> str:
         if (root / name / "config.json").is_file():
             return str(root / name)
     if name_or_path == DEFAULT_MODEL:
-        log.warning("the shipped model %s was not found: `default` is the untrained default stack", name)
+        log.warning(
+            "the shipped model %s was not found in %s (copy the repository's models/%s into one, or set "
+            "MMLLM_MODELS): `default` is the untrained default stack",
+            name,
+            ", ".join(map(str, shipped_model_roots())),
+            name,
+        )
         return name_or_path
     raise MmllmError(
         f"shipped model {name} not found in {', '.join(map(str, shipped_model_roots()))}; "
