@@ -13,6 +13,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mmllm.errors import MmllmError
+from mmllm.samples import sample
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -20,7 +21,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_IMAGE_PIXELS = 64_000_000
 SAMPLE_PREFIX = "sample:"
 ORIENTATION = 0x0112  # the EXIF tag exif_transpose reads
-SAMPLES = ("astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "hubble_deep_field")
 
 ImageInput = str | Path | bytes | Image.Image
 
@@ -89,21 +89,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def sample_image(name: str) -> Image.Image:
-    """A sample photo from scikit-image (`pip install mmllm[samples]`), or a dataset's image by name
-    (`easy-vqa-test-17`: what the shipped model was trained on)."""
-    from mmllm.data.easy_vqa import image_path
-
-    if path := image_path(name):
-        return load_image(path)
-    if name not in SAMPLES:
-        raise MmllmError(
-            f"unknown sample image '{name}'; choose {', '.join(SAMPLES)}, easy-vqa-test-N or easy-vqa-train-N"
-        )
-    try:
-        from skimage import data
-    except ImportError:
-        raise MmllmError("sample images need scikit-image: pip install 'mmllm[samples]'") from None
-    return to_rgb(Image.fromarray(getattr(data, name)()))
+    """`sample:NAME` (see `mmllm.samples`) as an upright RGB image."""
+    found = sample(name)
+    return load_image(found) if isinstance(found, str) else to_rgb(Image.fromarray(found))
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """easy-VQA (`pip install easy-vqa==1.0`, MIT): 64x64 images of one coloured shape, 13 one-word
-answers. Its reader, its vocabulary (colours, shapes, question templates), the descriptions its
-questions imply, and its images by name (`sample:easy-vqa-test-17`)."""
+answers. Its reader, its vocabulary (colours, shapes, question templates) and the descriptions its
+questions imply (its images by name: `mmllm.samples`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from mmllm.data.config import DataConfig, DatasetSpec
 from mmllm.data.records import Sample
 from mmllm.data.vqa import YES_NO, vqa_samples
 from mmllm.errors import MmllmError
+from mmllm.samples import easy_vqa_package
 
 EASY_VQA_COLORS = {"red", "green", "blue", "black", "gray", "teal", "brown", "yellow"}
 EASY_VQA_SHAPES = {"circle", "rectangle", "triangle"}
@@ -20,33 +21,15 @@ _EASY_VQA_SLOTS = {color: "COLOR" for color in EASY_VQA_COLORS} | {
 }
 
 
-def _package():
-    try:
-        import easy_vqa
-    except ImportError:
-        raise MmllmError("easy-VQA needs its package: pip install easy-vqa==1.0") from None
-    return easy_vqa
-
-
 def examples(count: int) -> list[tuple[str, str]]:
     """(image path, question) of the first `count` test images, a question each (the chat page's)."""
-    easy_vqa = _package()
+    easy_vqa = easy_vqa_package()
     questions, _, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
     first = {}
     for question, image_id in zip(questions, image_ids, strict=True):
         first.setdefault(image_id, question)
     return [(paths[image_id], question) for image_id, question in list(first.items())[:count]]
-
-
-def image_path(name: str) -> str | None:
-    """The file of `easy-vqa-SPLIT-N` (a sample image name), or None for any other name."""
-    if not (match := re.fullmatch(r"easy-vqa-(train|test)-(\d+)", name)):
-        return None
-    paths = getattr(_package(), f"get_{match[1]}_image_paths")()
-    if int(match[2]) not in paths:
-        raise MmllmError(f"easy-VQA {match[1]} has images 0..{len(paths) - 1}, not {match[2]}")
-    return paths[int(match[2])]
 
 
 def easy_vqa_answer_type(answer: str) -> str:
@@ -62,7 +45,7 @@ def easy_vqa_question_type(question: str) -> str:
 
 def read_easy_vqa(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
     """easy-VQA from its PyPI package (`pip install easy-vqa`): 64x64 shapes, 13 one-word answers."""
-    easy_vqa = _package()
+    easy_vqa = easy_vqa_package()
     if spec.split not in ("train", "test"):
         raise MmllmError(f"easy-vqa has splits train and test, not {spec.split!r}")
     questions, answers, image_ids = getattr(easy_vqa, f"get_{spec.split}_questions")()
