@@ -208,9 +208,9 @@ class FeatureLRU:
 
 
 class Backend:
-    """An engine that answers prepared prompts. Subclasses implement `complete_prompts` (and say what
-    they cannot do in `check`); everything else — preparing prompts, batches, streams, questions,
-    captions — is shared."""
+    """An engine that answers prepared prompts. Subclasses implement `decode` (and say what they cannot
+    do in `check`); everything else — preparing prompts, per-row limits and stops, batches, streams,
+    questions, captions — is shared."""
 
     processor: MultimodalProcessor
     name: str = ""
@@ -243,6 +243,9 @@ class Backend:
             )
         return Prompt(encoded["input_ids"], encoded["pixel_values"])
 
+    tracker = RowTracker
+    """What follows the rows; a backend whose engine calls back per token may subclass it."""
+
     def complete_prompts(
         self,
         prompts: list[Prompt],
@@ -255,6 +258,16 @@ class Backend:
         """Answer prepared prompts as one batch; each row may have its own token limit and stop strings,
         `on_delta(row, text)` receives each row's new text, and a row whose `cancelled` event is set
         stops at its next token."""
+        settings = settings or GenerationSettings()
+        self.check(settings)
+        limits = max_tokens or [settings.max_new_tokens] * len(prompts)
+        stops = stop or [[] for _ in prompts]
+        rows = self.tracker(self.processor, limits, stops, on_delta, settings.ignore_eos, cancelled)
+        return rows.completions(self.decode(prompts, settings, rows))
+
+    def decode(self, prompts: list[Prompt], settings: GenerationSettings, rows: RowTracker) -> list[int]:
+        """Generate for the batch, handing each step's tokens to `rows.step` until `rows.done` (or the
+        longest limit); returns each prompt's token count. What each backend implements."""
         raise NotImplementedError
 
     def complete(

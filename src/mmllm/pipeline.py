@@ -4,14 +4,13 @@ streamed (`Pipeline`, what `--backend torch` runs)."""
 from __future__ import annotations
 
 import logging
-import threading
 
 import torch
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from mmllm.errors import MmllmError
-from mmllm.generation import Backend, Completion, GenerationSettings, OnDelta, Prompt, RowTracker
+from mmllm.generation import Backend, GenerationSettings, Prompt, RowTracker
 from mmllm.images import ImageInput
 from mmllm.models.build import load_model, untrained_parts
 from mmllm.models.multimodal import MultimodalLM
@@ -47,6 +46,7 @@ class _GenerateTracker(RowTracker, BaseStreamer, StoppingCriteria):
 
 class Pipeline(Backend):
     name = "torch"
+    tracker = _GenerateTracker
 
     def __init__(self, model: MultimodalLM, processor: MultimodalProcessor, feature_cache_size: int = 64):
         super().__init__(processor, feature_cache_size)
@@ -104,36 +104,18 @@ class Pipeline(Backend):
         return batch
 
     @torch.inference_mode()
-    def complete_prompts(
-        self,
-        prompts: list[Prompt],
-        settings: GenerationSettings | None = None,
-        max_tokens: list[int] | None = None,
-        stop: list[list[str]] | None = None,
-        on_delta: OnDelta | None = None,
-        cancelled: list[threading.Event] | None = None,
-    ) -> list[Completion]:
-        settings = settings or GenerationSettings()
-        limits = max_tokens or [settings.max_new_tokens] * len(prompts)
-        stops = stop or [[] for _ in prompts]
+    def decode(self, prompts: list[Prompt], settings: GenerationSettings, rows: RowTracker) -> list[int]:
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         inputs = self._inputs(prompts)
         config = settings.generation_config(self.processor)
-        config.max_new_tokens = max(limits)
+        config.max_new_tokens = max(rows.limits)
         if settings.ignore_eos:
             config.min_new_tokens = config.max_new_tokens
-        prompt_tokens = inputs["attention_mask"].sum(1).tolist()
         if settings.num_beams > 1:  # beams cannot stream: limits and stops are applied afterwards
             output = self.model.generate(**inputs, generation_config=config)
-            tracker = RowTracker(self.processor, limits, stops, None, settings.ignore_eos)
             for column in output[:, inputs["input_ids"].shape[1] :].T:
-                tracker.step(column.tolist())
+                rows.step(column.tolist())
         else:
-            tracker = _GenerateTracker(
-                self.processor, limits, stops, on_delta, settings.ignore_eos, cancelled
-            )
-            self.model.generate(
-                **inputs, generation_config=config, streamer=tracker, stopping_criteria=[tracker]
-            )
-        return tracker.completions(prompt_tokens)
+            self.model.generate(**inputs, generation_config=config, streamer=rows, stopping_criteria=[rows])
+        return inputs["attention_mask"].sum(1).tolist()

@@ -4,13 +4,12 @@ model in memory (what `--backend onnx` runs). Greedy or sampled decoding; no bea
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
 
 from mmllm.errors import MmllmError
-from mmllm.generation import Backend, Completion, GenerationSettings, OnDelta, Prompt, RowTracker
+from mmllm.generation import Backend, GenerationSettings, Prompt, RowTracker
 from mmllm.processor import MultimodalProcessor
 
 ONNX_CONFIG = "mmllm_onnx.json"
@@ -85,21 +84,7 @@ class OnnxBackend(Backend):
             embeds[placeholders] = rows.reshape(-1, rows.shape[-1])
         return embeds, mask
 
-    def complete_prompts(
-        self,
-        prompts: list[Prompt],
-        settings: GenerationSettings | None = None,
-        max_tokens: list[int] | None = None,
-        stop: list[list[str]] | None = None,
-        on_delta: OnDelta | None = None,
-        cancelled: list[threading.Event] | None = None,
-    ) -> list[Completion]:
-        settings = settings or GenerationSettings()
-        self.check(settings)
-        limits = max_tokens or [settings.max_new_tokens] * len(prompts)
-        tracker = RowTracker(
-            self.processor, limits, stop or [[] for _ in prompts], on_delta, settings.ignore_eos, cancelled
-        )
+    def decode(self, prompts: list[Prompt], settings: GenerationSettings, rows: RowTracker) -> list[int]:
         rng = np.random.default_rng(settings.seed)
         embeds, mask = self.prompt_embeddings(prompts)
         prompt_tokens = mask.sum(1).tolist()
@@ -108,19 +93,19 @@ class OnnxBackend(Backend):
         shape = (batch, self.settings["kv_heads"], 0, self.settings["head_dim"])
         names = cache_names(self.settings["layers"], "past")
         cache = {name: np.zeros(shape, np.float32) for name in names}
-        for _ in range(max(limits)):
+        for _ in range(max(rows.limits)):
             logits, *present = self.decoder.run(
                 None, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **cache}
             )
             chosen = choose(logits, settings, rng)  # (B,)
-            tracker.step(chosen.tolist())
-            if tracker.done:
+            rows.step(chosen.tolist())
+            if rows.done:
                 break
             cache = dict(zip(names, present, strict=True))
             embeds = self.embeddings[chosen][:, None]  # (B, 1, D)
             mask = np.concatenate([mask, np.ones((batch, 1), mask.dtype)], axis=1)
             positions = positions[:, -1:] + 1
-        return tracker.completions(prompt_tokens)
+        return prompt_tokens
 
 
 def choose(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator) -> np.ndarray:
