@@ -125,24 +125,8 @@ def test_every_command_runs_on_the_onnx_backend(exported, images, tmp_path, caps
         predictions[backend] = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").open()]
         assert json.loads((out / "run.json").read_text())["backend"] == backend
     assert predictions["onnx"] == predictions["torch"] and len(predictions["torch"]) == 6
-    assert (
-        main(
-            [
-                "eval",
-                "--task",
-                "perplexity",
-                "--model",
-                str(onnx),
-                "--backend",
-                "onnx",
-                "--data",
-                "easy-vqa:test",
-                "--out",
-                str(tmp_path / "ppl"),
-            ]
-        )
-        == 2
-    )
+    perplexity = ["eval", "--task", "perplexity", "--backend", "onnx", "--data", "easy-vqa:test"]
+    assert main([*perplexity, "--model", str(onnx), "--out", str(tmp_path / "ppl")]) == 2
     assert "--backend torch" in capsys.readouterr().err
 
 

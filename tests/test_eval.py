@@ -352,22 +352,8 @@ def test_perplexity_renders_prompts_as_the_model_was_trained(tmp_path, images):
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"id": "a", "image": str(images[0]), "conversations": conversation}) + "\n")
     out = tmp_path / "ppl"
-    assert (
-        main(
-            [
-                "eval",
-                "--task",
-                "perplexity",
-                "--model",
-                str(tmp_path / "m"),
-                "--data",
-                f"jsonl:{data}",
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    perplexity = ["eval", "--task", "perplexity", "--data", f"jsonl:{data}", "--out", str(out)]
+    assert main([*perplexity, "--model", str(tmp_path / "m")]) == 0
     row = json.loads((out / "predictions.jsonl").read_text())
     batch = plain([conversation], [[images[0]]], train=True, padding_side="right")
     with torch.no_grad():
