@@ -9,11 +9,13 @@ import binascii
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from PIL import Image
 
+from mmllm.batcher import Job
 from mmllm.conversation import Message
 from mmllm.errors import MmllmError
 from mmllm.serve.schemas import ChatCompletion, ChatCompletionRequest, ChatMessage, ModelList
@@ -103,56 +105,58 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, server
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     prompt = await server.prepare(conversation, images)
     job = server.enqueue(prompt, settings, max_tokens, stop, body.stream)
-    completion_id, model = f"chatcmpl-{uuid.uuid4().hex}", body.model
-    if not body.stream:
-        done = await server.result(job, request)
-        return ChatCompletion(
-            id=completion_id,
-            created=int(time.time()),
-            model=model,
-            choices=[{"message": {"content": done.text}, "finish_reason": done.finish_reason}],
-            usage={
-                "prompt_tokens": done.prompt_tokens,
-                "completion_tokens": done.completion_tokens,
-                "total_tokens": done.prompt_tokens + done.completion_tokens,
-            },
-        )
+    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    if body.stream:
+        events = _events(job, server.cfg.timeout_s, completion_id, body.model)
+        return StreamingResponse(events, media_type="text/event-stream")
+    done = await server.result(job, request)
+    return ChatCompletion(
+        id=completion_id,
+        created=int(time.time()),
+        model=body.model,
+        choices=[{"message": {"content": done.text}, "finish_reason": done.finish_reason}],
+        usage={
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+        },
+    )
 
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        body = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        }
-        return f"data: {json.dumps(body)}\n\n"
 
-    async def events():
-        deadline = time.monotonic() + server.cfg.timeout_s
-        try:
-            yield chunk({"role": "assistant", "content": ""})
-            first = True
-            while (
-                piece := await asyncio.wait_for(job.deltas.get(), deadline - time.monotonic())
-            ) is not None:
-                # Answers are stripped of leading whitespace, as in the non-streamed form.
-                piece = piece.lstrip() if first else piece
-                first = first and not piece
-                if piece:
-                    yield chunk({"content": piece})
-            done = await job.future
-            yield chunk({}, done.finish_reason)
-        except TimeoutError:
-            error = {"message": f"generation took longer than {server.cfg.timeout_s:g} s", "type": "timeout"}
-            yield f"data: {json.dumps({'error': error})}\n\n"
-        except Exception as err:  # after the 200 has gone out, an error can only travel in-band
-            yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error'}})}\n\n"
-        finally:
-            job.cancel()  # the client left (the response is cancelled) or the answer is complete
-        yield "data: [DONE]\n\n"
+def _chunk(completion_id: str, model: str, delta: dict, finish: str | None = None) -> str:
+    body = {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return f"data: {json.dumps(body)}\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+
+async def _events(job: Job, timeout_s: float, completion_id: str, model: str) -> AsyncIterator[str]:
+    """A streamed answer as server-sent events: the role, the text piece by piece, the finish reason,
+    then `[DONE]`; an error after the 200 has gone out travels in-band."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        yield _chunk(completion_id, model, {"role": "assistant", "content": ""})
+        first = True
+        while (piece := await asyncio.wait_for(job.deltas.get(), deadline - time.monotonic())) is not None:
+            # Answers are stripped of leading whitespace, as in the non-streamed form.
+            piece = piece.lstrip() if first else piece
+            first = first and not piece
+            if piece:
+                yield _chunk(completion_id, model, {"content": piece})
+        done = await job.future
+        yield _chunk(completion_id, model, {}, done.finish_reason)
+    except TimeoutError:
+        error = {"message": f"generation took longer than {timeout_s:g} s", "type": "timeout"}
+        yield f"data: {json.dumps({'error': error})}\n\n"
+    except Exception as err:  # after the 200 has gone out, an error can only travel in-band
+        yield f"data: {json.dumps({'error': {'message': str(err), 'type': 'server_error'}})}\n\n"
+    finally:
+        job.cancel()  # the client left (the response is cancelled) or the answer is complete
+    yield "data: [DONE]\n\n"
 
 
 @router.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]})
