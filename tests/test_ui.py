@@ -158,8 +158,8 @@ def test_errors_are_chat_messages(page):
 
 
 def _broken_uploads(tmp_path, images) -> list[Path]:
-    """Files Gradio's own preprocessing cannot open (not an image; an RGBA image, converted by Gradio,
-    cut short) and one only we can tell is broken (a valid header with the pixels cut off)."""
+    """Uploads the page must refuse in words: not an image, an RGBA or RGB PNG cut short, a header that
+    claims more pixels than the page takes, and one past PIL's own bomb guard (it fails inside Gradio)."""
     from PIL import Image
 
     not_an_image = tmp_path / "notes.png"
@@ -170,7 +170,28 @@ def _broken_uploads(tmp_path, images) -> list[Path]:
     rgba_cut.write_bytes(rgba.read_bytes()[:90])
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(images[0].read_bytes()[:120])
-    return [not_an_image, rgba_cut, truncated]
+    return [
+        not_an_image,
+        rgba_cut,
+        truncated,
+        _claims_pixels(tmp_path / "huge.png", 9000),
+        _claims_pixels(tmp_path / "bomb.png", 20000),
+    ]
+
+
+def _claims_pixels(path: Path, side: int) -> Path:
+    """A tiny PNG whose header claims side x side pixels: past the page's limit, or PIL's bomb guard."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.new("L", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    data[16:24] = struct.pack(">II", side, side)  # IHDR width, height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+    return path
 
 
 def test_a_broken_image_is_a_chat_message(page, tmp_path, images):
@@ -180,6 +201,7 @@ def test_a_broken_image_is_a_chat_message(page, tmp_path, images):
         ask(page, "What is it?")
         error = bot_texts(page)[-1]
         assert error.startswith("Error:") and broken.name in error, error
+        assert ("too large" in error) == (broken.stem in ("huge", "bomb")), error
         assert "/" not in error  # no server temp path
         assert not page.locator(".toast-body").count()  # no Gradio toast either
         assert page.locator("#question textarea").input_value() == "What is it?"  # kept, to ask again

@@ -87,6 +87,7 @@ class UnreadableUpload:
     """An upload that Gradio itself could not open, kept (by its own name) for the chat to report."""
 
     name: str
+    problem: str = "not an image file this page can read"
 
 
 def _keep_unreadable_uploads(component: Any) -> Any:
@@ -96,10 +97,13 @@ def _keep_unreadable_uploads(component: Any) -> Any:
     preprocess = component.preprocess
 
     def tolerant(payload: Any) -> str | UnreadableUpload | None:
+        name = payload.orig_name or "the upload"
         try:
             return preprocess(payload)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            return UnreadableUpload(payload.orig_name or "the upload")
+        except Image.DecompressionBombError:
+            return UnreadableUpload(name, "too large: it claims more pixels than any photo has")
+        except (OSError, ValueError, SyntaxError):
+            return UnreadableUpload(name)
 
     component.preprocess = tolerant
     return component
@@ -109,7 +113,7 @@ def _open_upload(image: str | UnreadableUpload) -> Image.Image:
     """The uploaded image, or an error that names the file as the user called it (never the
     server's temp path)."""
     if isinstance(image, UnreadableUpload):
-        raise MmllmError(f"{image.name}: not an image file this page can read")
+        raise MmllmError(f"{image.name}: {image.problem}")
     try:
         return load_image(image)
     except MmllmError as err:
@@ -255,6 +259,7 @@ def _layout(gr: Any, model_name: str, vision_trained: bool) -> _Page:
             image = _keep_unreadable_uploads(
                 gr.Image(
                     type="filepath",
+                    image_mode=None,  # Gradio passes the file on undecoded: load_image checks its size first
                     label="Image",
                     sources=["upload", "clipboard"],
                     height=320,
