@@ -97,13 +97,14 @@ def _keep_unreadable_uploads(component: Any) -> Any:
     preprocess = component.preprocess
 
     def tolerant(payload: Any) -> str | UnreadableUpload | None:
-        name = payload.orig_name or "the upload"
         try:
-            return preprocess(payload)
+            return preprocess(payload)  # None (no image) passes through
         except Image.DecompressionBombError:
-            return UnreadableUpload(name, "too large: it claims more pixels than any photo has")
+            return UnreadableUpload(
+                payload.orig_name or "the upload", "too large: it claims more pixels than any photo has"
+            )
         except (OSError, ValueError, SyntaxError):
-            return UnreadableUpload(name)
+            return UnreadableUpload(payload.orig_name or "the upload")
 
     component.preprocess = tolerant
     return component

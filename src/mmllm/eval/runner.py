@@ -236,6 +236,7 @@ def _check_resume(out: Path, identity: dict, overwrite: bool) -> None:
             predictions.unlink()
         else:
             made = json.loads(run.read_text()) if run.is_file() else {}
+            made.setdefault("backend", "torch")  # run.json from before backends were recorded
             changed = [key for key in identity if made.get(key) != identity[key]]
             if changed:
                 differences = "; ".join(f"{key}: {made.get(key, '?')} -> {identity[key]}" for key in changed)
