@@ -1,9 +1,9 @@
-# Set-up and checks. Everything runs inside .venv; torch is installed first and pinned, so pip
-# never pulls another build.
+# Set-up and checks. Everything runs inside .venv; torch and its torchvision are installed first and
+# pinned, so pip never pulls another build (timm, for the photo model's tower, needs torchvision).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-TORCH := torch==2.13.0
+TORCH := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install install-dev demo test test-slow bench-quick lint format
 
@@ -21,7 +21,7 @@ install-dev: $(BIN)/python
 
 demo: install
 	$(BIN)/mmllm weights install smollm2-135m-instruct
-	$(BIN)/mmllm ask sample:easy-vqa-test-0 "what is the color of the shape?"
+	$(BIN)/mmllm ask sample:chelsea "What animal is this?"
 
 test: install-dev
 	$(BIN)/pytest -m "not slow"

@@ -1,7 +1,8 @@
 """Single-request latency: image encoding, time to first token, decode speed, 32-token answer.
 
 Ours (Pipeline: image-feature cache, streaming) against plain `transformers` generate on the same
-model in the same run. Real weights: the default stack (Qwen2.5-0.5B + CLIP ViT-B/32 architecture).
+model in the same run. Real weights: the default model (the photo model: EfficientNet-Lite0 read as
+words by SmolLM2-135M with LoRA) or any other `--model`.
 
     python benchmarks/latency.py [--model default] [--reps 3] [--quick]
 """
@@ -26,6 +27,16 @@ QUESTION = "Look at the picture carefully and tell me which objects and colours 
 
 def photo(seed: int) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (256, 256, 3), dtype=np.uint8))
+
+
+def plain_inputs(model, processor, messages: list[dict], image: Image.Image) -> dict:
+    """What plain transformers feeds generate: pixels, or for a model that reads images as words, the
+    words (the tower run and the bridge, as `prepare` does, without its cache)."""
+    if not model.config.reads_images_as_words:
+        return processor([messages], [[image]])
+    features = model.get_image_features(processor.image_processor([image]))
+    encoded = processor.encode_text(messages, 1, image_words=model.image_words(features))
+    return {"input_ids": torch.tensor([encoded["input_ids"]])}
 
 
 def main() -> None:
@@ -68,8 +79,8 @@ def main() -> None:
         decode.append((done.completion_tokens - 1) / (end - first[0]))
         # Plain transformers: processor output straight into generate, no cache, no streamer.
         start = time.perf_counter()
-        batch = processor([messages], [[image]])
         with torch.inference_mode():
+            batch = plain_inputs(model, processor, messages, image)
             model.generate(
                 **{k: v.to(model.device) for k, v in batch.items()},
                 max_new_tokens=args.tokens,

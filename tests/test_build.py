@@ -107,12 +107,13 @@ def test_shipped_models_resolve_by_name_and_default_falls_back(parts, tmp_path, 
     from mmllm.models import build
 
     model, processor = build_model(ModelConfig(lm=str(parts / "lm"), vision=str(parts / "clip")))
-    model.save_pretrained(tmp_path / "mine" / "mmllm-easyvqa", parts=["projector"])
-    processor.save_pretrained(tmp_path / "mine" / "mmllm-easyvqa")
+    for name in build.SHIPPED_MODELS:
+        model.save_pretrained(tmp_path / "mine" / name, parts=["projector"])
+        processor.save_pretrained(tmp_path / "mine" / name)
     monkeypatch.setenv("MMLLM_MODELS", str(tmp_path / "mine"))
     found = str(tmp_path / "mine" / "mmllm-easyvqa")
     assert build.resolve_model_name("mmllm-easyvqa") == found  # $MMLLM_MODELS comes first
-    assert build.resolve_model_name("default") == found
+    assert build.resolve_model_name("default") == str(tmp_path / "mine" / "mmllm-photo")
     assert build.resolve_model_name(str(parts / "lm")) == str(parts / "lm")  # anything else: as given
     loaded, _ = load_model("mmllm-easyvqa")
     torch.testing.assert_close(loaded.projector.state_dict(), model.projector.state_dict())

@@ -33,7 +33,9 @@ def test_llava_hf_export_gives_the_same_logits_and_prompt(tmp_path, images, use_
 
     export_llava_hf(str(source), tmp_path / "llava")
     llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
-    llava_processor = AutoProcessor.from_pretrained(tmp_path / "llava")
+    # PIL's resize, as ours: with torchvision present transformers picks a torchvision resize that
+    # antialiases differently (a few pixels off by ~0.015), a difference of theirs, not of the export.
+    llava_processor = AutoProcessor.from_pretrained(tmp_path / "llava", use_fast=False)
     from PIL import Image
 
     text = processor.render(QUESTION, add_generation_prompt=True)
@@ -69,10 +71,12 @@ def test_llava_hf_export_refuses_other_designs(tmp_path):
         to_llava(model, processor)
 
 
-# Every projector design the config allows, with and without snapping image tokens to words.
+# Every projector design that makes image rows, with and without snapping image tokens to words (the
+# labels projector makes words instead, from a timm classifier: tests/test_timm_tower.py).
 DESIGNS = [
     {"projector": projector, "projector_snap_to_vocab": snap}
     for projector in PROJECTOR_TYPES
+    if projector != "labels"
     for snap in (False, True)
 ]
 DESIGN_IDS = [f"{d['projector']}{'-snap' if d['projector_snap_to_vocab'] else ''}" for d in DESIGNS]

@@ -119,22 +119,26 @@ def test_gguf_export_of_real_smollm2_answers_like_the_original(tmp_path, capsys)
     assert "Paris" in tokenizer.decode(output[0, prompt["input_ids"].shape[1] :])
 
 
-def test_shipped_default_model_sees_easy_vqa_images(capsys):
-    """The README's main command, then 100 test questions (every 97th): the shipped model must see."""
+EASYVQA = "mmllm-easyvqa"
+
+
+def test_shipped_easyvqa_model_sees_easy_vqa_images(capsys):
+    """The README's easy-VQA command, then 100 test questions (every 97th): the shipped model must see."""
     import easy_vqa
 
     from mmllm.eval.vqa import exact_match
 
     assert main(["weights", "install", "smollm2-135m-instruct"]) == 0
-    assert main(["ask", "sample:easy-vqa-test-0", "what is the color of the shape?"]) == 0
+    ask = ["ask", "--model", EASYVQA, "sample:easy-vqa-test-0"]
+    assert main([*ask, "what is the color of the shape?"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "red"  # a red triangle
     # As people type it: the training questions were capitalised 30% of the time for this.
-    assert main(["ask", "sample:easy-vqa-test-0", "What shape is in the image?"]) == 0
+    assert main([*ask, "What shape is in the image?"]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] == "triangle"
-    assert main(["info", "default"]) == 0
+    assert main(["info", EASYVQA]) == 0
     info = capsys.readouterr().out
     assert "4 tokens/image" in info and "(tokens snapped to words)" in info
-    pipeline = Pipeline.load("default", device="cpu")
+    pipeline = Pipeline.load(EASYVQA, device="cpu")
     assert pipeline.model.config.trained_parts == ["language_model", "projector", "vision_tower"]
     questions, answers, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
@@ -178,8 +182,8 @@ def test_shipped_default_model_sees_easy_vqa_images(capsys):
     assert follow_ups == alone
 
 
-def test_onnx_export_of_the_shipped_default_answers_as_torch_does(tmp_path):
-    """The default model snaps image tokens to words: its ONNX vision graph must too (it once did not,
+def test_onnx_export_of_the_shipped_easyvqa_answers_as_torch_does(tmp_path):
+    """The easy-VQA model snaps image tokens to words: its ONNX vision graph must too (it once did not,
     and agreed with torch on 82% of answers)."""
     import easy_vqa
 
@@ -187,14 +191,33 @@ def test_onnx_export_of_the_shipped_default_answers_as_torch_does(tmp_path):
     from mmllm.export.onnx import export_onnx
 
     assert main(["weights", "install", "smollm2-135m-instruct"]) == 0
-    export_onnx("default", tmp_path / "onnx")
+    export_onnx(EASYVQA, tmp_path / "onnx")
     questions, _, image_ids = easy_vqa.get_test_questions()
     paths = easy_vqa.get_test_image_paths()
     picked = range(0, len(questions), 97)
     conversations = [[{"role": "user", "content": "<image>\n" + questions[i]}] for i in picked]
     pictures = [[paths[image_ids[i]]] for i in picked]
     settings = GenerationSettings(max_new_tokens=4)
-    ours = Pipeline.load("default", device="cpu").generate(conversations, pictures, settings)
+    ours = Pipeline.load(EASYVQA, device="cpu").generate(conversations, pictures, settings)
     theirs = OnnxBackend.load(tmp_path / "onnx").generate(conversations, pictures, settings)
     agree = sum(a == b for a, b in zip(ours, theirs, strict=True))
     assert agree >= 0.99 * len(ours), f"{agree}/{len(ours)}"
+
+
+def test_the_default_photo_model_answers_about_photos_honestly(tmp_path, capsys):
+    """`make demo`'s command, then the committed photo-qa set: right at least 70%, confidently wrong at
+    most 20%, and no yes/no side answered by the wording alone."""
+    assert main(["weights", "install", "smollm2-135m-instruct"]) == 0
+    assert main(["ask", "sample:chelsea", "What animal is this?"]) == 0
+    assert "cat" in capsys.readouterr().out.lower()
+    assert main(["info", "default"]) == 0
+    assert "read as words (the labels bridge)" in capsys.readouterr().out
+    data = Path(__file__).resolve().parents[1] / "data/photo-qa/questions.jsonl"
+    out = tmp_path / "eval"
+    assert main(["eval", "--task", "photo-qa", "--data", f"jsonl:{data}", "--out", str(out)]) == 0
+    import json
+
+    metrics = json.loads((out / "report.json").read_text())["metrics"]
+    assert metrics["accuracy"] >= 0.7 and metrics["confidently_wrong"] <= 0.2, metrics
+    for truth in ("yes", "no"):
+        assert metrics["per_true_answer"][truth]["right"] >= 0.5, metrics["per_true_answer"]

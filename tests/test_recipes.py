@@ -15,7 +15,9 @@ from mmllm.train.config import TrainConfig
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-TRAINING = sorted([*CONFIGS.glob("*.yaml"), *(CONFIGS / "easyvqa").glob("*.yaml")])
+TRAINING = sorted(
+    [*CONFIGS.glob("*.yaml"), *(CONFIGS / "easyvqa").glob("*.yaml"), *(CONFIGS / "photo").glob("*.yaml")]
+)
 
 
 @pytest.mark.parametrize("path", TRAINING, ids=lambda p: p.name)

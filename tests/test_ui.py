@@ -234,16 +234,16 @@ def test_stop_ends_the_answer_and_its_generation(page, server):
     assert cancelled() == before + 1  # the server stopped generating, not only the page
 
 
-def test_examples_offer_easy_vqa_images_and_photos(page):
+def test_examples_offer_photos_and_easy_vqa_images(page):
     import easy_vqa
 
     rows = page.locator("#examples tr.tr-body")
     rows.first.wait_for()
-    assert rows.count() == 7  # 3 easy-VQA test images, 4 scikit-image photos
-    assert "What is the person wearing?" in page.locator("#examples").inner_text()
+    assert rows.count() == 8  # 5 photos (the default model's), 3 easy-VQA test images
+    assert easy_vqa.get_test_questions()[0][0] in page.locator("#examples").inner_text()
     rows.first.click()  # fills the image and the question
     page.wait_for_selector("#image img")
-    assert page.locator("#question textarea").input_value() == easy_vqa.get_test_questions()[0][0]
+    assert page.locator("#question textarea").input_value() == "What animal is this?"
     ask(page, page.locator("#question textarea").input_value())
     assert page.locator("#chat .message-row.user-row img").count() == 1
 

@@ -378,12 +378,13 @@ def _serving_commands(commands: argparse._SubParsersAction) -> None:
 
 def _evaluation_command(commands: argparse._SubParsersAction) -> None:
     """eval"""
+    from mmllm.eval import TASKS
     from mmllm.generation import GenerationSettings
 
-    evaluation = _command(commands, "eval", cmd_eval, "evaluate a model: captions, VQA accuracy, perplexity")
-    evaluation.add_argument(
-        "--task", required=True, choices=("coco-captions", "vqav2", "easy-vqa", "perplexity", "custom")
+    evaluation = _command(
+        commands, "eval", cmd_eval, "evaluate a model: captions, VQA accuracy, photo questions, perplexity"
     )
+    evaluation.add_argument("--task", required=True, choices=TASKS)
     evaluation.add_argument(
         "--data", default="", help="data recipe .yaml, or FORMAT:PATH (e.g. easy-vqa:test)"
     )

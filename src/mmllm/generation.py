@@ -233,15 +233,26 @@ class Backend:
     def prepare(self, conversation: list[Message], images: list[ImageInput] | None = None) -> Prompt:
         """Check and encode one conversation on its own (images loaded once, resized, tokens counted).
 
-        What fails here fails this request alone, before it joins a batch with anyone else's.
+        What fails here fails this request alone, before it joins a batch with anyone else's. A model
+        that reads images as words has them read here, so its prompt is text alone.
         """
-        encoded = self.processor.encode(conversation, [load_image(image) for image in images or ()])
+        loaded = [load_image(image) for image in images or ()]
+        pixels = self.processor.image_processor(loaded) if loaded else None
+        words = self.image_words(pixels) if pixels is not None and self.reads_images_as_words else None
+        encoded = self.processor.encode_text(conversation, len(loaded), image_words=words)
         if len(encoded["input_ids"]) > self.context_length:
             raise ValueError(
                 f"the prompt is {len(encoded['input_ids']):,} tokens; the model's context holds "
                 f"{self.context_length:,}"
             )
-        return Prompt(encoded["input_ids"], encoded["pixel_values"])
+        return Prompt(encoded["input_ids"], None if words else pixels)
+
+    reads_images_as_words: bool = False
+    """Whether the model reads images as words (the labels bridge) rather than as projected rows."""
+
+    def image_words(self, pixels: torch.Tensor) -> list[str]:
+        """(I, 3, S, S) pixels -> the words each image reads as (models that read images as words)."""
+        raise NotImplementedError(f"the {self.name} backend cannot read images as words")
 
     tracker = RowTracker
     """What follows the rows; a backend whose engine calls back per token may subclass it."""

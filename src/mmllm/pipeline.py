@@ -85,6 +85,13 @@ class Pipeline(Backend):
     def trained_parts(self) -> list[str]:
         return list(self.model.config.trained_parts or ())
 
+    @property
+    def reads_images_as_words(self) -> bool:
+        return self.model.config.reads_images_as_words
+
+    def image_words(self, pixels: torch.Tensor) -> list[str]:
+        return self.model.image_words(self.image_features(pixels))
+
     @torch.inference_mode()
     def image_features(self, images: list[ImageInput] | torch.Tensor) -> torch.Tensor:
         """(I, N, D_v) features of images or (I, 3, S, S) pixels, from the LRU cache when seen before."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ class MultimodalProcessor:
         self.image_processor = image_processor or ImageProcessor()
         self.image_token = image_token
         self.chat_template: str | None = None  # None: the tokenizer's own
+        self.system_prompt: str | None = None  # put first in conversations that bring none
         if image_token not in tokenizer.get_vocab():
             tokenizer.add_tokens(
                 [AddedToken(image_token, special=True, normalized=False)], special_tokens=True
@@ -110,8 +112,11 @@ class MultimodalProcessor:
             chat_template=self.chat_template,
         )
 
-    def _place_images(self, messages: list[Message], n_images: int) -> list[Message]:
-        """Expand each `<image>` to N placeholders; with no marker, images go before the first user text."""
+    def _place_images(
+        self, messages: list[Message], n_images: int, image_words: list[str] | None = None
+    ) -> list[Message]:
+        """Expand each `<image>` to N placeholders (or to its image's words, for a model that reads images
+        as words); with no marker, images go before the first user text."""
         n_markers = sum(m["content"].count(self.image_token) for m in messages)
         if n_markers == 0 and n_images:
             first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
@@ -125,8 +130,14 @@ class MultimodalProcessor:
             raise ValueError(
                 f"the conversation has {n_markers} '{self.image_token}' markers but {n_images} images"
             )
-        expanded = self.image_token * self.num_image_tokens
-        return [{**m, "content": m["content"].replace(self.image_token, expanded)} for m in messages]
+        if image_words is None:
+            expanded = self.image_token * self.num_image_tokens
+            return [{**m, "content": m["content"].replace(self.image_token, expanded)} for m in messages]
+        words = iter(image_words)
+        return [
+            {**m, "content": "".join(_interleave(m["content"].split(self.image_token), words))}
+            for m in messages
+        ]
 
     def encode(
         self, messages: list[Message], images: list[ImageInput] | None = None, *, train: bool = False
@@ -137,9 +148,15 @@ class MultimodalProcessor:
         return result
 
     def encode_text(
-        self, messages: list[Message], num_images: int = 0, *, train: bool = False
+        self,
+        messages: list[Message],
+        num_images: int = 0,
+        *,
+        train: bool = False,
+        image_words: list[str] | None = None,
     ) -> dict[str, Any]:
-        """Token ids (and labels) of a conversation about `num_images` images, without touching pixels.
+        """Token ids (and labels) of a conversation about `num_images` images, without touching pixels
+        (`image_words`: the words each image reads as, for a model that reads images as words).
 
         For training the whole conversation is rendered and only assistant answers plus their
         end-of-turn token get labels; otherwise the prompt ends with the generation prompt.
@@ -149,7 +166,9 @@ class MultimodalProcessor:
         for message in messages:
             if message.get("role") not in ("system", "user", "assistant"):
                 raise ValueError(f"unknown role {message.get('role')!r}; use system, user or assistant")
-        messages = self._place_images(messages, num_images)
+        if self.system_prompt and messages[0]["role"] != "system":
+            messages = [{"role": "system", "content": self.system_prompt}, *messages]
+        messages = self._place_images(messages, num_images, image_words)
         text = self.render(messages, add_generation_prompt=not train)
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=train)
         result: dict[str, Any] = {"input_ids": encoding["input_ids"]}
@@ -235,6 +254,8 @@ class MultimodalProcessor:
             "image_mean": list(self.image_processor.mean),
             "image_std": list(self.image_processor.std),
         }
+        if self.system_prompt is not None:
+            settings["system_prompt"] = self.system_prompt
         if self.chat_template is not None:
             # A model answers in the format it was trained on (e.g. LLaVA's plain format); the
             # tokenizer keeps its own template so a later stage can train in the chat format.
@@ -255,6 +276,15 @@ class MultimodalProcessor:
             image_processor,
             settings["image_token"],
         )
+        processor.system_prompt = settings.get("system_prompt")
         return (
             processor.with_template(settings["chat_template"]) if "chat_template" in settings else processor
         )
+
+
+def _interleave(pieces: list[str], words: Iterator[str]) -> Iterator[str]:
+    """Text pieces with the next image's words between each two."""
+    for i, piece in enumerate(pieces):
+        if i:
+            yield next(words)
+        yield piece

@@ -26,11 +26,12 @@ from mmllm.weights import mmllm_home
 log = logging.getLogger("mmllm")
 
 # Photos (scikit-image) and easy-VQA test images, each with a question to start from.
-SAMPLE_QUESTIONS = {
-    "astronaut": "What is the person wearing?",
-    "coffee": "What is in the cup?",
+SAMPLE_QUESTIONS = {  # photos for the default photo model
     "chelsea": "What animal is this?",
-    "rocket": "What is in the picture?",
+    "coffee": "What drink is in the cup?",
+    "motorcycle": "Is there a vehicle in the picture?",
+    "camera": "What is the camera standing on?",
+    "astronaut": "What colour is the flag?",
 }
 EASY_VQA_EXAMPLES = 3
 NO_IMAGE_NOTE = "No image attached: the model answers from the text alone. Upload one to ask about it."
@@ -60,14 +61,11 @@ class Chat:
 
 
 def example_files() -> list[list[str]]:
-    """[image path, question] rows for gr.Examples; sources whose package is missing are skipped."""
+    """[image path, question] rows for gr.Examples: photos (the default model's), then easy-VQA images
+    (the easy-VQA model's); sources whose package is missing are skipped."""
     from mmllm.data.easy_vqa import examples
 
     rows: list[list[str]] = []
-    try:
-        rows += [[path, question] for path, question in examples(EASY_VQA_EXAMPLES)]
-    except MmllmError:
-        log.info("easy-vqa not installed: no easy-VQA examples")
     folder = mmllm_home() / "ui-examples"
     for name, question in SAMPLE_QUESTIONS.items():
         path = folder / f"{name}.png"
@@ -79,6 +77,10 @@ def example_files() -> list[list[str]]:
             log.info("scikit-image not installed: no sample photos")
             break
         rows.append([str(path), question])
+    try:
+        rows += [[path, question] for path, question in examples(EASY_VQA_EXAMPLES)]
+    except MmllmError:
+        log.info("easy-vqa not installed: no easy-VQA examples")
     return rows
 
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from mmllm.errors import MmllmError
 from mmllm.generation import Backend, GenerationSettings, Prompt, RowTracker
+from mmllm.models.labels import describe_images
 from mmllm.processor import MultimodalProcessor
 
 ONNX_CONFIG = "mmllm_onnx.json"
@@ -33,6 +34,7 @@ class OnnxBackend(Backend):
         self.settings = settings
         self.context_length = settings["context_length"]
         self.trained_parts = settings["trained_parts"]
+        self.reads_images_as_words = settings.get("labels_bridge") is not None
 
     @classmethod
     def load(cls, path: str | Path, threads: int = 0) -> OnnxBackend:
@@ -66,8 +68,12 @@ class OnnxBackend(Backend):
             raise ValueError("the onnx backend has no repetition penalty (repetition_penalty must be 1.0)")
 
     def image_rows(self, pixels: np.ndarray) -> np.ndarray:
-        """(I, 3, S, S) pixels -> (I, N, D) LM rows, from the LRU cache when seen before."""
+        """(I, 3, S, S) pixels -> (I, N, D) LM rows (or (I, 1, C) class probabilities for a model that
+        reads images as words), from the LRU cache when seen before."""
         return np.stack(self.features.through(pixels, lambda rows: self._vision(pixels[rows])))
+
+    def image_words(self, pixels) -> list[str]:
+        return describe_images(self.image_rows(pixels.numpy()), self.settings["labels_bridge"])
 
     def _vision(self, pixels: np.ndarray) -> np.ndarray:
         return self.vision.run(None, {"pixel_values": pixels})[0]

@@ -9,7 +9,9 @@ from mmllm.config import load_config
 from mmllm.data.records import CAPTION_INSTRUCTIONS
 from mmllm.errors import MmllmError
 
-DatasetFormat = Literal["llava", "coco", "karpathy", "vqav2", "webdataset", "tsv", "easy-vqa", "jsonl"]
+DatasetFormat = Literal[
+    "llava", "coco", "karpathy", "vqav2", "webdataset", "tsv", "easy-vqa", "jsonl", "label-qa"
+]
 
 
 @dataclass
@@ -19,7 +21,7 @@ class DatasetSpec:
     format: DatasetFormat = "llava"
     """llava (JSON/JSONL conversations), coco (captions_*.json), karpathy (dataset_coco.json),
     vqav2 (questions JSON), webdataset (.tar shards), tsv (caption<TAB>image), easy-vqa (the
-    package), jsonl (custom)."""
+    package), jsonl (custom), label-qa (generated text-only questions for a labels-bridge model)."""
     path: str = ""
     """Main file: JSON/JSONL/TSV, or a glob of .tar shards for webdataset. Unused for easy-vqa."""
     images: str = ""

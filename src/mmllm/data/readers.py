@@ -22,6 +22,7 @@ from mmllm.data.easy_vqa import read_easy_vqa
 from mmllm.data.records import Sample, caption_sample, vqa_conversation
 from mmllm.data.vqa import vqa_samples
 from mmllm.errors import MmllmError
+from mmllm.images import SAMPLE_PREFIX
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif")
@@ -74,7 +75,7 @@ def _image_list(value: Any, root: Path, where: str) -> list[str]:
     values = value if isinstance(value, list) else [value]
     if not all(isinstance(v, str) and v for v in values):
         raise MmllmError(f"{where}: 'image' must be a path or a list of paths")
-    return [str(root / v) for v in values]
+    return [v if v.startswith(SAMPLE_PREFIX) else str(root / v) for v in values]
 
 
 def _conversation(turns: Any, where: str) -> list[dict[str, str]]:
@@ -207,11 +208,12 @@ def read_jsonl(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
             if not answers:
                 raise MmllmError(f"{where}: a question needs 'answer' or 'answers'")
             answer = most_common_answer(answers)
+            kinds = {key: record[key] for key in ("question_type", "answer_type") if key in record}
             yield Sample(
                 images,
                 vqa_conversation([record["question"]], [answer]),
                 sample_id,
-                {"answers": answers, "answer": answer},
+                {"answers": answers, "answer": answer, **kinds},
             )
         elif "caption" in record or "captions" in record:
             captions = record.get("captions") or [record["caption"]]
@@ -279,6 +281,15 @@ def _webdataset_caption(members: dict[str, bytes]) -> str | None:
     return None
 
 
+def read_label_qa(spec: DatasetSpec, cfg: DataConfig) -> Iterator[Sample]:
+    """Generated text-only questions about classifier verdicts (`mmllm.data.label_qa`), `limit` of them."""
+    from mmllm.data.label_qa import label_qa_pairs
+
+    for number, (prompt, answer) in enumerate(label_qa_pairs(spec.limit or LABEL_QA_COUNT, cfg.seed)):
+        conversation = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+        yield Sample([], conversation, f"label-qa-{number}")
+
+
 READERS = {
     "llava": read_llava,
     "coco": read_coco,
@@ -288,7 +299,9 @@ READERS = {
     "tsv": read_tsv,
     "easy-vqa": read_easy_vqa,
     "jsonl": read_jsonl,
+    "label-qa": read_label_qa,
 }
+LABEL_QA_COUNT = 6000
 STREAMED = {"webdataset", "tsv"}
 
 

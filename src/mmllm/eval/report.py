@@ -26,12 +26,14 @@ def _markdown(report: dict[str, Any]) -> str:
         "|---|---|",
     ]
     for key, value in metrics.items():
-        if not isinstance(value, dict):
+        if not isinstance(value, dict | list):
             lines.append(f"| {key} | {value:.4f} |" if isinstance(value, float) else f"| {key} | {value} |")
     for kind, row in metrics.get("vqa_formula", {}).items():
         lines.append(f"| vqa_accuracy formula: {kind} | {row['questions']} questions: {row['formula']} |")
+    if "per_true_answer" in metrics:  # photo-qa: right / declined / wrong
+        lines += _verdict_tables(metrics)
     for grouping in ("answer_type", "question_type"):
-        if f"per_{grouping}" in metrics:
+        if f"per_{grouping}" in metrics and "per_true_answer" not in metrics:
             lines += ["", f"| {grouping.replace('_', ' ')} | score | count |", "|---|---|---|"]
             for kind, row in metrics[f"per_{grouping}"].items():
                 lines.append(f"| {kind} | {_score(row):.4f} | {row['count']} |")
@@ -70,6 +72,24 @@ def _markdown(report: dict[str, Any]) -> str:
         f"Timings: `{json.dumps(report['timings'])}`",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _verdict_tables(metrics: dict[str, Any]) -> list[str]:
+    lines = []
+    for grouping in ("question_type", "true_answer"):
+        lines += [
+            "",
+            f"| {grouping.replace('_', ' ')} | right | declined | wrong | count |",
+            "|---|---|---|---|---|",
+        ]
+        for kind, row in metrics[f"per_{grouping}"].items():
+            shares = " | ".join(f"{row[verdict]:.2f}" for verdict in ("right", "declined", "wrong"))
+            lines.append(f"| {kind} | {shares} | {row['count']} |")
+    lines += ["", "| question | accepted | answer | verdict |", "|---|---|---|---|"]
+    for row in metrics["per_question"]:
+        cells = (row["question"], ", ".join(row["answers"]), row["prediction"], row["verdict"])
+        lines.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    return lines
 
 
 def write_report(report: dict[str, Any], rows: list[dict[str, Any]], out: Path) -> None:

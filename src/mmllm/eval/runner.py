@@ -24,7 +24,9 @@ from mmllm.data.config import DataConfig, DatasetSpec
 from mmllm.data.readers import most_common_answer, read
 from mmllm.data.records import Sample
 from mmllm.errors import MmllmError
+from mmllm.eval import TASKS
 from mmllm.eval.captions import caption_metrics
+from mmllm.eval.photo_qa import photo_qa_metrics
 from mmllm.eval.report import write_report
 from mmllm.eval.vqa import FORMULAS, exact_match, normalize_answer, token_f1, vqa_accuracy, vqa_formula
 from mmllm.generation import Backend, GenerationSettings
@@ -34,7 +36,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mmllm")
 
-TASKS = ("coco-captions", "vqav2", "easy-vqa", "perplexity", "custom")
 PREDICTIONS = "predictions.jsonl"
 RUN = "run.json"  # the model, data and decoding that made the predictions
 
@@ -136,6 +137,8 @@ def metrics_from_predictions(task: str, rows: list[dict[str, Any]]) -> dict[str,
     if task == "perplexity":
         nll, tokens = sum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
         return {"perplexity": float(torch.tensor(nll / max(tokens, 1)).exp()), "tokens": tokens}
+    if task == "photo-qa":
+        return photo_qa_metrics(rows)
     if task == "coco-captions" or (task == "custom" and "references" in rows[0]):
         return caption_metrics(
             {r["id"]: r["prediction"] for r in rows}, {r["id"]: r["references"] for r in rows}
@@ -190,6 +193,7 @@ NEEDS = {
     "coco-captions": ("references",),
     "vqav2": ("answers",),
     "easy-vqa": ("answers",),
+    "photo-qa": ("answers",),
     "custom": ("answers", "references"),
 }
 

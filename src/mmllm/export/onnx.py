@@ -3,7 +3,8 @@
 Two graphs, exported with torch.onnx (TorchScript tracing, opset 17), because onnxruntime-genai's
 builder and optimum only take a text LM, not one that reads `inputs_embeds` with images in them:
 
-- `vision.onnx`: pixels (I, 3, S, S) -> projected image features (I, N, D), vision tower + projector;
+- `vision.onnx`: pixels (I, 3, S, S) -> projected image features (I, N, D), vision tower + projector
+  (for a model that reads images as words: the class probabilities (I, 1, C) the labels bridge reads);
 - `decoder.onnx`: inputs_embeds (B, T, D), attention_mask (B, P+T), position_ids (B, T) and the KV cache
   (`past.L.key/value`, (B, H_kv, P, d)) -> next-token logits (B, V) and the grown cache (`present.*`).
 
@@ -39,7 +40,10 @@ class _VisionGraph(torch.nn.Module):
         self.model = model
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.project_images(self.model.get_image_features(pixel_values))  # (I, N, D)
+        features = self.model.get_image_features(pixel_values)
+        if self.model.config.reads_images_as_words:
+            return features  # (I, 1, C), turned into words by the backend
+        return self.model.project_images(features)  # (I, N, D)
 
 
 class _DecoderGraph(torch.nn.Module):
@@ -149,6 +153,7 @@ def export_onnx(model_name: str, out: str | Path, weights: Literal["fp32", "int8
         "head_dim": head_dim,
         "image_token_id": model.config.image_token_id,
         "weights": weights,
+        "labels_bridge": model.config.labels_bridge if model.config.reads_images_as_words else None,
     }
     (out / ONNX_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
     log.info("wrote %s (vision.onnx, decoder.onnx with %s weights)", out, weights)

@@ -23,17 +23,18 @@ from mmllm.models.configuration import (
 )
 from mmllm.models.language import load_language_model, load_tokenizer
 from mmllm.models.multimodal import MultimodalLM
+from mmllm.models.timm_vision import TimmVisionConfig
 from mmllm.models.vision import load_vision_config, load_vision_tower, weights_digest
 from mmllm.processor import PROCESSOR_FILE, MultimodalProcessor
 from mmllm.weights import mmllm_home
 
 log = logging.getLogger("mmllm")
 
-# `--model default`: the shipped easy-VQA model when its folder is found, else the untrained default stack
+# `--model default`: the shipped photo model when its folder is found, else the untrained default stack
 # (ModelConfig's defaults). Shipped models are committed under the repository's models/ folder, which
 # is ./models when mmllm runs from its checkout; elsewhere, point MMLLM_MODELS at it or copy it home.
 DEFAULT_MODEL = "default"
-SHIPPED_MODELS = ("mmllm-easyvqa",)
+SHIPPED_MODELS = ("mmllm-photo", "mmllm-easyvqa")
 
 
 def shipped_model_roots() -> list[Path]:
@@ -72,7 +73,8 @@ class ModelConfig(ModelDesign):
     lm: str = "qwen2.5-0.5b-instruct"
     """Language model: registry name (`mmllm weights list`), hub id, local directory or .gguf file."""
     vision: str = "clip-vit-base-patch32"
-    """Vision tower: registry name, hub id, or local directory of a CLIP checkpoint or of its config alone."""
+    """Vision tower: registry name, hub id, local directory (a CLIP checkpoint or its config alone, a timm
+    tower), `timm:ARCH` (a timm architecture, untrained) or `timm:ARCH@FILE` (with a local state dict)."""
 
     def __post_init__(self) -> None:
         self.check_design()
@@ -94,7 +96,7 @@ def build_model(
         trained_parts=["language_model", *(["vision_tower"] if tower_pretrained else [])],
     )
     processor = MultimodalProcessor(
-        load_tokenizer(cfg.lm), config.num_image_tokens, ImageProcessor(size=tower.config.image_size)
+        load_tokenizer(cfg.lm), config.num_image_tokens, image_processor_for(tower.config)
     )
     config.image_token_id = processor.image_token_id
     model = MultimodalLM(config, language_model=language_model, vision_tower=tower)
@@ -139,24 +141,43 @@ def load_processor(name_or_path: str) -> MultimodalProcessor:
         return MultimodalProcessor.from_pretrained(source)
     vision_config, _, _ = load_vision_config(source.vision)
     tokens = num_image_tokens(
-        vision_config, source.vision_feature_mode, source.vision_use_cls, source.vision_pixel_shuffle
+        vision_config,
+        source.vision_feature_mode,
+        source.vision_use_cls,
+        source.vision_pixel_shuffle,
+        source.vision_feature_layer,
     )
-    return MultimodalProcessor(
-        load_tokenizer(source.lm), tokens, ImageProcessor(size=vision_config.image_size)
-    )
+    return MultimodalProcessor(load_tokenizer(source.lm), tokens, image_processor_for(vision_config))
+
+
+def image_processor_for(vision_config: Any) -> ImageProcessor:
+    """The preprocessing a tower's weights were trained with (a timm tower's own mean and std)."""
+    if isinstance(vision_config, TimmVisionConfig):
+        return ImageProcessor(
+            size=vision_config.image_size,
+            mean=tuple(vision_config.image_mean),
+            std=tuple(vision_config.image_std),
+        )
+    return ImageProcessor(size=vision_config.image_size)
 
 
 def untrained_parts(model: MultimodalLM) -> list[str]:
     """Parts holding random weights: a model with any of these cannot really see."""
     trained = set(model.config.trained_parts or ())
-    return [p for p in PARTS if p not in trained]
+    # A part with nothing to learn (the labels projector) is never untrained.
+    return [p for p in PARTS if p not in trained and any(True for _ in getattr(model, p).parameters())]
 
 
 def describe_model(model: MultimodalLM, processor: MultimodalProcessor) -> list[str]:
     """`mmllm info`: the design, the LM, and each part's class, parameter count, dtype and state."""
     config, trained = model.config, set(model.config.trained_parts or ())
+    reading = (
+        "read as words (the labels bridge)"
+        if config.reads_images_as_words
+        else f"{config.num_image_tokens} tokens/image"
+    )
     lines = [
-        f"vision features: {config.vision_feature_mode} ({config.num_image_tokens} tokens/image, "
+        f"vision features: {config.vision_feature_mode} ({reading}, "
         f"{config.vision_feature_dim}-d), projector: {config.projector_type}"
         f"{' (tokens snapped to words)' if config.projector_snap_to_vocab else ''}, "
         f"image size: {processor.image_processor.size}",
@@ -169,8 +190,8 @@ def describe_model(model: MultimodalLM, processor: MultimodalProcessor) -> list[
         part = getattr(model, name)
         count = sum(p.numel() for p in part.parameters())
         total += count
-        dtype = str(next(part.parameters()).dtype).removeprefix("torch.")
-        state = "trained" if name in trained else "UNTRAINED (random)"
+        dtype = next((str(p.dtype).removeprefix("torch.") for p in part.parameters()), "-")
+        state = "trained" if name in trained or not count else "UNTRAINED (random)"
         lines.append(f"{name:<16}{type(part).__name__:<34}{count:>14,}  {dtype:<10}{state}")
     return [*lines, f"{'total':<50}{total:>14,}"]
 

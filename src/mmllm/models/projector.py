@@ -10,7 +10,8 @@ from mmllm.models.configuration import PROJECTOR_TYPES
 
 class Projector(nn.Sequential):
     """`mlp_ln`: Linear -> ReLU -> LayerNorm -> Linear (the seed design); `mlp_gelu`: LLaVA-1.5's
-    Linear -> GELU -> Linear. (I, N, D_v) -> (I, N, D).
+    Linear -> GELU -> Linear. (I, N, D_v) -> (I, N, D). `labels` has no layers: its model reads images
+    as words (`MultimodalLM.image_words`).
 
     A `Sequential` underneath, so saved weights keep their `projector.0.weight` names.
     """
@@ -25,6 +26,8 @@ class Projector(nn.Sequential):
             )
         elif kind == "mlp_gelu":
             layers = (nn.Linear(vision_dim, text_dim), nn.GELU(), nn.Linear(text_dim, text_dim))
+        elif kind == "labels":
+            layers = ()
         else:
             raise ValueError(f"unknown projector type {kind!r}; choose one of {PROJECTOR_TYPES}")
         super().__init__(*layers)
@@ -48,6 +51,8 @@ class Projector(nn.Sequential):
         An untrained projector otherwise emits vectors ~30x larger than any token embedding, which
         swamps attention and makes both the untrained demo and early alignment training needlessly noisy.
         """
+        if not self.linears:
+            return
         last = self.linears[-1]
         target_rms = embeddings.float().pow(2).mean().sqrt()
         # Inputs to the last layer are ~unit variance (LayerNorm, or GELU of a ~unit Linear).

@@ -1,4 +1,4 @@
-"""Vision tower: a HF CLIP vision model, and the features the projector reads from it."""
+"""Vision tower: a HF CLIP vision model or a timm model, and the features the projector reads from it."""
 
 from __future__ import annotations
 
@@ -9,14 +9,23 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection, PreTrainedConfig
 
 from mmllm.errors import MmllmError
 from mmllm.models.configuration import MultimodalConfig, is_mmllm_model
+from mmllm.models.timm_vision import (
+    TIMM_PREFIX,
+    TimmVisionConfig,
+    TimmVisionTower,
+    describe_architecture,
+    is_timm_folder,
+    load_timm_folder,
+    tower_from_state_dict,
+)
 
 log = logging.getLogger("mmllm")
 
-VisionTower = CLIPVisionModel | CLIPVisionModelWithProjection
+VisionTower = CLIPVisionModel | CLIPVisionModelWithProjection | TimmVisionTower
 UNTRAINED_SEED = 0  # the seed every untrained tower is drawn from
 
 
@@ -25,8 +34,22 @@ def vision_tower_class(feature_mode: str) -> type[VisionTower]:
     return CLIPVisionModelWithProjection if feature_mode == "pooled" else CLIPVisionModel
 
 
+def tower_from_config(config: PreTrainedConfig, feature_mode: str) -> VisionTower:
+    """A tower of this architecture with fresh weights (to be loaded, or drawn at random)."""
+    if isinstance(config, TimmVisionConfig):
+        return TimmVisionTower(config)
+    if feature_mode == "classes":
+        raise ValueError("classes features need a timm classifier tower; CLIP has no classifier")
+    return vision_tower_class(feature_mode)._from_config(config)
+
+
 def image_features(tower: VisionTower, pixel_values: torch.Tensor, config: MultimodalConfig) -> torch.Tensor:
     """(I, 3, H, W) pixels -> (I, N, D_v) features, N = `config.num_image_tokens`."""
+    if isinstance(tower, TimmVisionTower):
+        features = tower.features(pixel_values, config.vision_feature_mode, config.vision_feature_layer)
+        if config.vision_pixel_shuffle > 1:
+            return pixel_shuffle(features, config.vision_pixel_shuffle)
+        return features
     if config.vision_feature_mode == "pooled":
         return tower(pixel_values=pixel_values).image_embeds.unsqueeze(1)  # (I, 1, projection_dim)
     hidden = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states
@@ -57,8 +80,16 @@ def _mmllm_model_config(path: str) -> MultimodalConfig | None:
     return MultimodalConfig.from_pretrained(Path(path).expanduser()) if is_mmllm_model(path) else None
 
 
-def load_vision_config(name_or_path: str) -> tuple[CLIPVisionConfig, str, bool]:
-    """The CLIP vision config a name points to: (config, where its weights are, whether it has weights)."""
+def _timm_spec(name: str) -> tuple[str, Path | None]:
+    """`timm:ARCH` or `timm:ARCH@FILE` -> (architecture, weights file or None)."""
+    architecture, _, file = name.removeprefix(TIMM_PREFIX).partition("@")
+    if file and not Path(file).expanduser().is_file():
+        raise MmllmError(f"{name}: no such weights file {file}")
+    return architecture, Path(file).expanduser() if file else None
+
+
+def load_vision_config(name_or_path: str) -> tuple[PreTrainedConfig, str, bool]:
+    """The vision config a name points to: (config, where its weights are, whether it has weights)."""
     from transformers import AutoConfig
 
     from mmllm.models.configuration import CLIP_VIT_B32
@@ -68,7 +99,15 @@ def load_vision_config(name_or_path: str) -> tuple[CLIPVisionConfig, str, bool]:
     if trained is not None:
         log.info("vision tower: the trained tower of %s", name_or_path)
         return trained.vision_config, name_or_path, True
+    if name_or_path.startswith(TIMM_PREFIX):
+        architecture, file = _timm_spec(name_or_path)
+        if file is None:
+            log.warning("vision tower: %s -> UNTRAINED (random init of the architecture)", name_or_path)
+        return describe_architecture(architecture), str(file or ""), file is not None
     resolved = resolve(name_or_path, kind="vision")
+    if resolved.pretrained and is_timm_folder(Path(resolved.path)):
+        log.info("vision tower: %s", resolved.source)
+        return load_timm_folder(Path(resolved.path)).config, resolved.path, True
     if not resolved.pretrained:
         log.warning("vision tower: %s -> UNTRAINED (random init of the architecture)", resolved.source)
         return CLIPVisionConfig(**CLIP_VIT_B32), resolved.path, False
@@ -89,13 +128,21 @@ def load_vision_tower(name_or_path: str, feature_mode: str) -> tuple[VisionTower
     only a config, or a registry name whose weights cannot be had offline, gives a randomly
     initialised tower of that exact architecture, and says so.
     """
-    tower_class = vision_tower_class(feature_mode)
     saved = _mmllm_model_config(name_or_path)
     if saved is not None:
-        return _trained_tower(name_or_path, saved, tower_class), True
+        return _trained_tower(name_or_path, saved, feature_mode), True
     config, path, pretrained = load_vision_config(name_or_path)
+    if isinstance(config, TimmVisionConfig) and pretrained:
+        if name_or_path.startswith(TIMM_PREFIX):
+            return tower_from_state_dict(config, Path(path)), True
+        return load_timm_folder(Path(path)), True
+    if feature_mode == "classes" and not isinstance(config, TimmVisionConfig):
+        raise MmllmError(
+            f"{name_or_path}: classes features need a timm classifier tower (timm:ARCH, or "
+            "efficientnet-lite0-imagenet); CLIP has no classifier"
+        )
     if pretrained:
-        return tower_class.from_pretrained(path), True
+        return vision_tower_class(feature_mode).from_pretrained(path), True
     return untrained_tower(config, feature_mode), False
 
 
@@ -105,7 +152,7 @@ def untrained_tower(config: CLIPVisionConfig, feature_mode: str) -> VisionTower:
     checkpoint of a frozen untrained tower need not store it (see `weights_digest`)."""
     with torch.random.fork_rng():
         torch.manual_seed(UNTRAINED_SEED)
-        return vision_tower_class(feature_mode)._from_config(config)
+        return tower_from_config(config, feature_mode)
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -117,9 +164,10 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _trained_tower(path: str, saved: MultimodalConfig, tower_class: type[VisionTower]) -> VisionTower:
+def _trained_tower(path: str, saved: MultimodalConfig, feature_mode: str) -> VisionTower:
     """The vision tower of a saved mmllm model (its `vision_tower.*` weights), without loading its LM."""
-    if vision_tower_class(saved.vision_feature_mode) is not tower_class:
+    clip = not isinstance(saved.vision_config, TimmVisionConfig)  # a timm tower gives every feature mode
+    if clip and vision_tower_class(saved.vision_feature_mode) is not vision_tower_class(feature_mode):
         raise MmllmError(
             f"{path}: its tower was saved for feature mode {saved.vision_feature_mode!r}; use that mode"
         )
@@ -131,7 +179,7 @@ def _trained_tower(path: str, saved: MultimodalConfig, tower_class: type[VisionT
             "whose tower was trained, a CLIP model (hub id or local folder), or a registry name such as "
             "clip-vit-base-patch32"
         )
-    tower = tower_class._from_config(saved.vision_config)
+    tower = tower_from_config(saved.vision_config, saved.vision_feature_mode)
     prefix = "vision_tower."
     with safe_open(str(file), "pt") as weights:
         state = {k[len(prefix) :]: weights.get_tensor(k) for k in weights.keys() if k.startswith(prefix)}  # noqa: SIM118

@@ -95,6 +95,24 @@ def _model(cfg: TrainConfig, resume_from: Path | None) -> tuple[MultimodalLM, Mu
     return model, processor
 
 
+def _check_words_model_data(model: MultimodalLM, dataset) -> None:
+    """A model that reads images as words learns from the words: its data must be text (the bridge's
+    sentences already in the prompt), not images it has no rows for."""
+    if not model.config.reads_images_as_words:
+        return
+    with_images = [s.id for s in getattr(dataset, "samples", ()) if s.images]
+    if with_images or not hasattr(dataset, "samples"):
+        raise MmllmError(
+            "this model reads images as words (the labels projector): train its language model on text "
+            "with the bridge's sentences in the prompts, e.g. data.datasets=[{format: label-qa}]"
+            + (
+                f"; {len(with_images)} samples here have images (first: {with_images[0]})"
+                if with_images
+                else ""
+            )
+        )
+
+
 def _steps(cfg: TrainConfig, loader) -> tuple[int, int]:
     """(steps of the whole schedule, the step this run stops at)."""
     try:
@@ -236,6 +254,7 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
         cfg.data.feature_cache, cfg.data.augment.enabled, cfg.parts.vision_tower == "full", model, processor
     )
     loader = build_dataloader(cfg.data, processor, feature_cache=cache)
+    _check_words_model_data(model, loader.dataset)
     total, end = _steps(cfg, loader)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.optim), betas=(cfg.optim.beta1, cfg.optim.beta2)

