@@ -228,3 +228,27 @@ def test_generated_label_questions_follow_their_verdicts():
     for prompt, answer in pairs:
         if "is not sure" in prompt.split("\n")[0] and answer != DECLINE:
             pytest.fail(f"an unsure verdict was answered: {prompt!r} -> {answer!r}")
+
+
+def test_the_feature_cache_serves_a_timm_tower(images, tmp_path):
+    """Features cached once train to the same loss as the tower run live."""
+    from mmllm.data.config import DataConfig
+    from mmllm.data.features import FeatureCache, build_feature_cache, encoder_fingerprint
+    from mmllm.data.loading import Collator
+    from mmllm.data.records import Sample
+
+    model, processor = _tiny_timm_model("patch", vision_feature_layer=-1)
+    conversation = [
+        {"role": "user", "content": "<image>\nWhat is it?"},
+        {"role": "assistant", "content": "A shape."},
+    ]
+    samples = [Sample([str(path)], conversation, str(i)) for i, path in enumerate(images)]
+    assert build_feature_cache(model, processor, samples, tmp_path / "cache")["added"] == 2
+    cache = FeatureCache.open(tmp_path / "cache", encoder_fingerprint(model, processor))
+    cfg = DataConfig(batch_size=2, num_workers=0)
+    live, cached = Collator(processor, cfg)(samples), Collator(processor, cfg, cache)(samples)
+    assert "pixel_values" not in cached
+    losses = [
+        model(**{k: v for k, v in b.items() if k not in ("stats", "problems")}).loss for b in (live, cached)
+    ]
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-3, rtol=1e-3)

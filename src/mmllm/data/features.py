@@ -47,7 +47,8 @@ def encoder_fingerprint(model: MultimodalLM, processor: MultimodalProcessor) -> 
     for name, tensor in sorted(model.vision_tower.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape: 0-d tensors (BatchNorm's step counter) cannot be viewed as bytes
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
