@@ -107,7 +107,7 @@ def _ruled_out(verdict: Verdict, bridge: LabelBridge, rng: random.Random) -> str
     """Something the verdict rules out: often a near miss (a class under the same ancestor, as a car
     is to a moped), else an everyday thing or any class."""
     supported = _words_of(verdict)
-    near = bridge._path_up(verdict.node)[1:4]
+    near = bridge.path_up(verdict.node)[1:4]
     while True:
         if near and rng.random() < 0.5:
             relatives = (bridge.membership[rng.choice(near)] - bridge.membership[verdict.node]).nonzero()

@@ -74,8 +74,8 @@ class ModelConfig(ModelDesign):
     """Language model: registry name (`mmllm weights list`), hub id, local directory or .gguf file."""
     vision: str = "clip-vit-base-patch32"
     """Vision tower: registry name, hub id, local directory (a CLIP checkpoint or its config alone, a timm
-    tower), `timm:ARCH` (a timm architecture, untrained) or `timm:ARCH@FILE` (with a local state dict; preprocessing
-    from timm's pretrained config for ARCH)."""
+    tower), `timm:ARCH` (a timm architecture, untrained) or `timm:ARCH@FILE` (with a local state dict;
+    preprocessing from timm's pretrained config for ARCH)."""
 
     def __post_init__(self) -> None:
         self.check_design()

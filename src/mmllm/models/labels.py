@@ -63,7 +63,7 @@ class LabelBridge:
         self.top_k, self.min_probability, self.sure = top_k, min_probability, sure
         self.names, self.parents, self.membership, self.class_names = _tree()
         self.sizes = self.membership.sum(1)  # (nodes,) classes under each node
-        self.depths = [len(self._path_up(n)) for n in range(len(self.names))]
+        self.depths = [len(self.path_up(n)) for n in range(len(self.names))]
 
     def verdict(self, probabilities: torch.Tensor) -> Verdict:
         """(classes,) probabilities -> the concept it is sure of (if any) and its top guesses."""
@@ -85,7 +85,7 @@ class LabelBridge:
         best = min(sure, key=lambda n: (float(self.sizes[n]), -self.depths[n]))
         return Verdict(self.names[best], best, float(scores[best]), self._kinds(best), guesses)
 
-    def _path_up(self, node: int) -> list[int]:
+    def path_up(self, node: int) -> list[int]:
         """The node's first-parent chain to the root, nearest first."""
         chain = []
         while self.parents[node]:
@@ -94,7 +94,7 @@ class LabelBridge:
         return chain
 
     def _kinds(self, node: int) -> list[str]:
-        return [self.names[n] for n in self._path_up(node) if self.names[n] not in ABSTRACT][:MAX_KINDS]
+        return [self.names[n] for n in self.path_up(node) if self.names[n] not in ABSTRACT][:MAX_KINDS]
 
     def describe(self, probabilities: torch.Tensor) -> str:
         """The sentence for one image."""
