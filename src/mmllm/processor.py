@@ -53,7 +53,6 @@ class MultimodalProcessor:
         self.image_processor = image_processor or ImageProcessor()
         self.image_token = image_token
         self.chat_template: str | None = None  # None: the tokenizer's own
-        self.system_prompt: str | None = None  # put first in conversations that bring none
         if image_token not in tokenizer.get_vocab():
             tokenizer.add_tokens(
                 [AddedToken(image_token, special=True, normalized=False)], special_tokens=True
@@ -166,8 +165,6 @@ class MultimodalProcessor:
         for message in messages:
             if message.get("role") not in ("system", "user", "assistant"):
                 raise ValueError(f"unknown role {message.get('role')!r}; use system, user or assistant")
-        if self.system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": self.system_prompt}, *messages]
         messages = self._place_images(messages, num_images, image_words)
         text = self.render(messages, add_generation_prompt=not train)
         encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=train)
@@ -254,8 +251,6 @@ class MultimodalProcessor:
             "image_mean": list(self.image_processor.mean),
             "image_std": list(self.image_processor.std),
         }
-        if self.system_prompt is not None:
-            settings["system_prompt"] = self.system_prompt
         if self.chat_template is not None:
             # A model answers in the format it was trained on (e.g. LLaVA's plain format); the
             # tokenizer keeps its own template so a later stage can train in the chat format.
@@ -276,7 +271,6 @@ class MultimodalProcessor:
             image_processor,
             settings["image_token"],
         )
-        processor.system_prompt = settings.get("system_prompt")
         return (
             processor.with_template(settings["chat_template"]) if "chat_template" in settings else processor
         )
