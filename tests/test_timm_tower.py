@@ -284,3 +284,11 @@ def test_timm_names_an_architecture_or_a_local_weights_file(tmp_path):
         load_vision_tower(f"timm:efficientnet_lite0@{tmp_path / 'missing.pth'}", "pooled")
     with pytest.raises(MmllmError, match="timm has no architecture"):
         load_vision_tower("timm:no_such_net", "pooled")
+
+
+def test_a_timm_hub_id_offline_says_what_to_use_instead(monkeypatch):
+    from mmllm.models.vision import load_vision_tower
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(MmllmError, match="offline, use efficientnet-lite0-imagenet"):
+        load_vision_tower("timm/convnext_tiny.fb_in1k", "pooled")

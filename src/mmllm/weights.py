@@ -186,7 +186,7 @@ def _hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _from_hub(hub_id: str) -> str | None:
+def from_hub(hub_id: str) -> str | None:
     from huggingface_hub import snapshot_download
 
     try:
@@ -220,7 +220,7 @@ def resolve(name_or_path: str | os.PathLike, kind: str | None = None) -> Resolve
         return Resolved(name, f"hub id {name}")
     if kind is not None and entry.kind != kind:
         raise MmllmError(f"'{name}' is a {entry.kind} model, but a {kind} model is needed here")
-    if entry.hub_id and (hub_path := _from_hub(entry.hub_id)):
+    if entry.hub_id and (hub_path := from_hub(entry.hub_id)):
         return Resolved(hub_path, f"{entry.name}: {entry.hub_id} from the Hugging Face hub")
     if entry.offline and is_installed(entry):
         return Resolved(str(entry.install_dir), f"{entry.name}: offline fallback {entry.offline.label}")

@@ -27,6 +27,7 @@ log = logging.getLogger("mmllm")
 
 VisionTower = CLIPVisionModel | CLIPVisionModelWithProjection | TimmVisionTower
 UNTRAINED_SEED = 0  # the seed every untrained tower is drawn from
+TIMM_HUB_OWNER = "timm/"  # timm's models on the hub: timm/convnext_tiny.fb_in1k, ...
 
 
 def vision_tower_class(feature_mode: str) -> type[VisionTower]:
@@ -93,7 +94,7 @@ def load_vision_config(name_or_path: str) -> tuple[PreTrainedConfig, str, bool]:
     from transformers import AutoConfig
 
     from mmllm.models.configuration import CLIP_VIT_B32
-    from mmllm.weights import resolve
+    from mmllm.weights import from_hub, resolve
 
     trained = _mmllm_model_config(name_or_path)
     if trained is not None:
@@ -104,6 +105,15 @@ def load_vision_config(name_or_path: str) -> tuple[PreTrainedConfig, str, bool]:
         if file is None:
             log.warning("vision tower: %s -> UNTRAINED (random init of the architecture)", name_or_path)
         return describe_architecture(architecture), str(file or ""), file is not None
+    if name_or_path.startswith(TIMM_HUB_OWNER) and not Path(name_or_path).exists():
+        snapshot = from_hub(name_or_path)
+        if snapshot is None:
+            raise MmllmError(
+                f"{name_or_path}: timm's hub weights need the Hugging Face hub, which is unreachable; "
+                "offline, use efficientnet-lite0-imagenet or timm:ARCH@FILE"
+            )
+        log.info("vision tower: %s from the Hugging Face hub", name_or_path)
+        return load_timm_folder(Path(snapshot)).config, snapshot, True
     resolved = resolve(name_or_path, kind="vision")
     if resolved.pretrained and is_timm_folder(Path(resolved.path)):
         log.info("vision tower: %s", resolved.source)
