@@ -68,10 +68,6 @@ class TimmVisionConfig(PreTrainedConfig):
 AutoConfig.register(TimmVisionConfig.model_type, TimmVisionConfig)
 
 
-def is_timm_config(config: PreTrainedConfig) -> bool:
-    return isinstance(config, TimmVisionConfig)
-
-
 def _create(architecture: str, num_classes: int) -> torch.nn.Module:
     try:
         import timm
