@@ -4,8 +4,13 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
+# llama-cpp-python builds from source, for this CPU's instruction set (GGML_NATIVE): the wheel is cached
+# per CPU, so the ~10 minute build runs once per machine kind.
+LLAMA_CPP := llama-cpp-python==0.3.36
+CPU_ID := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
+WHEELS ?= $(HOME)/.cache/mmllm/wheels/$(CPU_ID)
 
-.PHONY: install install-dev demo test test-slow bench-quick lint format
+.PHONY: install install-dev install-llamacpp demo test test-slow bench-quick lint format
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +23,12 @@ install: $(BIN)/python
 install-dev: $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet -e ".[dev]"
+
+install-llamacpp: install-dev
+	@ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(BIN)/pip wheel --quiet --no-deps $(LLAMA_CPP) -w $(WHEELS)
+	$(BIN)/pip install --quiet --find-links $(WHEELS) -e ".[llamacpp]"
 
 demo: install
 	$(BIN)/mmllm weights install smollm2-135m-instruct

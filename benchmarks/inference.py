@@ -1,18 +1,22 @@
 """CPU inference against the physical limit: one table for every way mmllm can run a model.
 
 For each variant — PyTorch fp32 / bf16 / int8 (torchao weight-only and dynamic), ONNX Runtime (fp32,
-and int8 `MatMulNBits`), plain transformers `generate`, and llama.cpp (llama-cpp-python) on the same
-LM as GGUF (f16, and Q8_0 quantised by llama.cpp itself) — a fresh process
-measures time to first token (1 image + a 20-token question), decode tokens/s and peak RSS. Decode
-on a CPU is memory-bound: each token reads every weight once, so its ceiling is the memory bandwidth
-(measured in the same run) divided by the bytes of weights read per token: the roofline. For the ONNX
-rows, "weight products alone" runs only the decoder's weight matrix products (its MatMul/MatMulNBits
-nodes, real weights, one token): the most the matrix kernels allow before any other op costs a thing.
+and int8 `MatMulNBits`), plain transformers `generate`, and `--backend llama.cpp` on the export's GGUF
+files (f16, and q8_0 / q4_k_m quantised by llama.cpp itself), image rows included — a fresh process
+measures time to first token (1 image + a 20-token question), decode tokens/s and peak RSS. Beside
+them, llama.cpp's own generation (llama-cpp-python's `Llama.generate`) on the same q8_0 / q4_k_m files,
+with a text prompt of the same length: the "vs llama.cpp" column is the backend's decode speed over
+llama.cpp's own on the same file.
+
+Decode on a CPU is memory-bound: each token reads every weight once, so its ceiling is the memory
+bandwidth divided by the bytes of weights read per token: the roofline. The bandwidth is measured as
+decode uses it: reads (a sum over 1 GB), with as many threads as decode runs. For the ONNX rows,
+"weight products alone" runs only the decoder's weight matrix products (its MatMul/MatMulNBits nodes,
+real weights, one token): the most the matrix kernels allow before any other op costs a thing.
 
     python benchmarks/inference.py [--model qwen2.5-0.5b-instruct] [--tokens 32] [--reps 3] [--quick]
 
-The llama.cpp rows need `llama-cpp-python`, built from its PyPI sdist (`CMAKE_ARGS=-DGGML_NATIVE=ON
-pip install llama-cpp-python`: over an hour on 2 busy cores, so it is not in the dev extra).
+The llama.cpp rows need llama-cpp-python (`make install-llamacpp`); without it they are skipped.
 """
 
 from __future__ import annotations
@@ -42,17 +46,30 @@ VARIANTS = (
     "onnx",
     "onnx-int8",
     "transformers",
-    "llama.cpp",
+    "llama.cpp-f16",
     "llama.cpp-q8_0",
+    "llama.cpp-q4_k_m",
+    "llama.cpp-own-q8_0",
+    "llama.cpp-own-q4_k_m",
 )
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 
 
-def memory_bandwidth(gigabytes: float = 0.5, reps: int = 5) -> float:
-    """GB/s of a large array copy (bytes read + written), best of `reps`."""
-    source = np.ones(int(gigabytes * 2**30) // 8)
-    target = np.empty_like(source)
-    best = min(_time(lambda: np.copyto(target, source)) for _ in range(reps))
-    return 2 * source.nbytes / best / 1e9
+def read_bandwidth(threads: int, gigabytes: float = 1.0, reps: int = 5) -> float:
+    """GB/s read by `threads` threads summing a large array, best of `reps`: decode reads its weights
+    with all its threads (a one-thread copy understates that by 2x on some machines)."""
+    torch.set_num_threads(threads)
+    weights = torch.ones(int(gigabytes * 2**30) // 4)
+    best = min(_time(weights.sum) for _ in range(reps))
+    return weights.nbytes / best / 1e9
+
+
+def cpu_isa() -> list[str]:
+    """The vector instruction sets this CPU has that matmul kernels use (AVX2, AVX-512, VNNI, AMX)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    flags = next((line.split()[2:] for line in lines if line.startswith("flags")), [])
+    return [flag for flag in ISA_FLAGS if flag in flags]
 
 
 def _time(fn) -> float:
@@ -157,8 +174,16 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
 
         return run
 
-    if variant.startswith("llama.cpp"):
-        run, size = _llama_cpp(model_name, tokens, export_dir / GGUF[variant])
+    if variant.startswith("llama.cpp-own"):
+        gguf = export_dir / "gguf" / f"model-{variant.split('-')[-1]}.gguf"
+        run, size = _llama_cpp(model_name, tokens, gguf)
+    elif variant.startswith("llama.cpp"):
+        from mmllm.backends.llama_cpp import LlamaCppBackend
+        from mmllm.export.gguf import bytes_read_per_token
+
+        kind = variant.removeprefix("llama.cpp-")
+        run = timed(LlamaCppBackend.load(export_dir / "gguf", kind))
+        size = bytes_read_per_token(export_dir / "gguf" / f"model-{kind}.gguf")
     elif variant.startswith("onnx"):
         from mmllm.backends.onnx import OnnxBackend
 
@@ -207,11 +232,8 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
     return {"ttft_ms": 1000 * first, "decode_tok_s": decode, "weight_bytes": size}
 
 
-GGUF = {"llama.cpp": "model-f16.gguf", "llama.cpp-q8_0": "model-q8_0.gguf"}
-
-
 def _llama_cpp(model_name: str, tokens: int, path: Path):
-    """The LM alone (llama.cpp has no path for our vision tower): a prompt of the same token count."""
+    """llama.cpp's own generation of the LM alone: a text prompt of the same token count."""
     from llama_cpp import Llama
 
     from mmllm.export.gguf import bytes_read_per_token
@@ -244,17 +266,12 @@ def prepare(model_name: str, export_dir: Path, variants: list[str]) -> list[str]
             export_onnx(model_name, export_dir / variant, "int8" if variant.endswith("int8") else "fp32")
     if any(v.startswith("llama.cpp") for v in variants):
         try:
-            import llama_cpp
+            import llama_cpp  # noqa: F401
         except ImportError:
-            print("llama.cpp: llama-cpp-python is not installed (pip install llama-cpp-python); skipped")
+            print("llama.cpp: llama-cpp-python is not installed (make install-llamacpp); skipped")
             return [v for v in variants if not v.startswith("llama.cpp")]
-        f16 = export_gguf(model_name, export_dir / GGUF["llama.cpp"], "f16")
-        if "llama.cpp-q8_0" in variants:  # quantised by llama.cpp's own quantiser, as `llama-quantize` does
-            params = llama_cpp.llama_model_quantize_default_params()
-            params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
-            out = str(export_dir / GGUF["llama.cpp-q8_0"]).encode()
-            if llama_cpp.llama_model_quantize(str(f16).encode(), out, params) != 0:
-                raise RuntimeError("llama.cpp could not quantise the GGUF to Q8_0")
+        kinds = sorted({v.split("-")[-1] for v in variants if v.startswith("llama.cpp")})
+        export_gguf(model_name, export_dir / "gguf", kinds)  # q8_0, q4_k_m: by llama.cpp's quantiser
     return variants
 
 
@@ -285,8 +302,9 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    bandwidth = memory_bandwidth(0.125 if args.quick else 1.0)
-    rows = []
+    threads = torch.get_num_threads()  # torch's default, and llama.cpp's: one thread a core
+    bandwidth = read_bandwidth(threads, 0.25 if args.quick else 1.0)
+    rows, own = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         variants = prepare(args.model, Path(tmp), args.variants.split(","))
         for variant in variants:
@@ -298,6 +316,8 @@ def main() -> None:
                 print(f"{variant}: failed\n{done.stderr[-2000:]}")
                 continue
             result = json.loads(lines[-1].removeprefix("RESULT "))
+            if variant.startswith("llama.cpp-own"):
+                own[variant.split("-")[-1]] = result["decode_tok_s"]
             roofline = bandwidth * 1e9 / result["weight_bytes"]
             rows.append(
                 {
@@ -311,12 +331,17 @@ def main() -> None:
                     "peak RSS (MB)": round(result["peak_rss_mb"]),
                 }
             )
+    for row in rows:  # the backend against llama.cpp's own generation on the same file, same run
+        kind = row["variant"].split("-")[-1]
+        mine = row["variant"] == f"llama.cpp-{kind}" and kind in own
+        row["vs llama.cpp"] = f"{row['decode (tok/s)'] / own[kind]:.2f}x" if mine else "–"
     settings = {
         **vars(args),
-        "memory_bandwidth_GBps": round(bandwidth, 2),
-        "threads": torch.get_num_threads(),
+        "read_bandwidth_GBps": round(bandwidth, 2),
+        "threads": threads,
+        "isa": cpu_isa(),
     }
-    print(f"memory bandwidth (copy, read + write): {bandwidth:.1f} GB/s")
+    print(f"read bandwidth ({threads} threads): {bandwidth:.1f} GB/s; ISA: {', '.join(cpu_isa())}")
     report("inference" + ("_quick" if args.quick else ""), rows, settings)
 
 

@@ -10,7 +10,9 @@ from onnx import numpy_helper
 
 from conftest import make_tiny
 from mmllm.errors import MmllmError
+from mmllm.export.mmproj import mmproj_refusal
 from mmllm.models.projector import PROJECTOR_TYPES
+from mmllm.models.timm_vision import TimmVisionConfig
 
 QUESTION = [{"role": "user", "content": "<image>\nWhat shape is it?"}]
 
@@ -216,7 +218,7 @@ def test_onnx_backend_from_the_cli(tmp_path, images, capsys):
     assert main(["ask", *args, "--model", str(tmp_path / "onnx"), "--backend", "onnx"]) == 0
     assert capsys.readouterr().out == torch_answer
     assert main(["ask", *args, "--model", str(tmp_path / "model"), "--backend", "onnx"]) == 2
-    assert "not an ONNX export" in capsys.readouterr().err
+    assert "not a `mmllm export onnx` folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
@@ -228,7 +230,7 @@ def test_gguf_export_round_trips_through_transformers(tmp_path, kind):
     model, processor = make_tiny(kind, lm_init_std=0.3)
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
-    path = export_gguf(str(tmp_path / "model"), tmp_path / "gguf", outtype="f32")
+    path = export_gguf(str(tmp_path / "model"), tmp_path / "gguf", ["f32"]) / "model-f32.gguf"
     # Decoding reads one row of the embeddings, unless they are the output matrix too (tied: qwen2 here).
     lm = model.language_model
     unread = 0 if lm.config.tie_word_embeddings else lm.get_input_embeddings().weight.numel()
@@ -250,4 +252,27 @@ def test_gguf_export_refuses_other_architectures(tmp_path):
     model.save_pretrained(tmp_path / "model")
     processor.save_pretrained(tmp_path / "model")
     with pytest.raises(MmllmError, match="supports qwen2, llama"):
-        export_gguf(str(tmp_path / "model"), tmp_path / "out.gguf")
+        export_gguf(str(tmp_path / "model"), tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    ("design", "reason"),
+    [
+        ({}, "pooled"),
+        ({"feature_mode": "patch"}, "mlp_ln"),
+        ({"feature_mode": "patch", "projector": "mlp_gelu", "vision_use_cls": True}, "CLS"),
+        ({"feature_mode": "patch", "projector": "mlp_gelu", "vision_pixel_shuffle": 2}, "pixel-shuffle"),
+        ({"feature_mode": "patch", "projector": "mlp_gelu", "projector_snap_to_vocab": True}, "nearest word"),
+    ],
+)
+def test_mmproj_is_refused_with_what_llama_cpp_lacks(design, reason):
+    model, _ = make_tiny("qwen2", **design)
+    assert reason in mmproj_refusal(model.config)
+
+
+def test_mmproj_is_written_for_llavas_design_only():
+    model, _ = make_tiny("qwen2", feature_mode="patch", projector="mlp_gelu")
+    assert mmproj_refusal(model.config) is None
+    config = model.config
+    config.vision_config = TimmVisionConfig(architecture="efficientnet_lite0")
+    assert "timm" in mmproj_refusal(config)

@@ -154,7 +154,7 @@ def test_a_labels_model_reads_images_as_words(images):
     text = processor.tokenizer.decode(prompt.input_ids)
     assert prompt.pixel_values is None and "<image>" not in text
     assert text.count("[Photo. An ImageNet classifier") == 2
-    first, second = backend.image_words(processor.image_processor([load_image(p) for p in images]))
+    first, second = backend.image_words(processor.image_processor.arrays([load_image(p) for p in images]))
     assert text.index(first) < text.index(" or ") < text.rindex(second)
     assert backend.ask(images[0], "What is it?")  # the whole path runs
 
@@ -169,7 +169,7 @@ def test_a_labels_model_answers_alike_on_onnx(tmp_path, images):
     processor.save_pretrained(tmp_path / "model")
     export_onnx(str(tmp_path / "model"), tmp_path / "onnx")
     onnx_backend, torch_backend = OnnxBackend.load(str(tmp_path / "onnx")), Pipeline(model, processor)
-    pixels = processor.image_processor([load_image(p) for p in images])
+    pixels = processor.image_processor.arrays([load_image(p) for p in images])
     assert onnx_backend.image_words(pixels) == torch_backend.image_words(pixels)
     conversations = [[{"role": "user", "content": "What is it?"}]] * 2
     pictures = [[images[0]], [images[1]]]

@@ -1,8 +1,11 @@
 """mmllm: build, train, evaluate and serve small multimodal LLMs.
 
-Importing the package registers `MultimodalConfig`/`MultimodalLM` with transformers' Auto classes.
+The package's names load on first use: a backend that runs an export (onnx, llama.cpp) never imports
+torch. Importing `mmllm.models.multimodal` registers `MultimodalConfig`/`MultimodalLM` with
+transformers' Auto classes.
 """
 
+import importlib
 import logging
 
 # transformers imports torchao when it is installed (the export extra): torchao then logs that its
@@ -10,28 +13,20 @@ import logging
 for _noisy in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
-from transformers import (  # noqa: E402 (after the logger levels above)
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForImageTextToText,
-)
-
-from mmllm.models.build import ModelConfig, build_model, load_model  # noqa: E402
-from mmllm.models.configuration import MultimodalConfig  # noqa: E402
-from mmllm.models.multimodal import MultimodalLM  # noqa: E402
-from mmllm.processor import MultimodalProcessor  # noqa: E402
-
-AutoConfig.register(MultimodalConfig.model_type, MultimodalConfig, exist_ok=True)
-for auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
-    auto_class.register(MultimodalConfig, MultimodalLM, exist_ok=True)
+_HOMES = {
+    "ModelConfig": "mmllm.models.build",
+    "build_model": "mmllm.models.build",
+    "load_model": "mmllm.models.build",
+    "MultimodalConfig": "mmllm.models.configuration",
+    "MultimodalLM": "mmllm.models.multimodal",
+    "MultimodalProcessor": "mmllm.processor",
+}
 
 __version__ = "0.1.0"
-__all__ = [
-    "ModelConfig",
-    "MultimodalConfig",
-    "MultimodalLM",
-    "MultimodalProcessor",
-    "build_model",
-    "load_model",
-]
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'mmllm' has no attribute {name!r}")

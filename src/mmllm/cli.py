@@ -213,7 +213,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     elif args.format == "gguf":
         from mmllm.export.gguf import export_gguf
 
-        out = export_gguf(args.model, args.out, args.outtype, args.tokenizer_pre)
+        outtypes = args.outtype.split(",") if args.outtype else None
+        out = export_gguf(args.model, args.out, outtypes, args.tokenizer_pre)
     elif args.format == "llava-hf":
         from mmllm.export.llava_hf import export_llava_hf
 
@@ -258,15 +259,16 @@ def _runtime_arguments(sub: argparse.ArgumentParser, backends: bool = True) -> N
             "--backend",
             default="torch",
             choices=BACKENDS,
-            help="torch (PyTorch), or onnx (a `mmllm export onnx` folder run by onnxruntime; "
-            "greedy or sampled, no beams)",
+            help="torch (PyTorch); onnx (a `mmllm export onnx` folder run by onnxruntime) or llama.cpp "
+            "(a `mmllm export gguf` folder: its LM run by llama.cpp): greedy or sampled, no beams",
         )
     sub.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     sub.add_argument(
         "--dtype",
         default="auto",
-        choices=("auto", "fp32", "bf16", "fp16", "int8"),
-        help="weights for inference: auto (bf16 on CUDA, fp32 on CPU), or int8 (torchao, CPU)",
+        choices=("auto", "fp32", "bf16", "fp16", "int8", "f32", "f16", "q8_0", "q4_k_m"),
+        help="weights for inference: auto (torch: bf16 on CUDA, fp32 on CPU; llama.cpp: the export's "
+        "fastest file), int8 (torchao, CPU); for llama.cpp, which GGUF file: f32, f16, q8_0 or q4_k_m",
     )
 
 
@@ -414,7 +416,8 @@ def _export_and_weights_commands(commands: argparse._SubParsersAction) -> None:
         "format",
         choices=("int8", "onnx", "llava-hf", "gguf"),
         help="int8 (torchao), onnx (vision + KV-cache decoder graphs), llava-hf (transformers Llava) "
-        "or gguf (the LM, for llama.cpp / Ollama)",
+        "or gguf (for llama.cpp / Ollama / --backend llama.cpp: the LM, its mmproj where llama.cpp has "
+        "the design's graph, a Modelfile)",
     )
     export.add_argument("model", help=MODEL_HELP)
     export.add_argument("out", help="output directory")
@@ -430,7 +433,11 @@ def _export_and_weights_commands(commands: argparse._SubParsersAction) -> None:
         choices=("fp32", "int8"),
         help="onnx: decoder weights; int8 = onnxruntime MatMulNBits (8-bit blocks of 32, int8 CPU kernels)",
     )
-    export.add_argument("--outtype", default="f16", choices=("f16", "f32"), help="gguf: weight precision")
+    export.add_argument(
+        "--outtype",
+        help="gguf: comma-separated LM files from f32, f16, q8_0, q4_k_m (default: f16,q8_0,q4_k_m "
+        "with llama-cpp-python installed, else f16)",
+    )
     export.add_argument(
         "--tokenizer-pre",
         help="gguf: llama.cpp pre-tokenizer name (default: qwen2 for Qwen2, llama-bpe for Llama; "

@@ -1,8 +1,8 @@
 """What every inference backend shares: decoding settings, prepared prompts, per-row stopping, and the
-`Backend` base class whose `complete_prompts` each backend (PyTorch, ONNX Runtime) implements.
+`Backend` base class whose `decode` each backend (PyTorch, ONNX Runtime, llama.cpp) implements.
 
 The CLI, the server's batcher, the chat page and `mmllm eval` talk to a `Backend` only, so any of them
-runs on any backend (`--backend torch|onnx`).
+runs on any backend (`--backend torch|onnx|llama.cpp`).
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from transformers import GenerationConfig
 
 from mmllm.conversation import Message
 from mmllm.images import ImageInput, load_image
 from mmllm.processor import MultimodalProcessor
+
+if TYPE_CHECKING:  # torch and transformers load only where the torch backend runs
+    from transformers import GenerationConfig
 
 CAPTION_PROMPT = "Describe this image briefly."
 MAX_TEMPERATURE = 100.0
@@ -80,6 +82,8 @@ class GenerationSettings:
         return self.temperature >= GREEDY_BELOW
 
     def generation_config(self, processor: MultimodalProcessor) -> GenerationConfig:
+        from transformers import GenerationConfig
+
         sampling = self.sampling
         options = (
             {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k} if sampling else {}
@@ -112,7 +116,7 @@ class Prompt:
     """One conversation, checked and encoded on its own: what a batch is made of."""
 
     input_ids: list[int]
-    pixel_values: torch.Tensor | None  # (I, 3, S, S), or None without images
+    pixel_values: np.ndarray | None  # (I, 3, S, S), or None without images
 
 
 OnDelta = Callable[[int, str], None]
@@ -146,9 +150,10 @@ class RowTracker:
     def done(self) -> bool:
         return all(self.finish)
 
-    def step(self, tokens: list[int]) -> None:
-        """One new token per row (rows already finished ignore theirs)."""
-        for row, token in enumerate(tokens):
+    def step(self, tokens: list[int], rows: list[int] | None = None) -> None:
+        """One new token per row, or per row of `rows` when a backend decodes a batch's rows in groups
+        (rows already finished ignore theirs)."""
+        for row, token in zip(rows or range(len(tokens)), tokens, strict=True):
             if self.cancelled[row].is_set() and not self.finish[row]:
                 self.finish[row] = "cancelled"  # the client went away: its row stops costing compute
             if self.finish[row]:
@@ -237,7 +242,7 @@ class Backend:
         that reads images as words has them read here, so its prompt is text alone.
         """
         loaded = [load_image(image) for image in images or ()]
-        pixels = self.processor.image_processor(loaded) if loaded else None
+        pixels = self.processor.image_processor.arrays(loaded) if loaded else None
         words = self.image_words(pixels) if pixels is not None and self.reads_images_as_words else None
         encoded = self.processor.encode_text(conversation, len(loaded), image_words=words)
         if len(encoded["input_ids"]) > self.context_length:
@@ -250,7 +255,7 @@ class Backend:
     reads_images_as_words: bool = False
     """Whether the model reads images as words (the labels bridge) rather than as projected rows."""
 
-    def image_words(self, pixels: torch.Tensor) -> list[str]:
+    def image_words(self, pixels: np.ndarray) -> list[str]:
         """(I, 3, S, S) pixels -> the words each image reads as (models that read images as words)."""
         raise NotImplementedError(f"the {self.name} backend cannot read images as words")
 
@@ -353,3 +358,24 @@ class Backend:
     ) -> list[str]:
         conversations = [[{"role": "user", "content": prompt}] for _ in images]
         return self.generate(conversations, [[image] for image in images], settings)
+
+
+def choose_tokens(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator) -> np.ndarray:
+    """(B, V) logits -> the next token per row: argmax, or a sample from the temperature/top-k/top-p
+    distribution (for backends that sample outside transformers)."""
+    if not settings.sampling:
+        return logits.argmax(-1)
+    scaled = logits / settings.temperature
+    if settings.top_k:
+        kth = np.sort(scaled, axis=-1)[:, -settings.top_k][:, None]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    if settings.top_p < 1:
+        order = np.argsort(-probs, axis=-1)
+        sorted_probs = np.take_along_axis(probs, order, -1)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < settings.top_p
+        probs = np.zeros_like(probs)
+        np.put_along_axis(probs, order, np.where(keep, sorted_probs, 0), -1)
+        probs /= probs.sum(-1, keepdims=True)
+    return np.array([rng.choice(len(p), p=p) for p in probs])

@@ -7,13 +7,16 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mmllm.errors import MmllmError
 from mmllm.samples import sample
+
+if TYPE_CHECKING:
+    import torch
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -116,6 +119,12 @@ class ImageProcessor:
         pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return pixels.transpose(2, 0, 1)
 
+    def arrays(self, images: list[ImageInput]) -> np.ndarray:
+        """Images -> (I, 3, size, size) float32, without torch (what backends over an export read)."""
+        return np.stack([self.preprocess(load_image(i)) for i in images])
+
     def __call__(self, images: list[ImageInput]) -> torch.Tensor:
         """Images -> (I, 3, size, size)."""
-        return torch.from_numpy(np.stack([self.preprocess(load_image(i)) for i in images]))
+        import torch
+
+        return torch.from_numpy(self.arrays(images))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
@@ -89,8 +90,8 @@ class Pipeline(Backend):
     def reads_images_as_words(self) -> bool:
         return self.model.config.reads_images_as_words
 
-    def image_words(self, pixels: torch.Tensor) -> list[str]:
-        return self.model.image_words(self.image_features(pixels))
+    def image_words(self, pixels: np.ndarray) -> list[str]:
+        return self.model.image_words(self.image_features(torch.from_numpy(pixels)))
 
     @torch.inference_mode()
     def image_features(self, images: list[ImageInput] | torch.Tensor) -> torch.Tensor:
@@ -107,7 +108,7 @@ class Pipeline(Backend):
         batch = {k: v.to(self.model.device) for k, v in padded.items()}
         pixels = [prompt.pixel_values for prompt in prompts if prompt.pixel_values is not None]
         if pixels:
-            batch["image_features"] = self.image_features(torch.cat(pixels))
+            batch["image_features"] = self.image_features(torch.from_numpy(np.concatenate(pixels)))
         return batch
 
     @torch.inference_mode()

@@ -12,14 +12,17 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 from tokenizers import AddedToken
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from mmllm.conversation import IGNORE_INDEX, Message
 from mmllm.images import CLIP_MEAN, CLIP_STD, ImageInput, ImageProcessor
+
+if TYPE_CHECKING:
+    import torch
 
 PROCESSOR_FILE = "mmllm_processor.json"
 
@@ -216,8 +219,8 @@ class MultimodalProcessor:
         encoded = [self.encode(c, i, train=train) for c, i in zip(conversations, images, strict=True)]
         return self.pad(encoded, padding_side)
 
-    def pad(self, encoded: list[dict[str, Any]], padding_side: str = "left") -> dict[str, torch.Tensor]:
-        """Encoded conversations -> (B, T) tensors; labels padded with -100; pixels concatenated in order."""
+    def pad_arrays(self, encoded: list[dict[str, Any]], padding_side: str = "left") -> dict[str, np.ndarray]:
+        """Encoded conversations -> (B, T) int64 arrays: ids, attention mask, labels padded with -100."""
         length = max(len(e["input_ids"]) for e in encoded)
         pad_id = self.tokenizer.pad_token_id
 
@@ -226,14 +229,22 @@ class MultimodalProcessor:
             return padding + values if padding_side == "left" else values + padding
 
         batch = {
-            "input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in encoded]),
-            "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in encoded]),
+            "input_ids": np.array([pad(e["input_ids"], pad_id) for e in encoded], np.int64),
+            "attention_mask": np.array([pad([1] * len(e["input_ids"]), 0) for e in encoded], np.int64),
         }
         if all("labels" in e for e in encoded):
-            batch["labels"] = torch.tensor([pad(e["labels"], IGNORE_INDEX) for e in encoded])
+            batch["labels"] = np.array([pad(e["labels"], IGNORE_INDEX) for e in encoded], np.int64)
+        return batch
+
+    def pad(self, encoded: list[dict[str, Any]], padding_side: str = "left") -> dict[str, torch.Tensor]:
+        """Encoded conversations -> (B, T) tensors (`pad_arrays`'); pixels concatenated in order."""
+        import torch
+
+        arrays = self.pad_arrays(encoded, padding_side)
+        batch = {key: torch.from_numpy(value) for key, value in arrays.items()}
         pixels = [e["pixel_values"] for e in encoded if e.get("pixel_values") is not None]
         if pixels:
-            batch["pixel_values"] = torch.cat(pixels)
+            batch["pixel_values"] = torch.cat([torch.as_tensor(p) for p in pixels])
         return batch
 
     def decode(self, token_ids: torch.Tensor | list[int]) -> str:
@@ -258,15 +269,23 @@ class MultimodalProcessor:
         (directory / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> MultimodalProcessor:
+    def from_pretrained(cls, path: str | os.PathLike, without_torch: bool = False) -> MultimodalProcessor:
+        """`without_torch`: read the saved `tokenizer.json` as it is (`PreTrainedTokenizerFast`), not
+        through `AutoTokenizer`, whose import loads torch — what the backends over an export do."""
         settings = json.loads((Path(path) / PROCESSOR_FILE).read_text())
         image_processor = ImageProcessor(
             size=settings["image_size"],
             mean=tuple(settings.get("image_mean", CLIP_MEAN)),
             std=tuple(settings.get("image_std", CLIP_STD)),
         )
+        if without_torch:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        else:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
         processor = cls(
-            AutoTokenizer.from_pretrained(path),
+            tokenizer,
             settings["num_image_tokens"],
             image_processor,
             settings["image_token"],

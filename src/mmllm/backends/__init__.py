@@ -1,17 +1,20 @@
 """Inference backends behind one interface (`mmllm.generation.Backend`): `torch` (the `Pipeline`,
-transformers' generate) and `onnx` (an export run by onnxruntime). `--backend` on ask, caption, serve,
-ui and eval picks one; a new backend subclasses `Backend` and joins `BACKENDS`."""
+transformers' generate), `onnx` (an export run by onnxruntime) and `llama.cpp` (a GGUF export, its LM
+run by llama.cpp). `--backend` on ask, caption, serve, ui and eval picks one; a new backend subclasses
+`Backend` and joins `BACKENDS`."""
 
 from __future__ import annotations
 
 from mmllm.errors import MmllmError
 from mmllm.generation import Backend
 
-BACKENDS = ("torch", "onnx")
+BACKENDS = ("torch", "onnx", "llama.cpp")
+LLAMA_CPP_TYPES = ("auto", "f32", "f16", "q8_0", "q4_k_m")
 
 
 def load_backend(kind: str, name_or_path: str, device: str | None = None, dtype: str = "auto") -> Backend:
-    """The model at `name_or_path` on backend `kind`; device and dtype are the torch backend's."""
+    """The model at `name_or_path` on backend `kind`; device and dtype are the torch backend's (dtype
+    also picks llama.cpp's GGUF file)."""
     if kind == "torch":
         from mmllm.pipeline import Pipeline
 
@@ -24,4 +27,13 @@ def load_backend(kind: str, name_or_path: str, device: str | None = None, dtype:
                 "the onnx backend runs on the CPU with the export's own weights (no --device/--dtype)"
             )
         return OnnxBackend.load(name_or_path)
+    if kind == "llama.cpp":
+        from mmllm.backends.llama_cpp import LlamaCppBackend
+
+        if (device or "cpu") != "cpu" or dtype not in LLAMA_CPP_TYPES:
+            raise MmllmError(
+                "the llama.cpp backend runs on the CPU; --dtype picks the export's GGUF file "
+                f"({', '.join(LLAMA_CPP_TYPES)})"
+            )
+        return LlamaCppBackend.load(name_or_path, dtype)
     raise MmllmError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")

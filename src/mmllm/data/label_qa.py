@@ -14,6 +14,7 @@ import random
 from collections.abc import Iterator
 from functools import cache
 
+import numpy as np
 import torch
 
 from mmllm.models.labels import LabelBridge, Verdict
@@ -72,7 +73,7 @@ def _draw_probabilities(bridge: LabelBridge, rng: random.Random) -> torch.Tensor
         probabilities[rng.randrange(classes)] = rng.uniform(0.5, 0.98)
     elif scenario < 0.8:  # a family: classes under one parent share the mass
         node = rng.choice(_families(bridge))
-        family = bridge.membership[node].nonzero().flatten().tolist()
+        family = np.flatnonzero(bridge.membership[node]).tolist()
         total = rng.uniform(0.55, 0.97)
         shares = torch.tensor([rng.random() + 0.1 for _ in family[: rng.randint(2, 4)]])
         for member, share in zip(family, shares / shares.sum(), strict=False):
@@ -110,8 +111,8 @@ def _ruled_out(verdict: Verdict, bridge: LabelBridge, rng: random.Random) -> str
     near = bridge.path_up(verdict.node)[1:4]
     while True:
         if near and rng.random() < 0.5:
-            relatives = (bridge.membership[rng.choice(near)] - bridge.membership[verdict.node]).nonzero()
-            other = bridge.class_names[int(rng.choice(relatives.flatten().tolist() or [0]))]
+            relatives = np.flatnonzero(bridge.membership[rng.choice(near)] - bridge.membership[verdict.node])
+            other = bridge.class_names[int(rng.choice(relatives.tolist() or [0]))]
         else:
             other = rng.choice(COMMON) if rng.random() < 0.5 else rng.choice(bridge.class_names)
         if not ({other.lower(), other.split()[-1].lower()} & supported):

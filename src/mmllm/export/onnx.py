@@ -87,6 +87,30 @@ def quantize_decoder_int8(path: Path) -> None:
     quantizer.model.save_model_to_file(str(path), use_external_data_format=True)
 
 
+def export_vision(model, processor, out: Path) -> dict:
+    """Write `vision.onnx` and the processor into `out`; returns the settings every backend that reads
+    this graph needs (the export's settings file adds its own)."""
+    size = processor.image_processor.size
+    with torch.no_grad():
+        torch.onnx.export(
+            _VisionGraph(model),
+            (torch.zeros(2, 3, size, size),),
+            out / "vision.onnx",
+            input_names=["pixel_values"],
+            output_names=["image_features"],
+            dynamic_axes={"pixel_values": {0: "images"}, "image_features": {0: "images"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    processor.save_pretrained(out)
+    return {
+        "context_length": model.language_model.config.max_position_embeddings,
+        "trained_parts": list(model.config.trained_parts or ()),
+        "image_token_id": model.config.image_token_id,
+        "labels_bridge": model.config.labels_bridge if model.config.reads_images_as_words else None,
+    }
+
+
 def export_onnx(model_name: str, out: str | Path, weights: Literal["fp32", "int8"] = "fp32") -> Path:
     from safetensors.numpy import save_file
 
@@ -100,18 +124,8 @@ def export_onnx(model_name: str, out: str | Path, weights: Literal["fp32", "int8
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    size = processor.image_processor.size
+    shared = export_vision(model, processor, out)
     with torch.no_grad():
-        torch.onnx.export(
-            _VisionGraph(model),
-            (torch.zeros(2, 3, size, size),),
-            out / "vision.onnx",
-            input_names=["pixel_values"],
-            output_names=["image_features"],
-            dynamic_axes={"pixel_values": {0: "images"}, "image_features": {0: "images"}},
-            opset_version=OPSET,
-            dynamo=False,
-        )
         # Trace with a non-empty cache and several new tokens so neither dimension is baked in.
         batch, new, cached = 2, 3, 2
         past = [torch.zeros(batch, kv_heads, cached, head_dim) for _ in range(2 * layers)]
@@ -143,17 +157,13 @@ def export_onnx(model_name: str, out: str | Path, weights: Literal["fp32", "int8
         quantize_decoder_int8(out / "decoder.onnx")
     embeddings = model.get_input_embeddings().weight.detach().float().numpy()
     save_file({"embeddings": embeddings}, str(out / "embeddings.safetensors"))
-    processor.save_pretrained(out)
     settings = {
         "format": ONNX_FORMAT,
-        "context_length": text.max_position_embeddings,
-        "trained_parts": list(model.config.trained_parts or ()),
+        **shared,
         "layers": layers,
         "kv_heads": kv_heads,
         "head_dim": head_dim,
-        "image_token_id": model.config.image_token_id,
         "weights": weights,
-        "labels_bridge": model.config.labels_bridge if model.config.reads_images_as_words else None,
     }
     (out / ONNX_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
     log.info("wrote %s (vision.onnx, decoder.onnx with %s weights)", out, weights)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 HIERARCHY_FILE = Path(__file__).with_name("imagenet_hierarchy.json")
 MAX_KINDS = 8  # hypernyms named after the concept ("a kind of cat, feline, carnivore, ...")
@@ -65,19 +64,18 @@ class LabelBridge:
         self.sizes = self.membership.sum(1)  # (nodes,) classes under each node
         self.depths = [len(self.path_up(n)) for n in range(len(self.names))]
 
-    def verdict(self, probabilities: torch.Tensor) -> Verdict:
-        """(classes,) probabilities -> the concept it is sure of (if any) and its top guesses."""
-        probabilities = probabilities.float().cpu()
-        top = probabilities.topk(self.top_k)
+    def verdict(self, probabilities: np.ndarray) -> Verdict:
+        """(classes,) probabilities (an array, or a CPU tensor) -> the concept it is sure of (if any) and
+        its top guesses."""
+        probabilities = np.asarray(probabilities, np.float32)
+        top = np.argsort(-probabilities, kind="stable")[: self.top_k]
         guesses = [
-            (self.class_names[int(i)], float(p))
-            for p, i in zip(top.values, top.indices, strict=True)
-            if p >= self.min_probability
-        ] or [(self.class_names[int(top.indices[0])], float(top.values[0]))]
+            (self.class_names[i], float(probabilities[i]))
+            for i in top.tolist()
+            if probabilities[i] >= self.min_probability
+        ] or [(self.class_names[int(top[0])], float(probabilities[top[0]]))]
         scores = self.membership @ probabilities  # (nodes,) summed over the classes under each node
-        sure = [
-            n for n in (scores >= self.sure).nonzero().flatten().tolist() if self.names[n] not in ABSTRACT
-        ]
+        sure = [n for n in np.flatnonzero(scores >= self.sure).tolist() if self.names[n] not in ABSTRACT]
         if not sure:
             return Verdict(None, None, 0.0, [], guesses)
         # The most specific sure node: the fewest classes under it, then the deepest (a class before
@@ -96,7 +94,7 @@ class LabelBridge:
     def _kinds(self, node: int) -> list[str]:
         return [self.names[n] for n in self.path_up(node) if self.names[n] not in ABSTRACT][:MAX_KINDS]
 
-    def describe(self, probabilities: torch.Tensor) -> str:
+    def describe(self, probabilities: np.ndarray) -> str:
         """The sentence for one image."""
         return self.sentence(self.verdict(probabilities))
 
@@ -117,14 +115,15 @@ def _bridge(top_k: int, sure: float) -> LabelBridge:
     return LabelBridge(top_k=top_k, sure=sure)
 
 
-def describe_images(features: torch.Tensor | np.ndarray, settings: dict[str, Any]) -> list[str]:
-    """(I, 1, classes) probabilities -> one sentence per image (`settings`: `LabelBridge`'s)."""
+def describe_images(features: np.ndarray, settings: dict[str, Any]) -> list[str]:
+    """(I, 1, classes) probabilities (an array, or a CPU tensor) -> one sentence per image (`settings`:
+    `LabelBridge`'s)."""
     bridge = _bridge(**settings)
-    return [bridge.describe(torch.as_tensor(np.asarray(row[0]))) for row in features]
+    return [bridge.describe(row[0]) for row in np.asarray(features)]
 
 
 @cache
-def _tree() -> tuple[list[str], list[list[int]], torch.Tensor, list[str]]:
+def _tree() -> tuple[list[str], list[list[int]], np.ndarray, list[str]]:
     """Node names, parents (as indices), the (nodes, classes) 0/1 membership matrix, class names (a
     class is also a node: its own WordNet synset)."""
     document = json.loads(HIERARCHY_FILE.read_text())
@@ -132,7 +131,7 @@ def _tree() -> tuple[list[str], list[list[int]], torch.Tensor, list[str]]:
     index = {offset: i for i, offset in enumerate(nodes)}
     names = [document["nodes"][n]["name"] for n in nodes]
     parents = [[index[p] for p in document["nodes"][n]["parents"]] for n in nodes]
-    membership = torch.zeros(len(nodes), len(document["classes"]))
+    membership = np.zeros((len(nodes), len(document["classes"])), np.float32)
     for column, offset in enumerate(document["classes"]):
         pending, seen = [index[offset]], set()
         while pending:

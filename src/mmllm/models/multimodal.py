@@ -9,7 +9,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
 
@@ -101,7 +108,7 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
 
         if not self.config.reads_images_as_words:
             raise ValueError("this model reads images as projected rows (project_images), not as words")
-        return describe_images(image_features, self.config.labels_bridge)
+        return describe_images(image_features.float().cpu().numpy(), self.config.labels_bridge)
 
     def project_images(self, image_features: torch.Tensor) -> torch.Tensor:
         """(I, N, D_v) vision features -> (I, N, D) the rows the LM reads for each image.
@@ -377,3 +384,8 @@ def _without_lora(key: str) -> str:
 def _hub_kwargs(kwargs: dict) -> dict:
     keys = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
     return {k: kwargs[k] for k in keys if k in kwargs}
+
+
+AutoConfig.register(MultimodalConfig.model_type, MultimodalConfig, exist_ok=True)
+for _auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
+    _auto_class.register(MultimodalConfig, MultimodalLM, exist_ok=True)

@@ -1,0 +1,212 @@
+"""The llama.cpp backend: a `mmllm export gguf` folder, its language model run by llama.cpp (through
+llama-cpp-python's C API) and its image rows computed by mmllm's exported vision graph (`vision.onnx`,
+the one projection path), so every design runs here, whether or not llama.cpp has an mmproj graph for it.
+
+The prompt reaches llama.cpp as it is: text runs as token batches, each image's rows as an embedding
+batch (`llama_batch.embd`) at the positions of its placeholder tokens. A batch of prompts decodes as one
+llama.cpp batch, one sequence per row in a unified KV cache; rows that do not fit the cache together
+decode in turns. Greedy or sampled decoding; no beams.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from mmllm.backends.exported import ExportedBackend, onnx_session, read_export_settings
+from mmllm.errors import MmllmError
+from mmllm.generation import GenerationSettings, Prompt, RowTracker, choose_tokens
+from mmllm.processor import MultimodalProcessor
+
+LLAMA_CPP_CONFIG = "mmllm_llamacpp.json"
+LLAMA_CPP_FORMAT = 1
+PREFERRED = ("q4_k_m", "q8_0", "f16", "f32")  # what `--dtype auto` picks, fastest first
+CONTEXT_TOKENS = 4096  # the KV cache all rows of a batch share (Qwen2.5-0.5B: 12 KB a token in f16)
+MAX_ROWS = 16
+CHUNK = 512  # tokens or image rows per llama_decode call while reading a prompt
+
+
+def import_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MmllmError(
+            "this needs llama-cpp-python, built from source: pip install 'mmllm[llamacpp]' "
+            "(or `make install-llamacpp`, which builds the wheel once and caches it)"
+        ) from None
+    return llama_cpp
+
+
+def quiet_llama_cpp(verbose: bool = False) -> None:
+    """llama.cpp logs every tensor it loads to stderr; keep its errors only."""
+    from llama_cpp import _logger
+
+    _logger.set_verbose(verbose)
+
+
+def segments(input_ids: list[int], image_token_id: int) -> list[tuple[bool, int, int]]:
+    """The prompt's runs as (is_image, start, end): text tokens, or one image's placeholder rows."""
+    runs: list[tuple[bool, int, int]] = []
+    for index, token in enumerate(input_ids):
+        image = token == image_token_id
+        if runs and runs[-1][0] == image:
+            runs[-1] = (image, runs[-1][1], index + 1)
+        else:
+            runs.append((image, index, index + 1))
+    return runs
+
+
+class LlamaCppBackend(ExportedBackend):
+    name = "llama.cpp"
+
+    def __init__(self, path: Path, kind: str, processor: MultimodalProcessor, settings: dict, threads: int):
+        super().__init__(processor, onnx_session(path / "vision.onnx", threads), settings)
+        llama_cpp = self.llama_cpp = import_llama_cpp()
+        quiet_llama_cpp()
+        self.kind = kind
+        llama_cpp.llama_backend_init()
+        weights = path / settings["gguf"][kind]
+        self.model = llama_cpp.llama_model_load_from_file(
+            str(weights).encode(), llama_cpp.llama_model_default_params()
+        )
+        if not self.model:
+            raise MmllmError(f"llama.cpp could not load {weights}")
+        self.n_ctx = min(settings["context_length"], CONTEXT_TOKENS)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch = self.n_ctx, CHUNK, CHUNK
+        params.n_seq_max, params.kv_unified, params.no_perf = MAX_ROWS, True, True
+        params.n_threads = params.n_threads_batch = threads
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise MmllmError("llama.cpp could not make a context for the model")
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self.model))
+        self.width = llama_cpp.llama_model_n_embd(self.model)
+        self.tokens = llama_cpp.llama_batch_init(CHUNK, 0, 1)
+        self.rows = llama_cpp.llama_batch_init(CHUNK, self.width, 1)
+        self.lock = threading.Lock()  # one context: one decode at a time
+
+    @classmethod
+    def load(cls, path: str | Path, dtype: str = "auto", threads: int | None = None) -> LlamaCppBackend:
+        """`dtype`: which of the export's GGUF files runs (auto: the fastest there)."""
+        path = Path(path)
+        settings = read_export_settings(path, LLAMA_CPP_CONFIG, LLAMA_CPP_FORMAT, "export gguf")
+        written = settings["gguf"]
+        kind = next((k for k in PREFERRED if k in written), None) if dtype == "auto" else dtype
+        if kind not in written:
+            raise MmllmError(
+                f"{path} holds {', '.join(written)} GGUF files, not {dtype}; export it with "
+                f"`mmllm export gguf --outtype {dtype}`"
+            )
+        processor = MultimodalProcessor.from_pretrained(path, without_torch=True)
+        return cls(path, kind, processor, settings, threads or os.cpu_count() or 1)
+
+    def __del__(self):
+        llama_cpp = getattr(self, "llama_cpp", None)
+        if llama_cpp and getattr(self, "ctx", None):
+            llama_cpp.llama_batch_free(self.tokens)
+            llama_cpp.llama_batch_free(self.rows)
+            llama_cpp.llama_free(self.ctx)
+            llama_cpp.llama_model_free(self.model)
+
+    @property
+    def context_length(self) -> int:
+        return self.n_ctx
+
+    def check(self, settings: GenerationSettings) -> None:
+        if settings.num_beams > 1:
+            raise ValueError("the llama.cpp backend decodes greedily or by sampling (num_beams must be 1)")
+        if settings.repetition_penalty != 1.0:
+            raise ValueError(
+                "the llama.cpp backend has no repetition penalty (repetition_penalty must be 1.0)"
+            )
+
+    def _run(self, batch, count: int) -> None:
+        batch.n_tokens = count
+        status = self.llama_cpp.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama.cpp could not decode the batch (llama_decode returned {status})")
+
+    def _fill(self, batch, index: int, position: int, sequence: int, logits: bool) -> None:
+        batch.pos[index] = position
+        batch.n_seq_id[index] = 1
+        batch.seq_id[index][0] = sequence
+        batch.logits[index] = logits
+
+    def _logits(self, index: int) -> np.ndarray:
+        pointer = self.llama_cpp.llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()  # (V,)
+
+    def _read_prompt(self, sequence: int, input_ids: list[int], image_rows: np.ndarray | None) -> np.ndarray:
+        """Feed one prompt into the KV cache as `sequence`; returns the logits after its last token."""
+        images = iter(image_rows if image_rows is not None else ())
+        runs = segments(input_ids, self.settings["image_token_id"])
+        for number, (image, start, end) in enumerate(runs):
+            rows = next(images) if image else None  # (N, D): one image's rows fill one placeholder run
+            for low in range(start, end, CHUNK):
+                high = min(end, low + CHUNK)
+                last = number == len(runs) - 1 and high == end
+                batch = self.rows if image else self.tokens
+                for index, position in enumerate(range(low, high)):
+                    if not image:
+                        batch.token[index] = input_ids[position]
+                    self._fill(batch, index, position, sequence, last and position == high - 1)
+                if image:
+                    chunk = np.ascontiguousarray(rows[low - start : high - start], np.float32)
+                    ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
+                self._run(batch, high - low)
+        return self._logits(-1)
+
+    def _groups(self, prompts: list[Prompt], limits: list[int]) -> list[list[int]]:
+        """Rows in turns whose prompts and answers fit the shared KV cache together."""
+        groups: list[list[int]] = [[]]
+        used = 0
+        for row, prompt in enumerate(prompts):
+            need = len(prompt.input_ids) + limits[row]
+            if groups[-1] and (used + need > self.n_ctx or len(groups[-1]) == MAX_ROWS):
+                groups.append([])
+                used = 0
+            groups[-1].append(row)
+            used += need
+        return groups
+
+    def decode(self, prompts: list[Prompt], settings: GenerationSettings, rows: RowTracker) -> list[int]:
+        rng = np.random.default_rng(settings.seed)
+        for row, prompt in enumerate(prompts):  # an answer ends where the context does
+            rows.limits[row] = min(rows.limits[row], self.n_ctx - len(prompt.input_ids))
+        with_images = [p for p in prompts if p.pixel_values is not None]
+        per_prompt: list[np.ndarray | None] = [None] * len(prompts)
+        if with_images:
+            rows_of_all = self.image_rows(np.concatenate([p.pixel_values for p in with_images]))
+            counts = np.cumsum([len(p.pixel_values) for p in with_images])[:-1]
+            images = iter(np.split(rows_of_all, counts))  # (I_p, N, D) per prompt with images
+            per_prompt = [next(images) if p.pixel_values is not None else None for p in prompts]
+        with self.lock:
+            for group in self._groups(prompts, rows.limits):
+                self._decode_group(group, prompts, per_prompt, settings, rows, rng)
+        return [len(prompt.input_ids) for prompt in prompts]
+
+    def _decode_group(self, group, prompts, per_prompt, settings, rows: RowTracker, rng) -> None:
+        llama_cpp = self.llama_cpp
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
+        logits = np.stack(
+            [self._read_prompt(seq, prompts[row].input_ids, per_prompt[row]) for seq, row in enumerate(group)]
+        )  # (R, V)
+        positions = [len(prompts[row].input_ids) for row in group]
+        while True:
+            chosen = choose_tokens(logits, settings, rng).tolist()
+            rows.step(chosen, group)
+            active = [(seq, row) for seq, row in enumerate(group) if not rows.finish[row]]
+            if not active:
+                return
+            for index, (seq, _) in enumerate(active):
+                self.tokens.token[index] = chosen[seq]
+                self._fill(self.tokens, index, positions[seq], seq, True)
+                positions[seq] += 1
+            self._run(self.tokens, len(active))
+            logits = np.zeros((len(group), self.n_vocab), np.float32)
+            for index, (seq, _) in enumerate(active):
+                logits[seq] = self._logits(index)
