@@ -33,8 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from common import report
 from PIL import Image
 
 QUESTION = "Which shapes and colours do you see in this picture, and where exactly are they placed?"
@@ -58,6 +56,8 @@ ISA_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx51
 def read_bandwidth(threads: int, gigabytes: float = 1.0, reps: int = 5) -> float:
     """GB/s read by `threads` threads summing a large array, best of `reps`: decode reads its weights
     with all its threads (a one-thread copy understates that by 2x on some machines)."""
+    import torch
+
     torch.set_num_threads(threads)
     weights = torch.ones(int(gigabytes * 2**30) // 4)
     best = min(_time(weights.sum) for _ in range(reps))
@@ -150,10 +150,7 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
     Each variant's `run()` generates `tokens` tokens (EOS ignored) and returns the seconds to its
     first and to its last token: decode speed is measured inside one generation.
     """
-    from transformers.generation.streamers import BaseStreamer
-
     from mmllm.generation import GenerationSettings
-    from mmllm.pipeline import Pipeline
 
     messages = [{"role": "user", "content": QUESTION}]
     settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True)
@@ -176,7 +173,7 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
 
     if variant.startswith("llama.cpp-own"):
         gguf = export_dir / "gguf" / f"model-{variant.split('-')[-1]}.gguf"
-        run, size = _llama_cpp(model_name, tokens, gguf)
+        run, size = _llama_cpp(tokens, gguf)
     elif variant.startswith("llama.cpp"):
         from mmllm.backends.llama_cpp import LlamaCppBackend
         from mmllm.export.gguf import bytes_read_per_token
@@ -189,7 +186,12 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
 
         run = timed(OnnxBackend.load(export_dir / variant))
         size = sum(f.stat().st_size for f in (export_dir / variant).glob("decoder.onnx*"))
-    else:
+    else:  # only these rows import torch: the llama.cpp and ONNX rows' RSS is their backend's alone
+        import torch
+        from transformers.generation.streamers import BaseStreamer
+
+        from mmllm.pipeline import Pipeline
+
         pipeline = Pipeline.load(model_name, device="cpu", dtype="bf16" if variant == "bf16" else "fp32")
         if variant.startswith("int8"):
             from mmllm.models.int8 import quantize_int8
@@ -232,14 +234,14 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
     return {"ttft_ms": 1000 * first, "decode_tok_s": decode, "weight_bytes": size}
 
 
-def _llama_cpp(model_name: str, tokens: int, path: Path):
+def _llama_cpp(tokens: int, path: Path):
     """llama.cpp's own generation of the LM alone: a text prompt of the same token count."""
     from llama_cpp import Llama
 
     from mmllm.export.gguf import bytes_read_per_token
-    from mmllm.models.build import load_processor
+    from mmllm.processor import MultimodalProcessor
 
-    processor = load_processor(model_name)
+    processor = MultimodalProcessor.from_pretrained(path.parent, without_torch=True)
     prompt = processor.encode_text([{"role": "user", "content": "<image>\n" + QUESTION}], 1)["input_ids"]
     prompt = [t if t != processor.image_token_id else processor.tokenizer.pad_token_id for t in prompt]
     llm = Llama(str(path), n_ctx=512, n_threads=os.cpu_count(), verbose=False)
@@ -291,6 +293,8 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)  # VARIANT:EXPORT_DIR, run in a fresh process
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    from common import report
+
     if args.quick:
         args.model, args.tokens, args.reps = "smollm2-135m-instruct", 4, 1
     if args.child:
@@ -302,7 +306,7 @@ def main() -> None:
         print("RESULT " + json.dumps(result))
         return
 
-    threads = torch.get_num_threads()  # torch's default, and llama.cpp's: one thread a core
+    threads = os.cpu_count() or 1  # torch's default, and llama.cpp's: one thread a core
     bandwidth = read_bandwidth(threads, 0.25 if args.quick else 1.0)
     rows, own = [], {}
     with tempfile.TemporaryDirectory() as tmp:

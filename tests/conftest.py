@@ -19,6 +19,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, Phi3Config, PreTrainedTo
 
 from mmllm import MultimodalConfig, MultimodalLM, MultimodalProcessor
 from mmllm.images import ImageProcessor
+from mmllm.models.build import image_processor_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -173,29 +174,42 @@ TINY_CLIP = {
 }
 
 
+def tiny_vit():
+    """A tiny SigLIP-style ViT (timm's, no CLS token): 32 px images, 8 px patches, 2 blocks."""
+    from mmllm.models.timm_vision import describe_architecture
+
+    shape = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2}
+    return describe_architecture(
+        "vit_base_patch16_siglip_224", num_classes=0, model_args=shape, image_size=32
+    )
+
+
 def make_tiny(
     kind: str = "qwen2",
     feature_mode: str = "pooled",
     projector: str = "mlp_ln",
     lm_init_std: float = 0.02,
+    vision=None,
     **extra,
 ):
     """A random tiny MultimodalLM and its processor, seeded so every call gives the same weights.
 
     A larger `lm_init_std` gives an LM whose outputs react strongly to its inputs, as a trained
-    one does (at 0.02 a random LM predicts near-uniformly whatever it is fed).
+    one does (at 0.02 a random LM predicts near-uniformly whatever it is fed). `vision`: another
+    tower's config (a tiny CLIP by default).
     """
     torch.manual_seed(0)
     tokenizer = make_tokenizer(kind)
     text_config = tiny_text_config(kind, tokenizer, lm_init_std)
     config = MultimodalConfig(
-        vision_config=CLIPVisionConfig(**TINY_CLIP),
+        vision_config=vision or CLIPVisionConfig(**TINY_CLIP),
         text_config=text_config,
         vision_feature_mode=feature_mode,
         projector_type=projector,
         **extra,
     )
-    processor = MultimodalProcessor(tokenizer, config.num_image_tokens, ImageProcessor(size=32))
+    images = image_processor_for(vision) if vision is not None else ImageProcessor(size=32)
+    processor = MultimodalProcessor(tokenizer, config.num_image_tokens, images)
     config.image_token_id = processor.image_token_id
     model = MultimodalLM(config).eval()
     return model, processor

@@ -8,11 +8,11 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import make_tiny
+from conftest import make_tiny, tiny_vit
 from mmllm.errors import MmllmError
 from mmllm.export.mmproj import mmproj_refusal
 from mmllm.models.projector import PROJECTOR_TYPES
-from mmllm.models.timm_vision import TimmVisionConfig
+from mmllm.models.timm_vision import describe_architecture
 
 QUESTION = [{"role": "user", "content": "<image>\nWhat shape is it?"}]
 
@@ -267,12 +267,16 @@ def test_gguf_export_refuses_other_architectures(tmp_path):
 )
 def test_mmproj_is_refused_with_what_llama_cpp_lacks(design, reason):
     model, _ = make_tiny("qwen2", **design)
-    assert reason in mmproj_refusal(model.config)
+    assert reason in mmproj_refusal(model)
 
 
-def test_mmproj_is_written_for_llavas_design_only():
-    model, _ = make_tiny("qwen2", feature_mode="patch", projector="mlp_gelu")
-    assert mmproj_refusal(model.config) is None
-    config = model.config
-    config.vision_config = TimmVisionConfig(architecture="efficientnet_lite0")
-    assert "timm" in mmproj_refusal(config)
+def test_mmproj_is_written_for_a_cls_free_vit_with_llavas_projector_only():
+    vit = {"vision": tiny_vit(), "feature_mode": "patch"}
+    assert mmproj_refusal(make_tiny("qwen2", projector="mlp_gelu", **vit)[0]) is None
+    assert "mlp_ln" in mmproj_refusal(make_tiny("qwen2", **vit)[0])
+    assert "CLS token" in mmproj_refusal(make_tiny("qwen2", feature_mode="patch", projector="mlp_gelu")[0])
+    cnn = describe_architecture("test_efficientnet", image_size=64)
+    model = make_tiny(
+        "qwen2", vision=cnn, feature_mode="patch", projector="mlp_gelu", vision_feature_layer=-1
+    )[0]
+    assert "no graph for timm's test_efficientnet" in mmproj_refusal(model)

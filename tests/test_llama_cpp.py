@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import save_tiny, serving
+from conftest import save_tiny, serving, tiny_vit
 from mmllm.cli import main
 from mmllm.config import load_config
 from mmllm.errors import MmllmError
@@ -45,6 +45,7 @@ class Mtmd:
         )
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch = 512, 512
+        params.type_k = params.type_v = 0  # GGML_TYPE_F32: an f16 cache moves logits by ~1e-2
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         options = mtmd.mtmd_context_params_default()
         options.use_gpu, options.warmup, options.print_timings, options.n_threads = False, False, False, 2
@@ -82,7 +83,7 @@ class Mtmd:
                 parts.append(embd.reshape(rows, width).copy())
         return parts
 
-    def greedy(self, chunks, tokens: int) -> list[int]:
+    def greedy(self, chunks, tokens: int, stop_ids: list[int]) -> list[int]:
         past = llama_cpp.llama_pos(0)
         assert (
             mtmd.mtmd_helper_eval_chunks(self.mtmd, self.ctx, chunks, 0, 0, 512, True, ctypes.byref(past))
@@ -93,6 +94,8 @@ class Mtmd:
         for _ in range(tokens):
             logits = llama_cpp.llama_get_logits_ith(self.ctx, -1)
             token = int(np.ctypeslib.as_array(logits, shape=(self.vocab,)).argmax())
+            if token in stop_ids:
+                break
             answer.append(token)
             batch.n_tokens, batch.token[0], batch.pos[0] = 1, token, position
             batch.n_seq_id[0], batch.seq_id[0][0], batch.logits[0] = 1, 0, True
@@ -103,8 +106,10 @@ class Mtmd:
 
 
 def llava_design(folder, train_steps: int = 0):
-    """A tiny model of LLaVA's design, saved; with `train_steps`, trained first by `mmllm train`."""
-    model = save_tiny(folder / "base", feature_mode="patch", projector="mlp_gelu", lm_init_std=0.3)
+    """A tiny model of LLaVA's design on a CLS-free ViT (what llama.cpp's llava graph computes exactly),
+    saved; with `train_steps`, trained first by `mmllm train`."""
+    design = {"vision": tiny_vit(), "feature_mode": "patch", "projector": "mlp_gelu", "lm_init_std": 0.3}
+    model = save_tiny(folder / "base", **design)
     if not train_steps:
         return model
     from mmllm.train.config import TrainConfig
@@ -151,11 +156,9 @@ def test_llama_cpps_own_engine_sees_and_answers_as_mmllm(tmp_path, train_steps):
     cosine = (rows * expected).sum(-1) / np.linalg.norm(rows, axis=-1) / np.linalg.norm(expected, axis=-1)
     assert rows.shape == expected.shape and cosine.min() >= 0.999, cosine.min()
 
-    settings = GenerationSettings(max_new_tokens=8, ignore_eos=True)
-    answer = pipeline.complete([conversation], [[image]], settings)[0]
-    assert (
-        processor.tokenizer.decode(engine.greedy(chunks, 8), skip_special_tokens=True).strip() == answer.text
-    )
+    answer = pipeline.complete([conversation], [[image]], GenerationSettings(max_new_tokens=8))[0]
+    tokens = engine.greedy(chunks, 8, processor.stop_token_ids)
+    assert processor.tokenizer.decode(tokens, skip_special_tokens=True).strip() == answer.text
 
 
 def test_ollama_modelfile_names_the_lm_then_the_mmproj(tmp_path):

@@ -360,9 +360,15 @@ class Backend:
         return self.generate(conversations, [[image] for image in images], settings)
 
 
-def choose_tokens(logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator) -> np.ndarray:
+def choose_tokens(
+    logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator, stop_ids: list[int]
+) -> np.ndarray:
     """(B, V) logits -> the next token per row: argmax, or a sample from the temperature/top-k/top-p
-    distribution (for backends that sample outside transformers)."""
+    distribution (for backends that sample outside transformers). With `ignore_eos` the stop tokens
+    are never chosen, as transformers' `min_new_tokens` does."""
+    if settings.ignore_eos:
+        logits = logits.copy()
+        logits[:, stop_ids] = -np.inf
     if not settings.sampling:
         return logits.argmax(-1)
     scaled = logits / settings.temperature

@@ -197,7 +197,7 @@ class LlamaCppBackend(ExportedBackend):
         )  # (R, V)
         positions = [len(prompts[row].input_ids) for row in group]
         while True:
-            chosen = choose_tokens(logits, settings, rng).tolist()
+            chosen = choose_tokens(logits, settings, rng, self.processor.stop_token_ids).tolist()
             rows.step(chosen, group)
             active = [(seq, row) for seq, row in enumerate(group) if not rows.finish[row]]
             if not active:

@@ -72,7 +72,7 @@ class OnnxBackend(ExportedBackend):
             logits, *present = self.decoder.run(
                 None, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **cache}
             )
-            chosen = choose_tokens(logits, settings, rng)  # (B,)
+            chosen = choose_tokens(logits, settings, rng, self.processor.stop_token_ids)  # (B,)
             rows.step(chosen.tolist())
             if rows.done:
                 break

@@ -19,7 +19,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mmllm.backends.llama_cpp import LLAMA_CPP_CONFIG, LLAMA_CPP_FORMAT, import_llama_cpp, quiet_llama_cpp
 from mmllm.errors import MmllmError
@@ -32,7 +31,7 @@ QUANTISED = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4
 GGUF_TYPES = ("f32", "f16", *QUANTISED)
 
 
-def _permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+def _permute(weight, heads: int):
     """llama.cpp's rotary layout for llama q/k projections (convert_hf_to_gguf does the same)."""
     return (
         weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
@@ -155,6 +154,8 @@ def export_gguf(
     model_name: str, out: str | Path, outtypes: list[str] | None = None, pre: str | None = None
 ) -> Path:
     """Write the folder `out` (see the module's docstring); returns it."""
+    import torch
+
     from mmllm.export.mmproj import WITHOUT_MMPROJ, mmproj_refusal, write_mmproj
     from mmllm.export.onnx import export_vision
     from mmllm.models.build import load_model
@@ -183,7 +184,7 @@ def export_gguf(
     if source not in outtypes:
         lm_file(out, source).unlink()
 
-    refusal = mmproj_refusal(model.config)
+    refusal = mmproj_refusal(model)
     mmproj = f"mmproj-{source}.gguf"
     if refusal is None:
         write_mmproj(model, processor, out / mmproj, source)

@@ -27,6 +27,8 @@ class TimmVisionConfig(PreTrainedConfig):
     stage_channels, stage_reductions: width and stride of each feature stage (timm's `feature_info`),
         the last entry being the head's features; `vision_feature_layer` indexes them.
     num_features: width of the pooled features (the classifier's input).
+    model_args: keyword arguments for `timm.create_model` that change the architecture (a ViT's
+        `img_size`, `patch_size`, `embed_dim`, `depth`, ...), for towers trained from scratch.
     """
 
     model_type = "mmllm_timm_vision"
@@ -42,6 +44,7 @@ class TimmVisionConfig(PreTrainedConfig):
         stage_channels: list[int] | None = None,
         stage_reductions: list[int] | None = None,
         num_features: int = 1280,
+        model_args: dict | None = None,
         **kwargs,
     ):
         self.architecture = architecture
@@ -53,6 +56,7 @@ class TimmVisionConfig(PreTrainedConfig):
         self.stage_channels = list(stage_channels or [num_features])
         self.stage_reductions = list(stage_reductions or [32])
         self.num_features = num_features
+        self.model_args = dict(model_args or {})
         super().__init__(**kwargs)
 
     def stage(self, layer: int) -> tuple[int, int]:
@@ -68,20 +72,24 @@ class TimmVisionConfig(PreTrainedConfig):
 AutoConfig.register(TimmVisionConfig.model_type, TimmVisionConfig)
 
 
-def _create(architecture: str, num_classes: int) -> torch.nn.Module:
+def _create(architecture: str, num_classes: int, model_args: dict | None = None) -> torch.nn.Module:
     try:
         import timm
     except ImportError as err:  # pragma: no cover - timm is a core dependency
         raise MmllmError(f"timm towers need timm ({err})") from None
     try:
-        return timm.create_model(architecture, pretrained=False, num_classes=num_classes)
-    except RuntimeError as err:  # timm's "Unknown model"
+        return timm.create_model(
+            architecture, pretrained=False, num_classes=num_classes, **(model_args or {})
+        )
+    except (RuntimeError, TypeError) as err:  # timm's "Unknown model", or an argument it does not take
         raise MmllmError(f"timm has no architecture {architecture!r} ({err})") from None
 
 
-def describe_architecture(architecture: str, num_classes: int = 1000, **preprocessing) -> TimmVisionConfig:
+def describe_architecture(
+    architecture: str, num_classes: int = 1000, model_args: dict | None = None, **preprocessing
+) -> TimmVisionConfig:
     """The config of a timm architecture, its stages read off a built instance."""
-    model = _create(architecture, num_classes)
+    model = _create(architecture, num_classes, model_args)
     pretrained = getattr(model, "pretrained_cfg", {}) or {}
     info = model.feature_info  # a list of dicts on every timm model with features
     image_size = preprocessing.pop("image_size", pretrained.get("input_size", (3, 224, 224))[-1])
@@ -95,6 +103,7 @@ def describe_architecture(architecture: str, num_classes: int = 1000, **preproce
         stage_channels=[i["num_chs"] for i in info] + [model.num_features],
         stage_reductions=[i["reduction"] for i in info] + [info[-1]["reduction"]],
         num_features=model.num_features,
+        model_args=model_args,
     )
 
 
@@ -108,7 +117,7 @@ class TimmVisionTower(PreTrainedModel):
 
     def __init__(self, config: TimmVisionConfig):
         super().__init__(config)
-        self.model = _create(config.architecture, config.num_classes)
+        self.model = _create(config.architecture, config.num_classes, config.model_args)
         self.post_init()
 
     def _init_weights(self, module: torch.nn.Module) -> None:
