@@ -293,7 +293,6 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)  # VARIANT:EXPORT_DIR, run in a fresh process
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    from common import report
 
     if args.quick:
         args.model, args.tokens, args.reps = "smollm2-135m-instruct", 4, 1
@@ -305,6 +304,8 @@ def main() -> None:
             result["matmuls_alone_tok_s"] = matmuls_alone(Path(export_dir) / variant / "decoder.onnx")
         print("RESULT " + json.dumps(result))
         return
+
+    from common import report  # imports torch: not in the children above
 
     threads = os.cpu_count() or 1  # torch's default, and llama.cpp's: one thread a core
     bandwidth = read_bandwidth(threads, 0.25 if args.quick else 1.0)

@@ -95,18 +95,20 @@ def test_gguf_export_of_real_smollm2_answers_like_the_original(tmp_path, capsys)
                 "export",
                 "gguf",
                 "smollm2-135m-instruct",
-                str(tmp_path / "smollm2.gguf"),
+                str(tmp_path),
                 "--tokenizer-pre",
                 "smollm",
+                "--outtype",
+                "f16",
             ]
         )
         == 0
     )
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="smollm2.gguf")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="smollm2.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model-f16.gguf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model-f16.gguf")
     # Tied embeddings are the output matrix too: every f16/f32 byte is read per token.
     assert model.config.tie_word_embeddings
-    assert bytes_read_per_token(tmp_path / "smollm2.gguf") == sum(
+    assert bytes_read_per_token(tmp_path / "model-f16.gguf") == sum(
         2 * p.numel() if p.ndim == 2 else 4 * p.numel() for p in model.parameters()
     )
     prompt = tokenizer.apply_chat_template(
@@ -221,3 +223,34 @@ def test_the_default_photo_model_answers_about_photos_honestly(tmp_path, capsys)
     assert metrics["accuracy"] >= 0.7 and metrics["confidently_wrong"] <= 0.2, metrics
     for truth in ("yes", "no"):
         assert metrics["per_true_answer"][truth]["right"] >= 0.5, metrics["per_true_answer"]
+
+
+def _predictions(folder: Path) -> list[str]:
+    import json
+
+    return [json.loads(line)["prediction"] for line in (folder / "predictions.jsonl").open()]
+
+
+@pytest.mark.parametrize(
+    ("model", "task", "data", "extra"),
+    [
+        ("mmllm-photo", "photo-qa", "jsonl:data/photo-qa/questions.jsonl", []),
+        (EASYVQA, "easy-vqa", "easy-vqa:test", ["datasets.0.limit=300", "--max-new-tokens", "4"]),
+    ],
+)
+def test_llama_cpp_backend_answers_the_shipped_models_evals_as_torch_does(tmp_path, model, task, data, extra):
+    """Both shipped models exported to GGUF and run by llama.cpp (f16 LM, mmllm's image rows or words)
+    give the torch backend's answers on their own evaluations."""
+    pytest.importorskip("llama_cpp")
+    from mmllm.export.gguf import export_gguf
+
+    assert main(["weights", "install", "smollm2-135m-instruct"]) == 0
+    export_gguf(model, tmp_path / "gguf", ["f16"])
+    runs = {}
+    for backend, path in (("torch", model), ("llama.cpp", str(tmp_path / "gguf"))):
+        out = tmp_path / backend
+        command = ["eval", "--task", task, "--data", data, *extra, "--model", path, "--out", str(out)]
+        assert main([*command, "--backend", backend]) == 0
+        runs[backend] = _predictions(out)
+    agree = sum(a == b for a, b in zip(runs["torch"], runs["llama.cpp"], strict=True))
+    assert agree >= 0.97 * len(runs["torch"]), f"{agree}/{len(runs['torch'])}"

@@ -79,6 +79,9 @@ class LlamaCppBackend(ExportedBackend):
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = self.n_ctx, CHUNK, CHUNK
         params.n_seq_max, params.kv_unified, params.no_perf = MAX_ROWS, True, True
+        # Logits of at most one position a row: by default llama.cpp sizes its output buffers for a
+        # whole batch of them (Qwen2.5: 512 x 151,936 floats, 311 MB, twice).
+        params.n_outputs_max = MAX_ROWS
         params.n_threads = params.n_threads_batch = threads
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
