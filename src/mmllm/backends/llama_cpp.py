@@ -28,6 +28,8 @@ PREFERRED = ("q4_k_m", "q8_0", "f16", "f32")  # what `--dtype auto` picks, faste
 CONTEXT_TOKENS = 4096  # the KV cache all rows of a batch share (Qwen2.5-0.5B: 12 KB a token in f16)
 MAX_ROWS = 16
 CHUNK = 512  # tokens or image rows per llama_decode call while reading a prompt
+GGML_LOG_ERROR = 4  # ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT
+_LOG_CALLBACK: list = []
 
 
 def import_llama_cpp():
@@ -42,10 +44,19 @@ def import_llama_cpp():
 
 
 def quiet_llama_cpp(verbose: bool = False) -> None:
-    """llama.cpp logs every tensor it loads to stderr; keep its errors only."""
-    from llama_cpp import _logger
+    """llama.cpp logs every tensor it loads or quantises to stderr (llama-cpp-python's own filter reads
+    ggml's levels off by one, so its warnings pass as errors); keep its errors only, unless `verbose`."""
+    import sys
 
-    _logger.set_verbose(verbose)
+    llama_cpp = import_llama_cpp()
+
+    @llama_cpp.llama_log_callback
+    def log(level: int, text: bytes, user_data) -> None:
+        if verbose or level == GGML_LOG_ERROR:
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    _LOG_CALLBACK[:] = [log]  # ctypes calls it later: it must outlive this function
+    llama_cpp.llama_log_set(log, ctypes.c_void_p(0))
 
 
 def segments(input_ids: list[int], image_token_id: int) -> list[tuple[bool, int, int]]:
