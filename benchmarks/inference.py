@@ -50,6 +50,7 @@ VARIANTS = (
     "llama.cpp-own-q8_0",
     "llama.cpp-own-q4_k_m",
 )
+DEFAULT_MODEL = "qwen2.5-0.5b-instruct"
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
 
 
@@ -172,15 +173,11 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
         return run
 
     if variant.startswith("llama.cpp-own"):
-        gguf = export_dir / "gguf" / f"model-{variant.split('-')[-1]}.gguf"
-        run, size = _llama_cpp(tokens, gguf)
+        run, size = _llama_cpp(tokens, _gguf(export_dir, variant)), None
     elif variant.startswith("llama.cpp"):
         from mmllm.backends.llama_cpp import LlamaCppBackend
-        from mmllm.export.gguf import bytes_read_per_token
 
-        kind = variant.removeprefix("llama.cpp-")
-        run = timed(LlamaCppBackend.load(export_dir / "gguf", kind))
-        size = bytes_read_per_token(export_dir / "gguf" / f"model-{kind}.gguf")
+        run, size = timed(LlamaCppBackend.load(export_dir / "gguf", variant.split("-")[-1])), None
     elif variant.startswith("onnx"):
         from mmllm.backends.onnx import OnnxBackend
 
@@ -234,11 +231,14 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
     return {"ttft_ms": 1000 * first, "decode_tok_s": decode, "weight_bytes": size}
 
 
+def _gguf(export_dir: Path, variant: str) -> Path:
+    return export_dir / "gguf" / f"model-{variant.split('-')[-1]}.gguf"
+
+
 def _llama_cpp(tokens: int, path: Path):
     """llama.cpp's own generation of the LM alone: a text prompt of the same token count."""
     from llama_cpp import Llama
 
-    from mmllm.export.gguf import bytes_read_per_token
     from mmllm.processor import MultimodalProcessor
 
     processor = MultimodalProcessor.from_pretrained(path.parent, without_torch=True)
@@ -255,7 +255,7 @@ def _llama_cpp(tokens: int, path: Path):
                 break
         return marks[0] - start, marks[-1] - start
 
-    return run, bytes_read_per_token(path)
+    return run
 
 
 def prepare(model_name: str, export_dir: Path, variants: list[str]) -> list[str]:
@@ -283,7 +283,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--model",
-        default="qwen2.5-0.5b-instruct",
+        default=DEFAULT_MODEL,
         help="the LM (wrapped with the default vision tower) or a saved model",
     )
     parser.add_argument("--tokens", type=int, default=32)
@@ -321,6 +321,10 @@ def main() -> None:
                 print(f"{variant}: failed\n{done.stderr[-2000:]}")
                 continue
             result = json.loads(lines[-1].removeprefix("RESULT "))
+            if result["weight_bytes"] is None:  # read here: the GGUF reader touches the whole file
+                from mmllm.export.gguf import bytes_read_per_token
+
+                result["weight_bytes"] = bytes_read_per_token(_gguf(Path(tmp), variant))
             if variant.startswith("llama.cpp-own"):
                 own[variant.split("-")[-1]] = result["decode_tok_s"]
             roofline = bandwidth * 1e9 / result["weight_bytes"]
@@ -347,7 +351,8 @@ def main() -> None:
         "isa": cpu_isa(),
     }
     print(f"read bandwidth ({threads} threads): {bandwidth:.1f} GB/s; ISA: {', '.join(cpu_isa())}")
-    report("inference" + ("_quick" if args.quick else ""), rows, settings)
+    name = "inference" if args.model == DEFAULT_MODEL or args.quick else f"inference_{Path(args.model).name}"
+    report(name + ("_quick" if args.quick else ""), rows, settings)
 
 
 if __name__ == "__main__":

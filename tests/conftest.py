@@ -126,6 +126,65 @@ def serving(model: Path | str, *options: str) -> Iterator[str]:
         process.wait(timeout=30)
 
 
+def easy_vqa_predictions(out: Path, model: Path | str, backend: str, dtype: str = "auto") -> list[str]:
+    """`mmllm eval` of 6 easy-VQA test questions (4 tokens each) on `backend`: its predictions."""
+    import json
+
+    from mmllm.cli import main
+
+    task = ["eval", "--task", "easy-vqa", "--data", "easy-vqa:test", "datasets.0.limit=6", "--out", str(out)]
+    runtime = ["--model", str(model), "--backend", backend, "--dtype", dtype, "--max-new-tokens", "4"]
+    assert main([*task, *runtime]) == 0
+    assert json.loads((out / "run.json").read_text())["backend"] == backend
+    return [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").open()]
+
+
+def recipe(tiny_dir, out, **overrides) -> dict:
+    """A short training run of the tiny model at `tiny_dir` into `out`; dotted keys override."""
+    base = {
+        "init_from": str(tiny_dir),
+        "data": {
+            "datasets": [{"format": "easy-vqa", "split": "train", "per_image": True, "limit": 8}],
+            "batch_size": 4,
+            "num_workers": 0,
+            "max_length": 256,
+        },
+        "parts": {"projector": "full", "language_model": "frozen", "vision_tower": "frozen"},
+        "optim": {"lr_projector": 1e-2, "lr_lora": 1e-2, "lr_language": 1e-3, "warmup_ratio": 0.0},
+        "max_steps": 12,
+        "save_every": 4,
+        "keep_last": 2,
+        "log_every": 1,
+        "output_dir": str(out),
+        "tensorboard": False,
+    }
+    for key, value in overrides.items():
+        node = base
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return base
+
+
+def check_streams_and_cancels(backend, image) -> None:
+    """A stream gives the whole answer, and a client that leaves after the first piece stops its row."""
+    import threading
+
+    from mmllm.generation import GenerationSettings
+
+    conversation = [{"role": "user", "content": "<image>\nWhat is it?"}]
+    settings = GenerationSettings(max_new_tokens=10, ignore_eos=True)
+    whole = backend.ask(image, "What is it?", settings)
+    assert "".join(backend.stream(conversation, [image], settings)) == whole
+    prompt = backend.prepare(conversation, [image])
+    cancelled = threading.Event()
+    [done] = backend.complete_prompts(
+        [prompt], settings, on_delta=lambda *_: cancelled.set(), cancelled=[cancelled]
+    )
+    assert done.finish_reason == "cancelled" and done.completion_tokens < 10
+
+
 def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     template, special, roles = TEMPLATES[kind]
     backend = Tokenizer(models.BPE())

@@ -5,12 +5,11 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import httpx
 import pytest
 
-from conftest import save_tiny, serving
+from conftest import check_streams_and_cancels, easy_vqa_predictions, save_tiny, serving
 from mmllm.backends import load_backend
 from mmllm.backends.onnx import ONNX_CONFIG, OnnxBackend
 from mmllm.cli import main
@@ -62,21 +61,7 @@ def test_rows_end_alike_on_every_backend(backends, images):
 
 
 def test_onnx_streams_and_cancels(backends, images):
-    _, onnx_backend = backends
-    conversation = [{"role": "user", "content": "<image>\nWhat is it?"}]
-    settings = GenerationSettings(max_new_tokens=10, ignore_eos=True)
-    whole = onnx_backend.ask(images[0], "What is it?", settings)
-    assert "".join(onnx_backend.stream(conversation, [images[0]], settings)) == whole
-    prompt = onnx_backend.prepare(conversation, [images[0]])
-    cancelled = threading.Event()
-    seen = []
-
-    def on_delta(row, text):
-        seen.append(text)
-        cancelled.set()  # the client leaves after the first piece
-
-    [done] = onnx_backend.complete_prompts([prompt], settings, on_delta=on_delta, cancelled=[cancelled])
-    assert done.finish_reason == "cancelled" and done.completion_tokens < 10
+    check_streams_and_cancels(backends[1], images[0])
 
 
 def test_onnx_refuses_what_it_cannot_do(exported, tmp_path):
@@ -108,23 +93,10 @@ def test_every_command_runs_on_the_onnx_backend(exported, images, tmp_path, caps
     assert [line.split("\t")[0] for line in captions] == [str(images[0]), str(images[1])]
     assert main(["ask", *ask, "--model", str(onnx), "--backend", "onnx", "--num-beams", "2"]) == 2
     assert "num_beams" in capsys.readouterr().err
-    predictions = {}
-    for backend, path in (("torch", model), ("onnx", onnx)):
-        out = tmp_path / backend
-        task = [
-            "eval",
-            "--task",
-            "easy-vqa",
-            "--data",
-            "easy-vqa:test",
-            "datasets.0.limit=6",
-            "--out",
-            str(out),
-        ]
-        assert main([*task, "--model", str(path), "--backend", backend, "--max-new-tokens", "4"]) == 0
-        predictions[backend] = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").open()]
-        assert json.loads((out / "run.json").read_text())["backend"] == backend
-    assert predictions["onnx"] == predictions["torch"] and len(predictions["torch"]) == 6
+    predictions = [
+        easy_vqa_predictions(tmp_path / b, path, b) for b, path in (("torch", model), ("onnx", onnx))
+    ]
+    assert predictions[0] == predictions[1] and len(predictions[0]) == 6
     perplexity = ["eval", "--task", "perplexity", "--backend", "onnx", "--data", "easy-vqa:test"]
     assert main([*perplexity, "--model", str(onnx), "--out", str(tmp_path / "ppl")]) == 2
     assert "--backend torch" in capsys.readouterr().err

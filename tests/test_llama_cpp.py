@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import ctypes
 import json
-import threading
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import save_tiny, serving, tiny_vit
+from conftest import check_streams_and_cancels, easy_vqa_predictions, recipe, save_tiny, serving, tiny_vit
 from mmllm.cli import main
 from mmllm.config import load_config
 from mmllm.errors import MmllmError
@@ -115,21 +114,9 @@ def llava_design(folder, train_steps: int = 0):
     from mmllm.train.config import TrainConfig
     from mmllm.train.loop import train
 
-    recipe = {
-        "init_from": str(model),
-        "data": {
-            "datasets": [{"format": "easy-vqa", "split": "train", "per_image": True, "limit": 8}],
-            "batch_size": 4,
-            "num_workers": 0,
-        },
-        "parts": {"projector": "full", "language_model": "lora", "vision_tower": "frozen"},
-        "optim": {"lr_projector": 1e-2, "lr_lora": 1e-2, "warmup_ratio": 0.0},
-        "max_steps": train_steps,
-        "log_every": 1,
-        "output_dir": str(folder / "run"),
-        "tensorboard": False,
-    }
-    return train(load_config(TrainConfig, None, base=recipe))
+    lora = {"parts.language_model": "lora", "max_steps": train_steps, "save_every": train_steps}
+    run = recipe(model, folder / "run", **lora)
+    return train(load_config(TrainConfig, None, base=run))
 
 
 @pytest.mark.parametrize("train_steps", [0, 6], ids=["random", "trained"])
@@ -226,21 +213,10 @@ def test_rows_that_do_not_fit_the_cache_together_take_turns(pair, images, monkey
 
 
 def test_llama_cpp_streams_samples_and_cancels(pair, images):
-    _, llama = pair
-    conversation = [{"role": "user", "content": "<image>\nWhat is it?"}]
-    settings = GenerationSettings(max_new_tokens=10, ignore_eos=True)
-    whole = llama.ask(images[0], "What is it?", settings)
-    assert "".join(llama.stream(conversation, [images[0]], settings)) == whole
+    llama = pair[1]
+    check_streams_and_cancels(llama, images[0])
     sampled = GenerationSettings(max_new_tokens=10, temperature=1.0, top_k=20, seed=3)
     assert llama.ask(images[0], "What is it?", sampled) == llama.ask(images[0], "What is it?", sampled)
-    prompt = llama.prepare(conversation, [images[0]])
-    cancelled = threading.Event()
-
-    def on_delta(row, text):
-        cancelled.set()
-
-    [done] = llama.complete_prompts([prompt], settings, on_delta=on_delta, cancelled=[cancelled])
-    assert done.finish_reason == "cancelled" and done.completion_tokens < 10
 
 
 @pytest.fixture(scope="module")
@@ -275,33 +251,8 @@ def test_every_command_runs_on_the_llama_cpp_backend(exported, images, tmp_path,
         assert message in capsys.readouterr().err
     assert main(["ask", *ask, "--model", str(model), "--backend", "llama.cpp"]) == 2
     assert "not a `mmllm export gguf` folder" in capsys.readouterr().err
-    predictions = {}
-    for backend, path, dtype in (("torch", model, "auto"), ("llama.cpp", gguf, "f32")):
-        out = tmp_path / backend
-        task = [
-            "eval",
-            "--task",
-            "easy-vqa",
-            "--data",
-            "easy-vqa:test",
-            "datasets.0.limit=6",
-            "--out",
-            str(out),
-        ]
-        command = [
-            *task,
-            "--model",
-            str(path),
-            "--backend",
-            backend,
-            "--dtype",
-            dtype,
-            "--max-new-tokens",
-            "4",
-        ]
-        assert main(command) == 0
-        predictions[backend] = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").open()]
-    assert predictions["llama.cpp"] == predictions["torch"] and len(predictions["torch"]) == 6
+    torch_predictions = easy_vqa_predictions(tmp_path / "torch", model, "torch")
+    assert easy_vqa_predictions(tmp_path / "llama.cpp", gguf, "llama.cpp", "f32") == torch_predictions
 
 
 def test_serve_on_the_llama_cpp_backend(exported):

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_tiny
+from conftest import make_tiny, recipe
 from mmllm import MultimodalLM
 from mmllm.cli import main
 from mmllm.config import load_config
@@ -38,33 +38,6 @@ def tiny_dir(tmp_path_factory):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
-
-
-def recipe(tiny_dir, out, **overrides) -> dict:
-    base = {
-        "init_from": str(tiny_dir),
-        "data": {
-            "datasets": [{"format": "easy-vqa", "split": "train", "per_image": True, "limit": 8}],
-            "batch_size": 4,
-            "num_workers": 0,
-            "max_length": 256,
-        },
-        "parts": {"projector": "full", "language_model": "frozen", "vision_tower": "frozen"},
-        "optim": {"lr_projector": 1e-2, "lr_lora": 1e-2, "lr_language": 1e-3, "warmup_ratio": 0.0},
-        "max_steps": 12,
-        "save_every": 4,
-        "keep_last": 2,
-        "log_every": 1,
-        "output_dir": str(out),
-        "tensorboard": False,
-    }
-    for key, value in overrides.items():
-        node = base
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return base
 
 
 def _metrics(out: Path) -> list[dict]:
