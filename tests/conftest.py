@@ -233,13 +233,13 @@ TINY_CLIP = {
 }
 
 
-def tiny_vit():
-    """A tiny SigLIP-style ViT (timm's, no CLS token): 32 px images, 8 px patches, 2 blocks."""
+def tiny_vit(size: int = 32):
+    """A tiny SigLIP-style ViT (timm's, no CLS token): `size` px images, 8 px patches, 2 blocks."""
     from mmllm.models.timm_vision import describe_architecture
 
-    shape = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2}
+    shape = {"img_size": size, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "mlp_ratio": 2}
     return describe_architecture(
-        "vit_base_patch16_siglip_224", num_classes=0, model_args=shape, image_size=32
+        "vit_base_patch16_siglip_224", num_classes=0, model_args=shape, image_size=size
     )
 
 

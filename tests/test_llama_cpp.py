@@ -104,10 +104,10 @@ class Mtmd:
         return answer
 
 
-def llava_design(folder, train_steps: int = 0):
+def llava_design(folder, train_steps: int = 0, size: int = 32):
     """A tiny model of LLaVA's design on a CLS-free ViT (what llama.cpp's llava graph computes exactly),
     saved; with `train_steps`, trained first by `mmllm train`."""
-    design = {"vision": tiny_vit(), "feature_mode": "patch", "projector": "mlp_gelu", "lm_init_std": 0.3}
+    design = {"vision": tiny_vit(size), "feature_mode": "patch", "projector": "mlp_gelu", "lm_init_std": 0.3}
     model = save_tiny(folder / "base", **design)
     if not train_steps:
         return model
@@ -119,9 +119,12 @@ def llava_design(folder, train_steps: int = 0):
     return train(load_config(TrainConfig, None, base=run))
 
 
-@pytest.mark.parametrize("train_steps", [0, 6], ids=["random", "trained"])
-def test_llama_cpps_own_engine_sees_and_answers_as_mmllm(tmp_path, train_steps):
-    model = llava_design(tmp_path, train_steps)
+@pytest.mark.parametrize(
+    ("train_steps", "size"), [(0, 32), (0, 64), (6, 32)], ids=["random", "64px", "trained"]
+)
+def test_llama_cpps_own_engine_sees_and_answers_as_mmllm(tmp_path, train_steps, size):
+    """64 px images in 8 px patches: 64 image rows, as the easy-VQA tower has."""
+    model = llava_design(tmp_path, train_steps, size)
     folder = export_gguf(str(model), tmp_path / "gguf", ["f32"])
     assert (folder / "mmproj-f32.gguf").is_file()
     pipeline = Pipeline.load(str(model), device="cpu")

@@ -34,7 +34,7 @@ from mmllm.models.timm_vision import TimmVisionConfig
 
 log = logging.getLogger("mmllm")
 
-WITHOUT_MMPROJ = "run it in llama.cpp with `--backend llama.cpp`, which hands llama.cpp mmllm's image rows"
+WITHOUT_MMPROJ = "run it with `--backend llama.cpp`: mmllm computes what the LM reads of each image"
 
 
 def _plain_vit_refusal(tower) -> str | None:
