@@ -154,25 +154,37 @@ class LlamaCppBackend(ExportedBackend):
         pointer = self.llama_cpp.llama_get_logits_ith(self.ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()  # (V,)
 
-    def _read_prompt(self, sequence: int, input_ids: list[int], image_rows: np.ndarray | None) -> np.ndarray:
-        """Feed one prompt into the KV cache as `sequence`; returns the logits after its last token."""
-        images = iter(image_rows if image_rows is not None else ())
-        runs = segments(input_ids, self.settings["image_token_id"])
-        for number, (image, start, end) in enumerate(runs):
-            rows = next(images) if image else None  # (N, D): one image's rows fill one placeholder run
-            for low in range(start, end, CHUNK):
-                high = min(end, low + CHUNK)
-                last = number == len(runs) - 1 and high == end
+    def _read_prompts(self, prompts: list[list[int]], image_rows: list[np.ndarray | None]) -> np.ndarray:
+        """Feed prompts into the KV cache, prompt i as sequence i; the k-th run of every prompt goes in
+        the same llama.cpp batches (text runs as tokens, image runs as rows: a batch holds one kind).
+        Returns the (R, V) logits after each prompt's last token."""
+        runs = [segments(ids, self.settings["image_token_id"]) for ids in prompts]
+        images = [iter(rows if rows is not None else ()) for rows in image_rows]  # (N, D) per image
+        logits = np.zeros((len(prompts), self.n_vocab), np.float32)
+        for phase in range(max(len(r) for r in runs)):
+            entries: dict[bool, list] = {False: [], True: []}  # (sequence, position, token or row, last)
+            for seq, its_runs in enumerate(runs):
+                if phase < len(its_runs):
+                    image, start, end = its_runs[phase]
+                    values = next(images[seq]) if image else prompts[seq][start:end]
+                    final = end - 1 if phase == len(its_runs) - 1 else -1
+                    entries[image] += [(seq, p, values[p - start], p == final) for p in range(start, end)]
+            for image, items in entries.items():
                 batch = self.rows if image else self.tokens
-                for index, position in enumerate(range(low, high)):
-                    if not image:
-                        batch.token[index] = input_ids[position]
-                    self._fill(batch, index, position, sequence, last and position == high - 1)
-                if image:
-                    chunk = np.ascontiguousarray(rows[low - start : high - start], np.float32)
-                    ctypes.memmove(batch.embd, chunk.ctypes.data, chunk.nbytes)
-                self._run(batch, high - low)
-        return self._logits(-1)
+                for low in range(0, len(items), CHUNK):
+                    chunk = items[low : low + CHUNK]
+                    for index, (seq, position, value, last) in enumerate(chunk):
+                        if not image:
+                            batch.token[index] = value
+                        self._fill(batch, index, position, seq, last)
+                    if image:
+                        rows = np.ascontiguousarray([value for _, _, value, _ in chunk], np.float32)
+                        ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
+                    self._run(batch, len(chunk))
+                    for index, (seq, _, _, last) in enumerate(chunk):
+                        if last:
+                            logits[seq] = self._logits(index)
+        return logits
 
     def _groups(self, prompts: list[Prompt], limits: list[int]) -> list[list[int]]:
         """Rows in turns whose prompts and answers fit the shared KV cache together."""
@@ -206,9 +218,7 @@ class LlamaCppBackend(ExportedBackend):
     def _decode_group(self, group, prompts, per_prompt, settings, rows: RowTracker, rng) -> None:
         llama_cpp = self.llama_cpp
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
-        logits = np.stack(
-            [self._read_prompt(seq, prompts[row].input_ids, per_prompt[row]) for seq, row in enumerate(group)]
-        )  # (R, V)
+        logits = self._read_prompts([prompts[r].input_ids for r in group], [per_prompt[r] for r in group])
         positions = [len(prompts[row].input_ids) for row in group]
         while True:
             chosen = choose_tokens(logits, settings, rng, self.processor.stop_token_ids).tolist()
