@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mmllm.errors import MmllmError
-from mmllm.generation import Backend
+from mmllm.generation import Backend, GenerationSettings
 from mmllm.models.labels import describe_images
 from mmllm.processor import MultimodalProcessor
 
@@ -42,6 +42,15 @@ class ExportedBackend(Backend):
         super().__init__(processor)
         self.vision = vision  # an onnxruntime InferenceSession
         self.settings = settings
+
+    def check(self, settings: GenerationSettings) -> None:
+        """Both engines decode with `choose_tokens`: greedy or sampled, one token a row a step."""
+        if settings.num_beams > 1:
+            raise ValueError(f"the {self.name} backend decodes greedily or by sampling (num_beams must be 1)")
+        if settings.repetition_penalty != 1.0:
+            raise ValueError(
+                f"the {self.name} backend has no repetition penalty (repetition_penalty must be 1.0)"
+            )
 
     @property
     def reads_images_as_words(self) -> bool:

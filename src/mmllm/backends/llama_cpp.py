@@ -130,14 +130,6 @@ class LlamaCppBackend(ExportedBackend):
     def context_length(self) -> int:
         return self.n_ctx
 
-    def check(self, settings: GenerationSettings) -> None:
-        if settings.num_beams > 1:
-            raise ValueError("the llama.cpp backend decodes greedily or by sampling (num_beams must be 1)")
-        if settings.repetition_penalty != 1.0:
-            raise ValueError(
-                "the llama.cpp backend has no repetition penalty (repetition_penalty must be 1.0)"
-            )
-
     def _run(self, batch, count: int) -> None:
         batch.n_tokens = count
         status = self.llama_cpp.llama_decode(self.ctx, batch)

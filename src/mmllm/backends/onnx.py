@@ -41,12 +41,6 @@ class OnnxBackend(ExportedBackend):
         processor = MultimodalProcessor.from_pretrained(path, without_torch=True)
         return cls(vision, decoder, embeddings, processor, settings)
 
-    def check(self, settings: GenerationSettings) -> None:
-        if settings.num_beams > 1:
-            raise ValueError("the onnx backend decodes greedily or by sampling (num_beams must be 1)")
-        if settings.repetition_penalty != 1.0:
-            raise ValueError("the onnx backend has no repetition penalty (repetition_penalty must be 1.0)")
-
     def prompt_embeddings(self, prompts: list[Prompt]) -> tuple[np.ndarray, np.ndarray]:
         """(B, T, D) left-padded embeddings with image rows in the placeholder rows, and the (B, T) mask."""
         batch = self.processor.pad_arrays([{"input_ids": prompt.input_ids} for prompt in prompts])
