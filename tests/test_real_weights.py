@@ -104,8 +104,12 @@ def test_gguf_export_of_real_smollm2_answers_like_the_original(tmp_path, capsys)
         )
         == 0
     )
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model-f16.gguf")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model-f16.gguf")
+    # The GGUF file alone, away from the processor files the export folder also holds.
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "model-f16.gguf").symlink_to(tmp_path / "model-f16.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(alone, gguf_file="model-f16.gguf")
+    model = AutoModelForCausalLM.from_pretrained(alone, gguf_file="model-f16.gguf")
     # Tied embeddings are the output matrix too: every f16/f32 byte is read per token.
     assert model.config.tie_word_embeddings
     assert bytes_read_per_token(tmp_path / "model-f16.gguf") == sum(
