@@ -20,7 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mmllm.backends.llama_cpp import LLAMA_CPP_CONFIG, LLAMA_CPP_FORMAT, import_llama_cpp, quiet_llama_cpp
+from mmllm.backends.llama_cpp import (
+    LLAMA_CPP_CONFIG,
+    LLAMA_CPP_FORMAT,
+    PREFERRED,
+    import_llama_cpp,
+    quiet_llama_cpp,
+)
 from mmllm.errors import MmllmError
 
 log = logging.getLogger("mmllm")
@@ -196,7 +202,6 @@ def export_gguf(
         "gguf": {kind: lm_file(out, kind).name for kind in outtypes},
         "mmproj": mmproj if refusal is None else None,
         "mmproj_refusal": refusal,
-        "num_image_tokens": processor.num_image_tokens,
     }
     (out / LLAMA_CPP_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")
     write_modelfile(out, outtypes, settings["mmproj"], processor)
@@ -206,7 +211,7 @@ def export_gguf(
 
 def write_modelfile(out: Path, outtypes: list[str], mmproj: str | None, processor) -> None:
     """Ollama's recipe: the smallest LM file, then the mmproj, greedy, stopping where mmllm stops."""
-    smallest = next(kind for kind in ("q4_k_m", "q8_0", "f16", "f32") if kind in outtypes)
+    smallest = next(kind for kind in PREFERRED if kind in outtypes)
     lines = [f"FROM ./{lm_file(out, smallest).name}"]
     if mmproj:
         lines.append(f"FROM ./{mmproj}")
