@@ -143,8 +143,10 @@ class LlamaCppBackend(ExportedBackend):
         batch.logits[index] = logits
 
     def _logits(self, index: int) -> np.ndarray:
+        """(V,) logits of the batch's `index`-th token: a view of llama.cpp's buffer, valid until the
+        next decode (callers copy it into their own array)."""
         pointer = self.llama_cpp.llama_get_logits_ith(self.ctx, index)
-        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,)).copy()  # (V,)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
     def _read_prompts(self, prompts: list[list[int]], image_rows: list[np.ndarray | None]) -> np.ndarray:
         """Feed prompts into the KV cache, prompt i as sequence i; the k-th run of every prompt goes in
@@ -223,6 +225,5 @@ class LlamaCppBackend(ExportedBackend):
                 self._fill(self.tokens, index, positions[seq], seq, True)
                 positions[seq] += 1
             self._run(self.tokens, len(active))
-            logits = np.zeros((len(group), self.n_vocab), np.float32)
-            for index, (seq, _) in enumerate(active):
+            for index, (seq, _) in enumerate(active):  # finished rows keep stale logits: ignored
                 logits[seq] = self._logits(index)
