@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
@@ -126,6 +127,19 @@ def serving(model: Path | str, *options: str) -> Iterator[str]:
         process.wait(timeout=30)
 
 
+def run_jobs(queue, items: list[tuple], stop: list[str] | None = None) -> list:
+    """Submit (prompt, settings) jobs to a request queue at once; their answers (or errors), in order."""
+    from mmllm.batcher import Job
+
+    loop = asyncio.new_event_loop()
+    jobs = [Job(p, s, s.max_new_tokens, stop or [], loop, loop.create_future()) for p, s in items]
+    for job in jobs:
+        queue.submit(job)
+    results = loop.run_until_complete(asyncio.gather(*(job.future for job in jobs), return_exceptions=True))
+    loop.close()
+    return results
+
+
 def easy_vqa_predictions(out: Path, model: Path | str, backend: str, dtype: str = "auto") -> list[str]:
     """`mmllm eval` of 6 easy-VQA test questions (4 tokens each) on `backend`: its predictions."""
     import json
@@ -202,7 +216,9 @@ def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def tiny_text_config(kind: str, tokenizer: PreTrainedTokenizerFast, init_std: float = 0.02):
+def tiny_text_config(
+    kind: str, tokenizer: PreTrainedTokenizerFast, init_std: float = 0.02, context: int = 512
+):
     common = {
         "initializer_range": init_std,
         "vocab_size": len(tokenizer),
@@ -210,7 +226,7 @@ def tiny_text_config(kind: str, tokenizer: PreTrainedTokenizerFast, init_std: fl
         "intermediate_size": 128,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
-        "max_position_embeddings": 512,
+        "max_position_embeddings": context,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
@@ -249,17 +265,18 @@ def make_tiny(
     projector: str = "mlp_ln",
     lm_init_std: float = 0.02,
     vision=None,
+    context: int = 512,
     **extra,
 ):
     """A random tiny MultimodalLM and its processor, seeded so every call gives the same weights.
 
     A larger `lm_init_std` gives an LM whose outputs react strongly to its inputs, as a trained
     one does (at 0.02 a random LM predicts near-uniformly whatever it is fed). `vision`: another
-    tower's config (a tiny CLIP by default).
+    tower's config (a tiny CLIP by default). `context`: the tokens the LM reads, prompt and answer.
     """
     torch.manual_seed(0)
     tokenizer = make_tokenizer(kind)
-    text_config = tiny_text_config(kind, tokenizer, lm_init_std)
+    text_config = tiny_text_config(kind, tokenizer, lm_init_std, context)
     config = MultimodalConfig(
         vision_config=vision or CLIPVisionConfig(**TINY_CLIP),
         text_config=text_config,

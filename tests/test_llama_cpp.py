@@ -11,13 +11,22 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import check_streams_and_cancels, easy_vqa_predictions, recipe, save_tiny, serving, tiny_vit
+from conftest import (
+    check_streams_and_cancels,
+    easy_vqa_predictions,
+    recipe,
+    run_jobs,
+    save_tiny,
+    serving,
+    tiny_vit,
+)
 from mmllm.cli import main
 from mmllm.config import load_config
 from mmllm.errors import MmllmError
 from mmllm.export.gguf import export_gguf
 from mmllm.generation import GenerationSettings
 from mmllm.pipeline import Pipeline
+from mmllm.scheduler import Scheduler
 
 QUESTION = "What is in this image?"
 
@@ -201,18 +210,34 @@ def test_llama_cpp_rows_end_as_torch_rows_do(pair, images):
 
 
 def test_rows_that_do_not_fit_the_cache_together_take_turns(pair, images, monkeypatch):
-    from mmllm.backends import llama_cpp as module
-
     torch_backend, llama = pair
     prompts, pictures = conversations(images)
     settings = GenerationSettings(max_new_tokens=10, ignore_eos=True)
     together = llama.complete(prompts, pictures, settings)
-    monkeypatch.setattr(module, "MAX_ROWS", 1)
-    assert (
-        llama.complete(prompts, pictures, settings)
-        == together
-        == torch_backend.complete(prompts, pictures, settings)
-    )
+    assert together == torch_backend.complete(prompts, pictures, settings)
+    with monkeypatch.context() as patch:
+        patch.setattr(llama.session, "max_rows", 1)
+        assert llama.complete(prompts, pictures, settings) == together
+    longest = max(len(llama.prepare(c, i).input_ids) for c, i in zip(prompts, pictures, strict=True))
+    monkeypatch.setattr(llama.session, "kv_tokens", longest + 10)  # room for one row at a time
+    assert llama.complete(prompts, pictures, settings) == together
+
+
+def test_the_scheduler_runs_llama_cpp_rows_as_they_run_alone(pair, images):
+    torch_backend, llama = pair
+    prompts, pictures = conversations(images)
+    prepared = [llama.prepare(c, i) for c, i in zip(prompts * 2, pictures * 2, strict=True)]
+    limits = [9, 2, 14, 5, 11, 1]
+    items = [
+        (p, GenerationSettings(max_new_tokens=n, ignore_eos=True))
+        for p, n in zip(prepared, limits, strict=True)
+    ]
+    queue = Scheduler(llama, max_rows=2, step_tokens=8)  # rows join mid-answer, prompts read in chunks
+    busy = run_jobs(queue, items)
+    queue.close()
+    alone = [torch_backend.complete_prompts([p], s)[0] for p, s in items]
+    assert busy == alone
+    assert not llama.session.prompts and sorted(llama.session.free) == list(range(llama.session.max_rows))
 
 
 def test_llama_cpp_streams_samples_and_cancels(pair, images):

@@ -121,7 +121,7 @@ def test_rest_generate_and_caption_json_and_multipart(server):
     assert caption.json()["completion_tokens"] > 0
 
 
-def test_concurrent_requests_share_generate_calls(server):
+def test_concurrent_requests_share_decoding_steps(server):
     headers = {"Authorization": f"Bearer {KEY}"}
 
     def ask(n: int) -> int:
@@ -130,18 +130,44 @@ def test_concurrent_requests_share_generate_calls(server):
             f"{server}/v1/chat/completions", headers=headers, json=body, timeout=120
         ).status_code
 
-    def batches() -> float:
+    def metrics() -> dict[str, float]:
         text = httpx.get(f"{server}/metrics", headers=headers).text
-        return float(
-            next(line.split()[-1] for line in text.splitlines() if line.startswith("mmllm_batch_size_count"))
-        )
+        return {line.split()[0]: float(line.split()[-1]) for line in text.splitlines() if line[:1] != "#"}
 
-    before = batches()
+    before = metrics()
     with ThreadPoolExecutor(32) as pool:
         statuses = list(pool.map(ask, range(32)))
     assert statuses == [200] * 32
-    calls = batches() - before
-    assert calls < 32, f"32 requests took {calls} generate calls"
+    after = metrics()
+    steps = after["mmllm_batch_size_count"] - before["mmllm_batch_size_count"]
+    rows = after["mmllm_batch_size_sum"] - before["mmllm_batch_size_sum"]
+    assert rows / steps > 2, f"32 requests ran {rows:g} rows in {steps:g} decoding steps"
+    first_tokens = "mmllm_time_to_first_token_seconds_count"
+    assert after[first_tokens] - before[first_tokens] == 32
+    assert after["mmllm_queue_depth"] == after["mmllm_running_requests"] == 0
+
+
+def test_stream_usage_and_sampling_extensions(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {
+        "messages": [{"role": "user", "content": "Count."}],
+        "max_tokens": 5,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "temperature": 0.8,
+        "top_k": 5,
+        "seed": 3,
+        "repetition_penalty": 1.2,
+    }
+    with httpx.stream("POST", f"{server}/v1/chat/completions", headers=headers, json=body) as response:
+        chunks = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
+    plain = httpx.post(
+        f"{server}/v1/chat/completions", headers=headers, json={**body, "stream": False}, timeout=60
+    ).json()
+    assert plain["choices"][0]["message"]["content"] == text  # one seed, one answer
 
 
 @pytest.mark.parametrize(

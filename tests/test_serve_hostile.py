@@ -26,7 +26,8 @@ LONG = 4000  # tokens; the tiny model needs ~3 ms each, so a long answer takes s
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    model = save_tiny(tmp_path_factory.mktemp("served"), lm_init_std=0.3)
+    # A context long enough for the long answers below (answers end where the context does).
+    model = save_tiny(tmp_path_factory.mktemp("served"), lm_init_std=0.3, context=4096)
     limits = ("--max-body-mb", "1", "--max-tokens", str(LONG), "--timeout-s", "4", "--max-wait-ms", "5")
     with serving(model, "--api-key", KEY, *limits) as url:
         yield url
@@ -154,7 +155,7 @@ def test_prompt_longer_than_the_limit_is_refused_without_tokenizing(server):
     assert "characters is longer than 4,096 tokens can be" in response.json()["error"]["message"]
     assert time.perf_counter() - start < 5
     tokens = chat(server, user("word " * 5000))  # few enough characters, too many tokens for the model
-    assert tokens.status_code == 400 and "tokens; the model's context holds 512" in tokens.text
+    assert tokens.status_code == 400 and "tokens; the model's context holds 4,096" in tokens.text
 
 
 def test_health_answers_while_large_images_decode(server):
@@ -215,6 +216,23 @@ def test_a_dropped_stream_stops_generating(server):
     start = time.perf_counter()
     assert chat(server, user("hi")).status_code == 200
     assert time.perf_counter() - start < 3  # nothing left running ahead of it
+
+
+def test_a_short_request_does_not_wait_for_a_long_stream(server):
+    # The continuous scheduler lets the short one join the running batch and leave when done: it
+    # finishes while the long answer is still streaming (behind a dynamic batch it waited for all of it).
+    ttft = metric(server, "mmllm_time_to_first_token_seconds_count")
+    content = json.dumps(_long_request(stream=True)).encode()
+    headers = {**AUTH, "content-type": "application/json"}
+    with httpx.stream("POST", f"{server}/v1/chat/completions", headers=headers, content=content) as response:
+        lines = (line for line in response.iter_lines() if line)
+        assert next(lines).startswith("data:") and '"content": "' in next(lines)  # it is generating
+        short = chat(server, {**user("hi"), "max_tokens": 3, "ignore_eos": True})
+        assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 3
+        assert metric(server, "mmllm_running_requests") == 1  # the long one, still going
+        assert "[DONE]" not in "".join(line for _, line in zip(range(3), lines, strict=False))
+    assert _wait_for(lambda: metric(server, "mmllm_running_requests") == 0)
+    assert metric(server, "mmllm_time_to_first_token_seconds_count") == ttft + 2
 
 
 def test_a_dropped_plain_request_stops_generating(server):

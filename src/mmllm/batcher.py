@@ -1,7 +1,10 @@
-"""Dynamic batching: concurrent requests wait up to `max_wait_ms` to share one batched generate call.
-The server and the chat page both answer through one (`mmllm serve --ui` shares it between them).
+"""Request queues: what the server, the chat page and `mmllm eval` submit requests to, one thread that
+runs the model behind them (`mmllm serve --ui` shares one between the API and the page).
 
-Requests batch together only when their decoding settings agree (temperature, top-p, seed, ...);
+Two kinds. The continuous `Scheduler` (`scheduler.py`, the default wherever the backend keeps a
+running batch) admits requests between decoding steps. The `DynamicBatcher` here, for backends
+without one: concurrent requests wait up to `max_wait_ms` to share one batched generate call, run to
+its end. Requests batch together only when their decoding settings agree (temperature, top-p, seed, ...);
 each keeps its own token limit and stop strings, and streaming requests receive their text as the
 shared batch produces it. Each request arrives prepared (`Backend.prepare`: decoded, resized,
 tokenized on its own), so one client's bad input can only fail its own request; a request whose
@@ -11,15 +14,17 @@ client left is dropped before its batch starts, or its row stops at the next tok
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import astuple, dataclass, field
 from typing import Any
 
 from mmllm.conversation import Message
-from mmllm.generation import Backend, Completion, GenerationSettings, Prompt
+from mmllm.generation import Backend, Completion, GenerationSettings, OnDelta, Prompt
 
 
 @dataclass
@@ -33,6 +38,7 @@ class Job:
     deltas: asyncio.Queue | None = None  # set for streaming requests
     enqueued: float = field(default_factory=time.perf_counter)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    first_token: bool = False
 
     def cancel(self) -> None:
         """The client went away or timed out: stop spending compute on this request."""
@@ -45,19 +51,40 @@ class Job:
         return astuple(self.settings)[1:]  # everything but max_new_tokens (per row)
 
 
-class DynamicBatcher:
-    def __init__(self, backend: Backend, max_batch_size: int = 8, max_wait_ms: float = 10):
-        self.backend, self.max_batch_size, self.max_wait = backend, max_batch_size, max_wait_ms / 1000
-        # Called with (results, seconds) after each batch, cancelled rows included (the server's metrics).
-        self.observers: list[Callable[[list[Completion | BaseException], float], None]] = []
+class Closed(Exception):
+    """The queue was closed: its thread ends."""
+
+
+class Events:
+    """What a request queue reports as it works; the server's metrics implement it."""
+
+    def ran(self, rows: int, seconds: float) -> None:
+        """One generate call (the batcher) or one decoding step (the scheduler) over `rows` rows."""
+
+    def first_token(self, seconds: float) -> None:
+        """A request's first token came `seconds` after it was queued."""
+
+    def finished(self, result: Completion | BaseException) -> None:
+        """A request's answer (or failure), cancelled ones included."""
+
+
+class RequestQueue:
+    """Requests in, answers out, in a thread of its own that runs the model: what the server, the chat
+    page and `mmllm eval` submit to. `DynamicBatcher` and the continuous `Scheduler` are the two kinds."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.events = Events()
         self.jobs: queue.Queue[Job] = queue.Queue()
-        self.held: list[Job] = []  # jobs whose settings did not match the batch being formed
-        self.generate_calls = 0
-        threading.Thread(target=self._run, daemon=True, name="mmllm-batcher").start()
+        threading.Thread(target=self._serve, daemon=True, name=f"mmllm-{type(self).__name__}").start()
 
     @property
     def depth(self) -> int:
-        return self.jobs.qsize() + len(self.held)
+        """Requests waiting for a place in a batch."""
+        return self.jobs.qsize()
+
+    running = 0
+    """Requests decoding now."""
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
@@ -80,15 +107,86 @@ class DynamicBatcher:
         finally:
             job.cancel()  # a no-op once the answer is complete
 
-    def _next_job(self, timeout: float | None = None) -> Job:
-        """The next queued job whose client is still waiting (raises queue.Empty after `timeout`)."""
-        while (job := self.jobs.get(timeout=timeout)).cancelled.is_set():
+    def answer(
+        self, prompts: Iterable[Prompt], settings: GenerationSettings, window: int = 64
+    ) -> Iterator[Completion]:
+        """The answers to `prompts`, in order, for callers without an event loop (`mmllm eval`); at most
+        `window` prompts are prepared and queued at a time."""
+        loop = asyncio.new_event_loop()
+        prompts, queued = iter(prompts), deque()
+        try:
+            while True:
+                while len(queued) < window and (prompt := next(prompts, None)) is not None:
+                    job = Job(prompt, settings, settings.max_new_tokens, [], loop, loop.create_future())
+                    self.submit(job)
+                    queued.append(job)
+                if not queued:
+                    return
+                yield loop.run_until_complete(queued.popleft().future)
+        finally:
+            for job in queued:
+                job.cancel()  # a caller that stops reading stops the rest
+            loop.close()
+
+    def close(self) -> None:
+        """Stop the queue's thread once the requests submitted before are answered."""
+        self.jobs.put(None)
+
+    def _settle(self, job: Job, result: Completion | BaseException) -> None:
+        self.events.finished(result)
+        with contextlib.suppress(RuntimeError):  # its event loop is gone: so is whoever waited
+            job.loop.call_soon_threadsafe(_settle, job, result)
+
+    def _first_token(self, job: Job) -> None:
+        if not job.first_token:
+            job.first_token = True
+            self.events.first_token(time.perf_counter() - job.enqueued)
+
+    def _deliver(self, job: Job) -> OnDelta:
+        """What a job's text goes to: its stream's queue (streaming requests), its first-token time."""
+
+        def on_delta(row: int, text: str) -> None:
+            self._first_token(job)
+            if job.deltas is not None:
+                job.loop.call_soon_threadsafe(job.deltas.put_nowait, text)
+
+        return on_delta
+
+    def _serve(self) -> None:
+        with contextlib.suppress(Closed):
+            self._run()
+
+    def _run(self) -> None:
+        """Answer jobs until closed (raising `Closed`)."""
+        raise NotImplementedError
+
+
+class DynamicBatcher(RequestQueue):
+    """Requests that arrive together (within `max_wait_ms`) and share decoding settings run as one
+    `complete_prompts` call, to its end: the queue for backends without a running batch."""
+
+    def __init__(self, backend: Backend, max_batch_size: int = 8, max_wait_ms: float = 10):
+        self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
+        self.held: list[Job] = []  # jobs whose settings did not match the batch being formed
+        self.generate_calls = 0
+        super().__init__(backend)
+
+    @property
+    def depth(self) -> int:
+        return self.jobs.qsize() + len(self.held)
+
+    def _next_job(self, timeout: float | None = None) -> Job | None:
+        """The next queued job whose client is still waiting, or None once closed (raises queue.Empty
+        after `timeout`)."""
+        while (job := self.jobs.get(timeout=timeout)) is not None and job.cancelled.is_set():
             pass
         return job
 
     def _next_batch(self) -> list[Job]:
         self.held = [job for job in self.held if not job.cancelled.is_set()]
         first = self.held.pop(0) if self.held else self._next_job()
+        if first is None:
+            raise Closed
         batch, deadline = [first], time.perf_counter() + self.max_wait
         for job in list(self.held):
             if len(batch) < self.max_batch_size and job.key == first.key:
@@ -99,6 +197,9 @@ class DynamicBatcher:
                 job = self._next_job(timeout=max(0.0, deadline - time.perf_counter()))
             except queue.Empty:
                 break
+            if job is None:  # closed: this batch is the last but for what it held back
+                self.jobs.put(None)
+                break
             (batch if job.key == first.key else self.held).append(job)
         return batch
 
@@ -106,12 +207,8 @@ class DynamicBatcher:
         while True:
             batch = self._next_batch()
             start = time.perf_counter()
-
-            def on_delta(row: int, text: str, batch=batch) -> None:
-                job = batch[row]
-                if job.deltas is not None:
-                    job.loop.call_soon_threadsafe(job.deltas.put_nowait, text)
-
+            deliveries = [self._deliver(job) for job in batch]
+            self.running = len(batch)
             try:
                 self.generate_calls += 1
                 results: list[Completion | BaseException] = self.backend.complete_prompts(
@@ -119,15 +216,15 @@ class DynamicBatcher:
                     batch[0].settings,
                     max_tokens=[job.max_tokens for job in batch],
                     stop=[job.stop for job in batch],
-                    on_delta=on_delta,
+                    on_delta=lambda row, text, to=deliveries: to[row](row, text),
                     cancelled=[job.cancelled for job in batch],
                 )
             except Exception as err:  # one bad batch fails its requests, never the server
                 results = [err] * len(batch)
-            for observe in self.observers:
-                observe(results, time.perf_counter() - start)
+            self.events.ran(len(batch), time.perf_counter() - start)
+            self.running = 0
             for job, result in zip(batch, results, strict=True):
-                job.loop.call_soon_threadsafe(_settle, job, result)
+                self._settle(job, result)
 
 
 def _settle(job: Job, result: Completion | BaseException) -> None:

@@ -168,31 +168,31 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from mmllm.batcher import DynamicBatcher
+    from mmllm.scheduler import request_queue
     from mmllm.serve.app import create_app
     from mmllm.serve.config import ServeConfig
 
     cfg = from_namespace(ServeConfig, args)
     backend = _backend(args)
-    batcher = DynamicBatcher(backend, cfg.max_batch_size, cfg.max_wait_ms)  # the API's and the page's
-    app = create_app(backend, cfg, model_name=args.model, batcher=batcher)
+    requests = request_queue(backend, cfg.scheduler, cfg.max_batch_size, cfg.max_wait_ms, cfg.max_step_tokens)
+    app = create_app(backend, cfg, model_name=args.model, requests=requests)  # the API's and the page's
     if cfg.ui:
         from mmllm.ui import mount_ui
 
-        app = mount_ui(app, batcher, args.model, cfg.api_key)
+        app = mount_ui(app, requests, args.model, cfg.api_key)
     pages = "OpenAPI docs at /docs" + (", chat page at /ui" if cfg.ui else "")
     print(f"serving {args.model} on http://{cfg.host}:{cfg.port} ({pages})", flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
-    from mmllm.batcher import DynamicBatcher
+    from mmllm.scheduler import request_queue
     from mmllm.ui import UiConfig, serve_ui
 
     cfg = from_namespace(UiConfig, args)
-    batcher = DynamicBatcher(_backend(args), cfg.max_batch_size)
+    requests = request_queue(_backend(args), max_rows=cfg.max_batch_size)
     print(f"chat page for {args.model} on http://{cfg.host}:{cfg.port}", flush=True)
-    serve_ui(batcher, args.model, cfg)
+    serve_ui(requests, args.model, cfg)
 
 
 def cmd_transcribe(args: argparse.Namespace) -> None:

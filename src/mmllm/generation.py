@@ -139,7 +139,8 @@ class RowTracker:
         cancelled: list[threading.Event] | None = None,
     ):
         self.tokenizer = processor.tokenizer
-        self.stop_ids = set() if ignore_eos else set(processor.stop_token_ids)
+        self.stop_token_ids = processor.stop_token_ids
+        self.stop_ids = set() if ignore_eos else set(self.stop_token_ids)
         self.limits, self.stops, self.on_delta = limits, stops, on_delta
         self.cancelled = cancelled or [threading.Event() for _ in limits]
         self.ids: list[list[int]] = [[] for _ in limits]
@@ -252,6 +253,10 @@ class Backend:
             )
         return Prompt(encoded["input_ids"], None if words else pixels)
 
+    session = None
+    """The backend's running batch (a `running.StepSession`): answers join and leave it between
+    decoding steps, what the continuous scheduler needs; None where the engine cannot keep one."""
+
     reads_images_as_words: bool = False
     """Whether the model reads images as words (the labels bridge) rather than as projected rows."""
 
@@ -361,14 +366,25 @@ class Backend:
 
 
 def choose_tokens(
-    logits: np.ndarray, settings: GenerationSettings, rng: np.random.Generator, stop_ids: list[int]
+    logits: np.ndarray,
+    settings: GenerationSettings,
+    rng: np.random.Generator,
+    stop_ids: list[int],
+    seen: list[list[int]] | None = None,
 ) -> np.ndarray:
     """(B, V) logits -> the next token per row: argmax, or a sample from the temperature/top-k/top-p
     distribution (for backends that sample outside transformers). With `ignore_eos` the stop tokens
-    are never chosen, as transformers' `min_new_tokens` does."""
-    if settings.ignore_eos:
+    are never chosen, as transformers' `min_new_tokens` does; `seen` (each row's prompt and answer so
+    far) gets the repetition penalty, as transformers' `RepetitionPenaltyLogitsProcessor` gives it."""
+    if settings.ignore_eos or seen is not None:
         logits = logits.copy()
+    if settings.ignore_eos:
         logits[:, stop_ids] = -np.inf
+    for row, ids in enumerate(seen or ()):
+        tokens = np.unique([token for token in ids if token < logits.shape[1]])  # placeholders lie outside
+        scores = logits[row, tokens]
+        penalty = settings.repetition_penalty
+        logits[row, tokens] = np.where(scores < 0, scores * penalty, scores / penalty)
     if not settings.sampling:
         return logits.argmax(-1)
     scaled = logits / settings.temperature

@@ -3,11 +3,12 @@ streamed (`Pipeline`, what `--backend torch` runs)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria
+from transformers import DynamicCache, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from mmllm.errors import MmllmError
@@ -43,6 +44,121 @@ class _GenerateTracker(RowTracker, BaseStreamer, StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
         return torch.tensor([bool(f) for f in self.finish], device=input_ids.device)
+
+
+def pad_left(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
+    """`tensor` with `columns` zero columns put before dimension `dim`'s first."""
+    if not columns:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = columns
+    return torch.cat([tensor.new_zeros(shape), tensor], dim)
+
+
+class TorchSession:
+    """Rows decoding together over one left-padded KV cache (a `DynamicCache` of (B, H, L, d) layers).
+
+    A row reads its prompt alone, in chunks, into a cache of its own, then joins the batch: the shorter
+    of its cache and the batch's is padded on the left, and the (B, L) mask hides the padding. Each row
+    keeps its own positions, so it computes what it would alone. A row that stops leaves the batch, and
+    columns only padding holds are cut off.
+    """
+
+    max_rows = 256
+    kv_tokens = None
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline, self.model = pipeline, pipeline.model
+        self.lm = self.model.language_model
+        self.context = pipeline.context_length
+        self.reading: dict[int, tuple[torch.Tensor, DynamicCache]] = {}  # (1, P, D) prompt, its cache
+        self.handles: list[int] = []  # the batch's rows, in cache order
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # (B, L)
+        self.positions = torch.zeros(0, dtype=torch.long)  # (B,) each row's next position
+        self.issued = 0
+
+    @torch.inference_mode()
+    def start(self, prompt: Prompt) -> int:
+        device = self.model.device
+        ids = torch.tensor([prompt.input_ids], device=device)
+        features = None
+        if prompt.pixel_values is not None:
+            features = self.pipeline.image_features(torch.from_numpy(prompt.pixel_values))
+        self.issued += 1
+        self.reading[self.issued] = (self.model.embed_inputs(ids, image_features=features), DynamicCache())
+        return self.issued
+
+    @torch.inference_mode()
+    def read(self, handle: int, end: int) -> np.ndarray | None:
+        embeds, cache = self.reading[handle]
+        start = cache.get_seq_length()
+        positions = torch.arange(start, end, device=embeds.device)[None]  # (1, C)
+        logits = self.lm(
+            inputs_embeds=embeds[:, start:end],
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits
+        if end < embeds.shape[1]:
+            return None
+        del self.reading[handle]
+        self._join(handle, cache, end)
+        return logits[0, -1].float().cpu().numpy()
+
+    def _join(self, handle: int, cache: DynamicCache, length: int) -> None:
+        device = self.model.device
+        width = self.mask.shape[1]
+        if self.cache is None:
+            self.cache, width = cache, length
+            self.mask = torch.ones(0, length, dtype=torch.long, device=device)
+            self.positions = self.positions.to(device)
+        else:
+            grow, short = max(0, length - width), max(0, width - length)
+            for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
+                mine.keys = torch.cat([pad_left(mine.keys, grow, 2), pad_left(theirs.keys, short, 2)])
+                mine.values = torch.cat([pad_left(mine.values, grow, 2), pad_left(theirs.values, short, 2)])
+            self.mask = pad_left(self.mask, grow, 1)
+            width += grow
+        row_mask = pad_left(torch.ones(1, length, dtype=torch.long, device=device), width - length, 1)
+        self.mask = torch.cat([self.mask, row_mask])
+        self.positions = torch.cat([self.positions, torch.tensor([length], device=device)])
+        self.handles.append(handle)
+
+    @torch.inference_mode()
+    def step(self, handles: list[int], tokens: list[int]) -> np.ndarray:
+        order = {handle: index for index, handle in enumerate(self.handles)}
+        if sorted(order[h] for h in handles) != list(range(len(self.handles))):
+            raise ValueError("a step appends a token to every row of the batch")
+        device = self.model.device
+        batch_tokens = torch.zeros(len(self.handles), dtype=torch.long, device=device)
+        batch_tokens[[order[h] for h in handles]] = torch.tensor(tokens, device=device)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.handles), 1)], 1)
+        logits = self.lm(
+            inputs_embeds=self.model.get_input_embeddings()(batch_tokens[:, None]),  # (B, 1, D)
+            attention_mask=self.mask,
+            position_ids=self.positions[:, None],
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]  # (B, V)
+        self.positions += 1
+        return logits[[order[h] for h in handles]].float().cpu().numpy()
+
+    def stop(self, handle: int) -> None:
+        if self.reading.pop(handle, None) is not None:
+            return
+        keep = [index for index, h in enumerate(self.handles) if h != handle]
+        self.handles.remove(handle)
+        if not self.handles:
+            self.cache, self.mask = None, self.mask[:0, :0]
+            self.positions = self.positions[:0]
+            return
+        first = int(self.mask[keep].any(0).nonzero()[0])  # columns before it hold padding only
+        self.mask, self.positions = self.mask[keep, first:], self.positions[keep]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[keep, :, first:], layer.values[keep, :, first:]
 
 
 class Pipeline(Backend):
@@ -81,6 +197,11 @@ class Pipeline(Backend):
     @property
     def context_length(self) -> int:
         return self.model.config.text_config.max_position_embeddings
+
+    @functools.cached_property
+    def session(self) -> TorchSession | None:
+        """The running batch a scheduler grows and shrinks a step at a time."""
+        return TorchSession(self)
 
     @property
     def trained_parts(self) -> list[str]:

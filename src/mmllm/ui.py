@@ -1,8 +1,8 @@
 """The Gradio chat page: an image, text or voice questions, streamed answers, multi-turn history.
 
-Answers go through a `DynamicBatcher` (and so through the backend's `complete_prompts`, like the
-CLI and the API): `mmllm serve --ui` shares batches between browser users and API clients, and
-`mmllm ui` runs the same batcher on its own. Every failure becomes a message in the chat.
+Answers go through a request queue (the continuous scheduler where the backend has a running batch,
+as for the API): `mmllm serve --ui` shares the running batch between browser users and API clients,
+and `mmllm ui` runs a queue of its own. Every failure becomes a message in the chat.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image
 
-from mmllm.batcher import DynamicBatcher
+from mmllm.batcher import RequestQueue
 from mmllm.errors import MmllmError
 from mmllm.generation import GenerationSettings
 from mmllm.images import load_image
@@ -47,8 +47,8 @@ class UiConfig:
     """TCP port."""
     whisper: str = "whisper-base"
     """Speech model for voice questions: whisper-base (multilingual) or whisper-tiny.en."""
-    max_batch_size: int = 8
-    """Most questions (from all open pages) answered in one batched generate call."""
+    max_batch_size: int = 16
+    """Most questions (from all open pages) decoding together."""
 
 
 @dataclass
@@ -146,11 +146,11 @@ def _gradio() -> Any:
 
 
 class ChatHandlers:
-    """What the page's buttons run: each question (typed or spoken) streamed through the batcher into
+    """What the page's buttons run: each question (typed or spoken) streamed through the request queue into
     the chat, its failures turned into chat messages of their own."""
 
-    def __init__(self, batcher: DynamicBatcher, whisper: str):
-        self.batcher, self.whisper, self.gr = batcher, whisper, _gradio()
+    def __init__(self, requests: RequestQueue, whisper: str):
+        self.requests, self.whisper, self.gr = requests, whisper, _gradio()
 
     async def answer(
         self,
@@ -176,7 +176,7 @@ class ChatHandlers:
         messages = [*chat.messages, {"role": "user", "content": turn}]
         images = chat.images + ([new_image] if new_image else [])
         text = ""
-        async for piece in self.batcher.stream(messages, images, settings):
+        async for piece in self.requests.stream(messages, images, settings):
             text += piece
             history[-1] = {"role": "assistant", "content": text.strip()}
             yield history, chat
@@ -316,7 +316,7 @@ def _connect(gr: Any, page: _Page, handlers: ChatHandlers) -> None:
     ]
     voice_inputs = [page.audio, page.image, page.chatbot, page.chat, *page.settings]
     answering.append(page.ask_voice.click(handlers.on_voice, voice_inputs, [*outputs, page.audio]))
-    # Cancelling the handler closes its stream, which cancels the generation in the batcher; the box
+    # Cancelling the handler closes its stream, which cancels the generation in the queue; the box
     # unlocks in a step after the cancellation, so no late update of the cancelled answer relocks it.
     page.stop.click(None, None, None, cancels=answering).then(
         lambda: gr.update(interactive=True), None, page.question
@@ -326,29 +326,31 @@ def _connect(gr: Any, page: _Page, handlers: ChatHandlers) -> None:
     )
 
 
-def build_ui(batcher: DynamicBatcher, model_name: str, whisper: str = "whisper-base") -> Any:
+def build_ui(requests: RequestQueue, model_name: str, whisper: str = "whisper-base") -> Any:
     """The chat page as `gr.Blocks` (launch it, or mount it into a FastAPI app)."""
     gr = _gradio()
     with gr.Blocks(title="mmllm") as page:
-        _connect(gr, _layout(gr, model_name, batcher.backend.vision_trained), ChatHandlers(batcher, whisper))
+        _connect(
+            gr, _layout(gr, model_name, requests.backend.vision_trained), ChatHandlers(requests, whisper)
+        )
     return page
 
 
-def serve_ui(batcher: DynamicBatcher, model_name: str, cfg: UiConfig) -> None:
+def serve_ui(requests: RequestQueue, model_name: str, cfg: UiConfig) -> None:
     """`mmllm ui`: the page on its own (the API server mounts it with `mmllm serve --ui`)."""
-    page = build_ui(batcher, model_name, cfg.whisper)
+    page = build_ui(requests, model_name, cfg.whisper)
     page.queue().launch(server_name=cfg.host, server_port=cfg.port, show_error=True)
 
 
 def mount_ui(
     app: Any,
-    batcher: DynamicBatcher,
+    requests: RequestQueue,
     model_name: str,
     api_key: str | None = None,
     whisper: str = "whisper-base",
     path: str = "/ui",
 ) -> Any:
-    """Mount the page into the API server's FastAPI app, sharing its batcher.
+    """Mount the page into the API server's FastAPI app, sharing its request queue.
 
     With an API key the page asks for it on a login form (any user name, the key as password):
     a browser cannot send the API's Bearer header, and the page must not be a way around it.
@@ -356,4 +358,4 @@ def mount_ui(
     import gradio as gr
 
     auth = (lambda user, password: password == api_key) if api_key else None
-    return gr.mount_gradio_app(app, build_ui(batcher, model_name, whisper), path=path, auth=auth)
+    return gr.mount_gradio_app(app, build_ui(requests, model_name, whisper), path=path, auth=auth)

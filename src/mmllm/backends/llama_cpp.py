@@ -3,14 +3,15 @@ llama-cpp-python's C API) and its image rows computed by mmllm's exported vision
 the one projection path), so every design runs here, whether or not llama.cpp has an mmproj graph for it.
 
 The prompt reaches llama.cpp as it is: text runs as token batches, each image's rows as an embedding
-batch (`llama_batch.embd`) at the positions of its placeholder tokens. A batch of prompts decodes as one
-llama.cpp batch, one sequence per row in a unified KV cache; rows that do not fit the cache together
-decode in turns. Greedy or sampled decoding; no beams.
+batch (`llama_batch.embd`) at the positions of its placeholder tokens. Each row of a batch is one
+sequence in a unified KV cache (`LlamaCppSession`): rows join as room frees up and leave when done,
+in batch decoding and under the server's scheduler alike. Greedy or sampled decoding; no beams.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import threading
 from pathlib import Path
@@ -19,8 +20,9 @@ import numpy as np
 
 from mmllm.backends.exported import ExportedBackend, onnx_session, read_export_settings
 from mmllm.errors import MmllmError
-from mmllm.generation import GenerationSettings, Prompt, RowTracker, choose_tokens
+from mmllm.generation import GenerationSettings, Prompt, RowTracker
 from mmllm.processor import MultimodalProcessor
+from mmllm.running import decode_all
 
 LLAMA_CPP_CONFIG = "mmllm_llamacpp.json"
 LLAMA_CPP_FORMAT = 1
@@ -148,82 +150,80 @@ class LlamaCppBackend(ExportedBackend):
         pointer = self.llama_cpp.llama_get_logits_ith(self.ctx, index)
         return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
 
-    def _read_prompts(self, prompts: list[list[int]], image_rows: list[np.ndarray | None]) -> np.ndarray:
-        """Feed prompts into the KV cache, prompt i as sequence i; the k-th run of every prompt goes in
-        the same llama.cpp batches (text runs as tokens, image runs as rows: a batch holds one kind).
-        Returns the (R, V) logits after each prompt's last token."""
-        runs = [segments(ids, self.settings["image_token_id"]) for ids in prompts]
-        images = [iter(rows if rows is not None else ()) for rows in image_rows]  # (N, D) per image
-        logits = np.zeros((len(prompts), self.n_vocab), np.float32)
-        for phase in range(max(len(r) for r in runs)):
-            entries: dict[bool, list] = {False: [], True: []}  # (sequence, position, token or row, last)
-            for seq, its_runs in enumerate(runs):
-                if phase < len(its_runs):
-                    image, start, end = its_runs[phase]
-                    values = next(images[seq]) if image else prompts[seq][start:end]
-                    final = end - 1 if phase == len(its_runs) - 1 else -1
-                    entries[image] += [(seq, p, values[p - start], p == final) for p in range(start, end)]
-            for image, items in entries.items():
-                batch = self.rows if image else self.tokens
-                for low in range(0, len(items), CHUNK):
-                    chunk = items[low : low + CHUNK]
-                    for index, (seq, position, value, last) in enumerate(chunk):
-                        if not image:
-                            batch.token[index] = value
-                        self._fill(batch, index, position, seq, last)
-                    if image:
-                        rows = np.ascontiguousarray([value for _, _, value, _ in chunk], np.float32)
-                        ctypes.memmove(batch.embd, rows.ctypes.data, rows.nbytes)
-                    self._run(batch, len(chunk))
-                    for index, (seq, _, _, last) in enumerate(chunk):
-                        if last:
-                            logits[seq] = self._logits(index)
-        return logits
-
-    def _groups(self, prompts: list[Prompt], limits: list[int]) -> list[list[int]]:
-        """Rows in turns whose prompts and answers fit the shared KV cache together."""
-        groups: list[list[int]] = [[]]
-        used = 0
-        for row, prompt in enumerate(prompts):
-            need = len(prompt.input_ids) + limits[row]
-            if groups[-1] and (used + need > self.n_ctx or len(groups[-1]) == MAX_ROWS):
-                groups.append([])
-                used = 0
-            groups[-1].append(row)
-            used += need
-        return groups
+    @functools.cached_property
+    def session(self) -> LlamaCppSession:
+        """The context's sequences as a running batch: what the scheduler and `decode` both run on."""
+        return LlamaCppSession(self)
 
     def decode(self, prompts: list[Prompt], settings: GenerationSettings, rows: RowTracker) -> list[int]:
-        rng = np.random.default_rng(settings.seed)
-        for row, prompt in enumerate(prompts):  # an answer ends where the context does
-            rows.limits[row] = min(rows.limits[row], self.n_ctx - len(prompt.input_ids))
-        with_images = [p for p in prompts if p.pixel_values is not None]
-        per_prompt: list[np.ndarray | None] = [None] * len(prompts)
-        if with_images:
-            rows_of_all = self.image_rows(np.concatenate([p.pixel_values for p in with_images]))
-            counts = np.cumsum([len(p.pixel_values) for p in with_images])[:-1]
-            images = iter(np.split(rows_of_all, counts))  # (I_p, N, D) per prompt with images
-            per_prompt = [next(images) if p.pixel_values is not None else None for p in prompts]
-        with self.lock:
-            for group in self._groups(prompts, rows.limits):
-                self._decode_group(group, prompts, per_prompt, settings, rows, rng)
-        return [len(prompt.input_ids) for prompt in prompts]
+        return decode_all(self.session, prompts, settings, rows)
 
-    def _decode_group(self, group, prompts, per_prompt, settings, rows: RowTracker, rng) -> None:
-        llama_cpp = self.llama_cpp
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.ctx), True)
-        logits = self._read_prompts([prompts[r].input_ids for r in group], [per_prompt[r] for r in group])
-        positions = [len(prompts[row].input_ids) for row in group]
-        while True:
-            chosen = choose_tokens(logits, settings, rng, self.processor.stop_token_ids).tolist()
-            rows.step(chosen, group)
-            active = [(seq, row) for seq, row in enumerate(group) if not rows.finish[row]]
-            if not active:
-                return
-            for index, (seq, _) in enumerate(active):
-                self.tokens.token[index] = chosen[seq]
-                self._fill(self.tokens, index, positions[seq], seq, True)
-                positions[seq] += 1
-            self._run(self.tokens, len(active))
-            for index, (seq, _) in enumerate(active):  # finished rows keep stale logits: ignored
-                logits[seq] = self._logits(index)
+
+class LlamaCppSession:
+    """The rows of a running batch as llama.cpp sequences in the one unified KV cache: a row reads its
+    prompt (text runs as token batches, image runs as row batches) into its own sequence, steps add one
+    token to each row in one batch, and a row that stops has its sequence removed from the cache."""
+
+    max_rows = MAX_ROWS
+
+    def __init__(self, backend: LlamaCppBackend):
+        self.backend, self.llama_cpp = backend, backend.llama_cpp
+        self.kv_tokens = self.context = backend.n_ctx
+        self.free = list(range(MAX_ROWS))
+        self.prompts: dict[int, tuple[list[int], np.ndarray | None]] = {}  # ids, (P, D) image rows
+        self.positions: dict[int, int] = {}
+        self.memory = self.llama_cpp.llama_get_memory(backend.ctx)
+        self.llama_cpp.llama_memory_clear(self.memory, True)
+
+    def start(self, prompt: Prompt) -> int:
+        if not self.free:
+            raise RuntimeError(f"all {MAX_ROWS} llama.cpp sequences are in use")
+        rows = None
+        if prompt.pixel_values is not None:
+            rows = self.backend.image_rows(prompt.pixel_values)  # (I, N, D)
+            rows = rows.reshape(-1, rows.shape[-1])  # one per placeholder, in order
+        sequence = self.free.pop(0)
+        self.prompts[sequence], self.positions[sequence] = (prompt.input_ids, rows), 0
+        return sequence
+
+    def read(self, handle: int, end: int) -> np.ndarray | None:
+        ids, rows = self.prompts[handle]
+        image_token = self.backend.settings["image_token_id"]
+        start = self.positions[handle]
+        placeholders_before = sum(token == image_token for token in ids[:start])
+        logits = None
+        with self.backend.lock:
+            for image, low, high in segments(ids[start:end], image_token):
+                values = rows[placeholders_before : placeholders_before + high - low] if image else None
+                placeholders_before += (high - low) if image else 0
+                for chunk in range(low, high, CHUNK):
+                    top = min(high, chunk + CHUNK)
+                    batch = self.backend.rows if image else self.backend.tokens
+                    for index, position in enumerate(range(start + chunk, start + top)):
+                        if not image:
+                            batch.token[index] = ids[position]
+                        self.backend._fill(batch, index, position, handle, position == len(ids) - 1)
+                    if image:
+                        part = np.ascontiguousarray(values[chunk - low : top - low], np.float32)
+                        ctypes.memmove(batch.embd, part.ctypes.data, part.nbytes)
+                    self.backend._run(batch, top - chunk)
+                    if start + top == len(ids):
+                        logits = self.backend._logits(top - chunk - 1).copy()
+        self.positions[handle] = end
+        return logits
+
+    def step(self, handles: list[int], tokens: list[int]) -> np.ndarray:
+        batch = self.backend.tokens
+        with self.backend.lock:
+            for index, (handle, token) in enumerate(zip(handles, tokens, strict=True)):
+                batch.token[index] = token
+                self.backend._fill(batch, index, self.positions[handle], handle, True)
+                self.positions[handle] += 1
+            self.backend._run(batch, len(handles))
+            return np.stack([self.backend._logits(index) for index in range(len(handles))])
+
+    def stop(self, handle: int) -> None:
+        with self.backend.lock:
+            self.llama_cpp.llama_memory_seq_rm(self.memory, handle, -1, -1)
+        del self.prompts[handle], self.positions[handle]
+        self.free.append(handle)

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmllm.backends import load_backend
+from mmllm.conversation import Message
 from mmllm.data.config import DataConfig, DatasetSpec
 from mmllm.data.readers import most_common_answer, read
 from mmllm.data.records import Sample
@@ -30,6 +31,7 @@ from mmllm.eval.photo_qa import photo_qa_metrics
 from mmllm.eval.report import write_report
 from mmllm.eval.vqa import FORMULAS, exact_match, normalize_answer, token_f1, vqa_accuracy, vqa_formula
 from mmllm.generation import Backend, GenerationSettings
+from mmllm.scheduler import Scheduler
 
 if TYPE_CHECKING:
     from mmllm.pipeline import Pipeline
@@ -80,9 +82,31 @@ def _done_ids(path: Path) -> set[str]:
     return done
 
 
-def _batches(items: list, size: int) -> Iterable[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+def _question(sample: Sample) -> list[Message]:
+    """The conversation up to its first question: what the model answers."""
+    return sample.conversation[
+        : next(i for i, m in enumerate(sample.conversation) if m["role"] == "user") + 1
+    ]
+
+
+def _answers(
+    backend: Backend, todo: list[Sample], settings: GenerationSettings, batch_size: int
+) -> Iterator[str]:
+    """Each sample's answer, in order: through the continuous scheduler (a sample's row leaves the
+    batch when its answer ends, and the next takes its place), or in batches of `batch_size` where the
+    backend keeps no running batch or beams are asked for."""
+    if backend.session is None or settings.num_beams > 1:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            yield from backend.generate([_question(s) for s in chunk], [s.images for s in chunk], settings)
+        return
+    requests = Scheduler(backend, max_rows=batch_size)
+    try:
+        prompts = (backend.prepare(_question(s), s.images) for s in todo)
+        for completion in requests.answer(prompts, settings, window=4 * batch_size):
+            yield completion.text
+    finally:
+        requests.close()
 
 
 def generate_predictions(
@@ -92,17 +116,10 @@ def generate_predictions(
     todo = [s for s in samples if s.id not in _done_ids(path)]
     torch.manual_seed(settings.seed or 0)
     with path.open("a") as sink, tqdm(total=len(todo), desc="eval", unit="sample") as bar:
-        for chunk in _batches(todo, batch_size):
-            # The prompt is the conversation up to its first answer.
-            prompts = [
-                s.conversation[: next(i for i, m in enumerate(s.conversation) if m["role"] == "user") + 1]
-                for s in chunk
-            ]
-            answers = backend.generate(prompts, [s.images for s in chunk], settings)
-            for sample, answer in zip(chunk, answers, strict=True):
-                sink.write(json.dumps({**_record(sample), "prediction": answer}) + "\n")
+        for sample, answer in zip(todo, _answers(backend, todo, settings, batch_size), strict=True):
+            sink.write(json.dumps({**_record(sample), "prediction": answer}) + "\n")
             sink.flush()
-            bar.update(len(chunk))
+            bar.update(1)
     return len(todo)
 
 

@@ -2,9 +2,9 @@
 
 Every bad input gets a 4xx with an OpenAI-shaped error body, never a traceback. The event loop only
 parses, validates and streams: decoding images, transcribing audio and tokenizing run in worker
-threads, and the model runs in one batcher thread. A request whose client disconnects stops
-generating at its next token. The routes live in `openai_api.py` and `rest.py`; what they share in
-`server.py`.
+threads, and the model runs in the request queue's one thread (the continuous scheduler, by
+default). A request whose client disconnects stops generating at its next token. The routes live in
+`openai_api.py` and `rest.py`; what they share in `server.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mmllm.batcher import DynamicBatcher
+from mmllm.batcher import RequestQueue
 from mmllm.generation import Backend
 from mmllm.serve import openai_api, rest
 from mmllm.serve.config import ServeConfig
@@ -59,7 +59,7 @@ async def health(server: ServerDep) -> Health:
     return Health(
         model=server.model_name,
         vision_trained=server.backend.vision_trained,
-        queue_depth=server.batcher.depth,
+        queue_depth=server.requests.depth,
     )
 
 
@@ -68,12 +68,18 @@ async def prometheus(server: ServerDep) -> PlainTextResponse:
 
 
 def create_app(
-    backend: Backend, cfg: ServeConfig, model_name: str = ALIAS, batcher: DynamicBatcher | None = None
+    backend: Backend, cfg: ServeConfig, model_name: str = ALIAS, requests: RequestQueue | None = None
 ) -> FastAPI:
-    """The API app for `backend`, answering through `batcher` (one of its own by default; `mmllm serve
-    --ui` passes the one the chat page shares)."""
+    """The API app for `backend`, answering through `requests` (a queue of its own by default; `mmllm
+    serve --ui` passes the one the chat page shares)."""
     app = FastAPI(title="mmllm", description="Multimodal LLM server: REST and OpenAI-compatible API.")
-    server = Server(batcher or DynamicBatcher(backend, cfg.max_batch_size, cfg.max_wait_ms), cfg, model_name)
+    if requests is None:
+        from mmllm.scheduler import request_queue
+
+        requests = request_queue(
+            backend, cfg.scheduler, cfg.max_batch_size, cfg.max_wait_ms, cfg.max_step_tokens
+        )
+    server = Server(requests, cfg, model_name)
     app.state.server = server
 
     app.add_exception_handler(ApiError, api_error)

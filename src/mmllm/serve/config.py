@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass
@@ -16,10 +17,17 @@ class ServeConfig:
     api_key: str | None = None
     """Require `Authorization: Bearer KEY` on every endpoint but /health, /docs and /openapi.json; the
     chat page (/ui) asks for the key on a login form instead."""
-    max_batch_size: int = 8
-    """Most requests generated together in one batch."""
+    scheduler: Literal["continuous", "batch"] = "continuous"
+    """continuous: requests join the running batch between decoding steps and leave it when done (the
+    torch and llama.cpp backends); batch: requests that arrive together run together to the end (the
+    only kind for the onnx backend)."""
+    max_batch_size: int = 16
+    """Most requests decoding together."""
+    max_step_tokens: int = 512
+    """Prompt tokens read and tokens decoded in one step, all requests together (continuous): a long
+    prompt is read in chunks, between the steps of the answers already running."""
     max_wait_ms: float = 10.0
-    """How long a request waits for others to share its batch."""
+    """How long a request waits for others to share its batch (batch)."""
     max_body_mb: float = 20.0
     """Largest request body accepted."""
     max_images: int = 4
@@ -43,7 +51,14 @@ class ServeConfig:
         """Checked when the settings are made, before the model loads."""
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, not {self.port}")
-        limits = ("max_batch_size", "max_body_mb", "max_images", "max_image_pixels", "max_prompt_tokens")
+        limits = (
+            "max_batch_size",
+            "max_step_tokens",
+            "max_body_mb",
+            "max_images",
+            "max_image_pixels",
+            "max_prompt_tokens",
+        )
         for name in (*limits, "max_tokens", "timeout_s"):
             if not getattr(self, name) > 0:  # NaN fails too
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")

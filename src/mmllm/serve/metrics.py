@@ -1,13 +1,15 @@
-"""Prometheus metrics of the server: requests, latency, generated tokens, batch sizes, queue depth."""
+"""Prometheus metrics of the server: requests, latency, time to first token, generated tokens, batch
+sizes, queue depth, requests running."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from mmllm.batcher import Events
 from mmllm.generation import Completion
 
 
-class Metrics:
+class Metrics(Events):
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("mmllm_requests", "HTTP requests", ["path", "status"], registry=self.registry)
@@ -20,27 +22,38 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "mmllm_batch_size",
-            "Requests per generate call",
+            "Requests per decoding step (continuous scheduler) or per generate call (batcher)",
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=self.registry,
         )
         self.batch_seconds = Histogram(
-            "mmllm_batch_seconds", "Time per generate call", registry=self.registry
+            "mmllm_batch_seconds", "Time per decoding step or generate call", registry=self.registry
+        )
+        self.time_to_first_token = Histogram(
+            "mmllm_time_to_first_token_seconds",
+            "From a request joining the queue to its first generated token",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
         )
         self.queue_depth = Gauge("mmllm_queue_depth", "Requests waiting for a batch", registry=self.registry)
+        self.running = Gauge("mmllm_running_requests", "Requests decoding now", registry=self.registry)
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         self.requests.labels(path, str(status)).inc()
         self.latency.labels(path).observe(seconds)
 
-    def observe_batch(self, results: list[Completion | BaseException], seconds: float) -> None:
-        self.batch_size.observe(len(results))
+    def ran(self, rows: int, seconds: float) -> None:
+        self.batch_size.observe(rows)
         self.batch_seconds.observe(seconds)
-        for result in results:
-            if isinstance(result, Completion):
-                self.generated_tokens.inc(result.completion_tokens)
-                if result.finish_reason == "cancelled":
-                    self.cancelled.inc()
+
+    def first_token(self, seconds: float) -> None:
+        self.time_to_first_token.observe(seconds)
+
+    def finished(self, result: Completion | BaseException) -> None:
+        if isinstance(result, Completion):
+            self.generated_tokens.inc(result.completion_tokens)
+            if result.finish_reason == "cancelled":
+                self.cancelled.inc()
 
     def render(self) -> str:
         return generate_latest(self.registry).decode()

@@ -18,6 +18,7 @@ from PIL import Image
 from mmllm.batcher import Job
 from mmllm.conversation import Message
 from mmllm.errors import MmllmError
+from mmllm.generation import Completion
 from mmllm.serve.schemas import ChatCompletion, ChatCompletionRequest, ChatMessage, ModelList
 from mmllm.serve.schemas import ErrorResponse as ErrorSchema
 from mmllm.serve.server import ERRORS, ApiError, Server, ServerDep
@@ -99,6 +100,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, server
         max_new_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
+        top_k=body.top_k,
+        repetition_penalty=body.repetition_penalty,
         seed=body.seed,
         ignore_eos=body.ignore_eos,
     )
@@ -107,7 +110,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, server
     job = server.enqueue(prompt, settings, max_tokens, stop, body.stream)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
-        events = _events(job, server.cfg.timeout_s, completion_id, body.model)
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        events = _events(job, server.cfg.timeout_s, completion_id, body.model, usage)
         return StreamingResponse(events, media_type="text/event-stream")
     done = await server.result(job, request)
     return ChatCompletion(
@@ -115,28 +119,36 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, server
         created=int(time.time()),
         model=body.model,
         choices=[{"message": {"content": done.text}, "finish_reason": done.finish_reason}],
-        usage={
-            "prompt_tokens": done.prompt_tokens,
-            "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens,
-        },
+        usage=_usage(done),
     )
 
 
-def _chunk(completion_id: str, model: str, delta: dict, finish: str | None = None) -> str:
+def _usage(done: Completion) -> dict[str, int]:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+    }
+
+
+def _chunk(completion_id: str, model: str, delta: dict | None, finish: str | None = None, **extra) -> str:
     body = {
         "id": completion_id,
         "object": "chat.completion.chunk",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
     }
     return f"data: {json.dumps(body)}\n\n"
 
 
-async def _events(job: Job, timeout_s: float, completion_id: str, model: str) -> AsyncIterator[str]:
+async def _events(
+    job: Job, timeout_s: float, completion_id: str, model: str, usage: bool = False
+) -> AsyncIterator[str]:
     """A streamed answer as server-sent events: the role, the text piece by piece, the finish reason,
-    then `[DONE]`; an error after the 200 has gone out travels in-band."""
+    (with `usage`) a chunk holding the token counts, then `[DONE]`; an error after the 200 has gone
+    out travels in-band."""
     deadline = time.monotonic() + timeout_s
     try:
         yield _chunk(completion_id, model, {"role": "assistant", "content": ""})
@@ -149,6 +161,8 @@ async def _events(job: Job, timeout_s: float, completion_id: str, model: str) ->
                 yield _chunk(completion_id, model, {"content": piece})
         done = await job.future
         yield _chunk(completion_id, model, {}, done.finish_reason)
+        if usage:
+            yield _chunk(completion_id, model, None, usage=_usage(done))
     except TimeoutError:
         error = {"message": f"generation took longer than {timeout_s:g} s", "type": "timeout"}
         yield f"data: {json.dumps({'error': error})}\n\n"

@@ -104,6 +104,12 @@ USER_MESSAGE_WITH_CONTENT = {
 STRICT = ConfigDict(extra="ignore", strict=True)
 
 
+class StreamOptions(BaseModel):
+    model_config = STRICT
+
+    include_usage: bool = Field(default=False, description="end the stream with a chunk holding the usage")
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = STRICT
 
@@ -119,6 +125,13 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = SEED
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    top_k: int = Field(
+        default=0, ge=0, description="mmllm/vLLM extension: sample from the k likeliest (0: all)"
+    )
+    repetition_penalty: float = Field(
+        default=1.0, gt=0.0, le=100.0, description="mmllm/vLLM extension: penalise repeated tokens (1: off)"
+    )
     ignore_eos: bool = Field(default=False, description="mmllm/vLLM extension: always generate max_tokens")
 
 

@@ -1,4 +1,4 @@
-"""What the server's handlers share: the `Server` (backend, batcher, limits, metrics, worker threads),
+"""What the server's handlers share: the `Server` (backend, request queue, limits, metrics, worker threads),
 its OpenAI-shaped `ApiError`, and the decoding of a request's images."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 from PIL import Image
 
-from mmllm.batcher import DynamicBatcher, Job
+from mmllm.batcher import Job, RequestQueue
 from mmllm.conversation import Message
 from mmllm.errors import MmllmError
 from mmllm.generation import Completion, GenerationSettings, Prompt
@@ -113,13 +113,14 @@ def validation_message(errors: list[dict[str, Any]]) -> str:
 
 
 class Server:
-    """What the handlers share: the backend's batcher, the settings, the metrics."""
+    """What the handlers share: the backend's request queue, the settings, the metrics."""
 
-    def __init__(self, batcher: DynamicBatcher, cfg: ServeConfig, model_name: str):
-        self.batcher, self.backend, self.cfg, self.model_name = batcher, batcher.backend, cfg, model_name
+    def __init__(self, requests: RequestQueue, cfg: ServeConfig, model_name: str):
+        self.requests, self.backend, self.cfg, self.model_name = requests, requests.backend, cfg, model_name
         self.metrics = Metrics()
-        batcher.observers.append(self.metrics.observe_batch)
-        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        requests.events = self.metrics
+        self.metrics.queue_depth.set_function(lambda: self.requests.depth)
+        self.metrics.running.set_function(lambda: self.requests.running)
         self.names = list(dict.fromkeys([model_name, ALIAS]))
         self.created = int(time.time())
         self.shortest_side = self.backend.processor.image_processor.size
@@ -195,7 +196,7 @@ class Server:
             loop.create_future(),
             asyncio.Queue() if stream else None,
         )
-        self.batcher.submit(job)
+        self.requests.submit(job)
         return job
 
     async def result(self, job: Job, request: Request) -> Completion:

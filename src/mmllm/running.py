@@ -1,0 +1,184 @@
+"""A running batch that answers join and leave between decoding steps (iteration-level batching).
+
+A backend that can decode this way hands out a `StepSession`: its engine's KV cache, with rows that
+read their prompt (in chunks, images included), then advance one token a step together, each with its
+own settings, until each stops. `RunningRows` drives a session: it chooses each row's next token, feeds
+the row's `RowTracker`, reads waiting prompts within a per-step token budget, and lets finished rows
+go, so the others keep their cache and nobody waits for the slowest row. The server's scheduler
+(`scheduler.py`) and the batch decoding of such backends (`decode_all`) both run on it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from mmllm.generation import GenerationSettings, Prompt, RowTracker, choose_tokens
+
+STEP_TOKENS = 512  # tokens one iteration reads or decodes, all rows together (vLLM: max_num_batched_tokens)
+
+
+class StepSession(Protocol):
+    """An engine's running batch, its rows named by the handles `start` returns."""
+
+    max_rows: int
+    """Most rows the session holds at once."""
+    kv_tokens: int | None
+    """Tokens (prompt + answer) all rows may hold together; None where only memory bounds them."""
+    context: int
+    """Most tokens one row may hold."""
+
+    def start(self, prompt: Prompt) -> int:
+        """Take a row for `prompt` (its images become rows here); nothing is read yet."""
+
+    def read(self, handle: int, end: int) -> np.ndarray | None:
+        """Read the row's prompt up to position `end` (a chunk); the (V,) logits after its last token
+        once the whole prompt is read, else None."""
+
+    def step(self, handles: list[int], tokens: list[int]) -> np.ndarray:
+        """Append one token to each of these rows (every row whose prompt is read); (R, V) logits."""
+
+    def stop(self, handle: int) -> None:
+        """Free the row and its cache."""
+
+
+@dataclass(eq=False)
+class Row:
+    """One answer in a running batch: row `index` of `tracker`."""
+
+    prompt: Prompt
+    settings: GenerationSettings
+    tracker: RowTracker
+    index: int = 0
+    rng: np.random.Generator = field(default_factory=np.random.default_rng)
+    on_first_token: Callable[[], None] | None = None
+    handle: int = -1
+    read: int = 0  # prompt tokens read so far
+    token: int = -1  # the last chosen token, appended at the next step
+    failure: Exception | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.failure is not None or bool(self.tracker.finish[self.index])
+
+    @property
+    def need(self) -> int:
+        """The cache this row may fill: its prompt and its whole answer."""
+        return len(self.prompt.input_ids) + self.tracker.limits[self.index]
+
+
+class RunningRows:
+    """The rows of one `StepSession`; each `iterate` reads waiting prompts (first come, first served,
+    within `step_tokens` less one per decoding row) and decodes one token for every row whose prompt is
+    read. What finished (a stop, its limit, its client gone, a failure) leaves at once."""
+
+    def __init__(
+        self, session: StepSession, stop_ids: list[int], max_rows: int = 16, step_tokens: int = STEP_TOKENS
+    ):
+        self.session, self.stop_ids = session, stop_ids
+        self.max_rows, self.step_tokens = min(max_rows, session.max_rows), step_tokens
+        self.rows: list[Row] = []
+
+    def room_for(self, row: Row) -> bool:
+        if len(self.rows) >= self.max_rows:
+            return False
+        kv = self.session.kv_tokens
+        return kv is None or not self.rows or sum(r.need for r in self.rows) + row.need <= kv
+
+    def add(self, row: Row) -> None:
+        """Start `row` (its answer capped where the context ends); a row that fails to start is
+        returned finished by the next `iterate`."""
+        limits = row.tracker.limits
+        limits[row.index] = max(1, min(limits[row.index], self.session.context - len(row.prompt.input_ids)))
+        try:
+            row.handle = self.session.start(row.prompt)
+        except Exception as err:  # this row's images or prompt: it fails alone
+            row.failure = err
+        self.rows.append(row)
+
+    def iterate(self) -> list[Row]:
+        """One step: read prompts, decode a token a row; returns the rows that finished."""
+        for row in self.rows:
+            if row.tracker.cancelled[row.index].is_set() and not row.finished:
+                row.tracker.finish[row.index] = "cancelled"  # gone before its first token: never decoded
+        budget = max(1, self.step_tokens - sum(self._reading(row) is False for row in self.rows))
+        for row in self.rows:
+            if budget <= 0 or not self._reading(row):
+                continue
+            end = min(len(row.prompt.input_ids), row.read + budget)
+            try:
+                logits = self.session.read(row.handle, end)
+            except Exception as err:
+                row.failure = err
+                continue
+            budget -= end - row.read
+            row.read = end
+            if logits is not None:
+                self._choose(row, logits)
+                if row.on_first_token:
+                    row.on_first_token()
+        finished = self._release()  # the session steps every row it holds: the finished go first
+        decoding = [row for row in self.rows if self._reading(row) is False]
+        if decoding:
+            try:
+                logits = self.session.step([row.handle for row in decoding], [row.token for row in decoding])
+            except Exception as err:  # the shared step failed: every row in it fails
+                for row in decoding:
+                    row.failure = err
+            else:
+                for row, row_logits in zip(decoding, logits, strict=True):
+                    self._choose(row, row_logits)
+        return finished + self._release()
+
+    @staticmethod
+    def _reading(row: Row) -> bool | None:
+        """True while the row reads its prompt, False once it decodes, None when it is finished."""
+        return None if row.finished else row.read < len(row.prompt.input_ids)
+
+    def fail_all(self, err: Exception) -> list[Row]:
+        """End every row with `err`; returns them."""
+        for row in self.rows:
+            row.failure = err
+        return self._release()
+
+    def _release(self) -> list[Row]:
+        finished = [row for row in self.rows if row.finished]
+        for row in finished:
+            if row.handle >= 0:
+                self.session.stop(row.handle)
+            self.rows.remove(row)
+        return finished
+
+    def _choose(self, row: Row, logits: np.ndarray) -> None:
+        seen = None
+        if row.settings.repetition_penalty != 1.0:
+            seen = [row.prompt.input_ids + row.tracker.ids[row.index]]
+        chosen = choose_tokens(logits[None], row.settings, row.rng, self.stop_ids, seen)
+        row.token = int(chosen[0])
+        row.tracker.step([row.token], [row.index])
+
+
+def decode_all(
+    session: StepSession, prompts: list[Prompt], settings: GenerationSettings, rows: RowTracker
+) -> list[int]:
+    """A backend's `decode` over its session: the batch's rows join as room frees up, in order, and
+    each leaves when it is done; returns each prompt's token count."""
+    rng = np.random.default_rng(settings.seed)
+    running = RunningRows(session, rows.stop_token_ids, max_rows=session.max_rows)
+    waiting = deque(Row(prompt, settings, rows, index, rng) for index, prompt in enumerate(prompts))
+    try:
+        while waiting or running.rows:
+            while waiting and running.room_for(waiting[0]):
+                running.add(waiting.popleft())
+            for row in running.iterate():
+                if row.failure is not None:
+                    raise row.failure
+    finally:  # a failed batch leaves nothing behind in the session
+        for row in running.rows:
+            if row.handle >= 0:
+                session.stop(row.handle)
+    return [len(prompt.input_ids) for prompt in prompts]

@@ -1,0 +1,119 @@
+"""The continuous scheduler on the torch backend: answers alike alone or in a busy batch, per-row
+settings, rows that leave (done, cancelled, failed) without disturbing the others."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_tiny, run_jobs
+from mmllm.batcher import Job
+from mmllm.generation import GenerationSettings
+from mmllm.pipeline import Pipeline
+from mmllm.scheduler import Scheduler, request_queue
+
+LIMITS = [3, 40, 7, 25, 1, 33, 12]
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def pipeline(request):
+    model, processor = make_tiny(request.param, feature_mode="patch", lm_init_std=0.3)
+    return Pipeline(model, processor)
+
+
+@pytest.fixture(scope="module")
+def prompts(pipeline):
+    """Prompts of different lengths, every other one with an image (placeholders mid-prompt)."""
+    colours = ["red", "blue", "green"]
+    out = []
+    for n in range(len(LIMITS)):
+        image = [Image.new("RGB", (40, 30), colours[n % 3])] if n % 2 else []
+        question = [{"role": "user", "content": f"Question {'word ' * (3 * n)}{n}?"}]
+        out.append(pipeline.prepare(question, image))
+    return out
+
+
+def greedy(limit: int) -> GenerationSettings:
+    return GenerationSettings(max_new_tokens=limit, ignore_eos=True)
+
+
+def test_answers_are_the_same_alone_or_joining_a_busy_batch(pipeline, prompts):
+    # Three rows at a time and 16 tokens a step: later rows join while others run (their prompts read
+    # in chunks between steps, longer and shorter than the batch), and rows leave at their own limits.
+    alone = [pipeline.complete_prompts([p], greedy(n))[0] for p, n in zip(prompts, LIMITS, strict=True)]
+    queue = Scheduler(pipeline, max_rows=3, step_tokens=16)
+    busy = run_jobs(queue, [(p, greedy(n)) for p, n in zip(prompts, LIMITS, strict=True)])
+    assert [c.text for c in busy] == [c.text for c in alone]
+    assert [c.completion_tokens for c in busy] == LIMITS
+    assert [c.prompt_tokens for c in busy] == [len(p.input_ids) for p in prompts]
+    session = pipeline.session
+    assert not session.handles and not session.reading and session.cache is None  # nothing left behind
+    queue.close()
+
+
+def test_rows_keep_their_own_settings_in_one_batch(pipeline, prompts):
+    sampled = GenerationSettings(max_new_tokens=20, temperature=0.9, top_k=20, top_p=0.9, seed=7)
+    penalised = GenerationSettings(max_new_tokens=20, repetition_penalty=1.5, ignore_eos=True)
+    items = [(prompts[1], sampled), (prompts[2], greedy(15)), (prompts[3], penalised), (prompts[0], sampled)]
+    queue = Scheduler(pipeline, max_rows=8)
+    together = run_jobs(queue, items)
+    apart = [run_jobs(queue, [item])[0] for item in items]
+    assert [c.text for c in together] == [c.text for c in apart]  # a seed gives one answer, batched or not
+    assert together[1].text == pipeline.complete_prompts([prompts[2]], greedy(15))[0].text
+    # The repetition penalty as transformers applies it.
+    assert together[2].text == pipeline.complete_prompts([prompts[3]], penalised)[0].text
+    queue.close()
+
+
+def test_stop_strings_and_cancelled_rows_leave_while_others_go_on(pipeline, prompts):
+    queue = Scheduler(pipeline, max_rows=8)
+    full = run_jobs(queue, [(prompts[1], greedy(30))])[0].text
+    stop = full.split()[2]
+    [cut] = run_jobs(queue, [(prompts[1], greedy(30))], stop=[stop])
+    assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)].strip()
+
+    loop = asyncio.new_event_loop()
+    long_job = Job(prompts[3], greedy(60), 60, [], loop, loop.create_future(), asyncio.Queue())
+    short_job = Job(prompts[5], greedy(5), 5, [], loop, loop.create_future())
+
+    async def cancel_after_first_piece() -> None:
+        queue.submit(long_job)
+        await long_job.deltas.get()
+        queue.submit(short_job)
+        long_job.cancelled.set()  # the client left: its row goes at its next step
+
+    loop.run_until_complete(cancel_after_first_piece())
+    short = loop.run_until_complete(short_job.future)
+    loop.close()
+    assert short.text == pipeline.complete_prompts([prompts[5]], greedy(5))[0].text
+    assert not pipeline.session.handles
+    queue.close()
+
+
+def test_a_failing_request_fails_alone(pipeline, prompts):
+    broken = type(prompts[1])(prompts[1].input_ids, np.concatenate([prompts[1].pixel_values] * 2))
+    queue = Scheduler(pipeline, max_rows=8)
+    results = run_jobs(queue, [(prompts[0], greedy(5)), (broken, greedy(5)), (prompts[2], greedy(5))])
+    assert isinstance(results[1], ValueError) and "placeholders" in str(results[1])
+    assert results[0].text == pipeline.complete_prompts([prompts[0]], greedy(5))[0].text
+    assert results[2].text == pipeline.complete_prompts([prompts[2]], greedy(5))[0].text
+    queue.close()
+
+
+def test_beams_run_alone_and_batch_is_the_old_batcher(pipeline, prompts):
+    beams = GenerationSettings(max_new_tokens=6, num_beams=2)
+    queue = request_queue(pipeline)
+    assert isinstance(queue, Scheduler)
+    [beamed] = run_jobs(queue, [(prompts[2], beams)])
+    assert beamed.text == pipeline.complete_prompts([prompts[2]], beams)[0].text
+    queue.close()
+    batcher = request_queue(pipeline, "batch")
+    assert not isinstance(batcher, Scheduler)
+    assert (
+        run_jobs(batcher, [(prompts[2], greedy(6))])[0].text
+        == run_jobs(Scheduler(pipeline), [(prompts[2], greedy(6))])[0].text
+    )
+    batcher.close()
