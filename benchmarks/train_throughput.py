@@ -1,8 +1,11 @@
-"""Training throughput through the real trainer: stage 1 (pixels vs feature cache) and stage 2 LoRA.
+"""Training throughput through the real trainer: stage 1 (pixels vs feature cache) and stage 2 LoRA,
+padded and packed (`data.pack`).
 
 easy-VQA conversations (one per image), the CLIP ViT-B/32 architecture and SmolLM2-135M by
-default. Reports samples/s and tokens/s (steady state: the first step is warm-up), and on a GPU
-the model FLOPs utilisation (6 x trained-path parameters x tokens / peak bf16 FLOP/s).
+default. Reports samples/s and real (non-pad) tokens/s (steady state: the first step is warm-up),
+and on a GPU the model FLOPs utilisation (6 x trained-path parameters x tokens / peak bf16 FLOP/s).
+A second table (`train_packing`) gives the pad tokens' share of each batch, padded and packed, on
+easy-VQA's per-image mix and on a LLaVA-format file of conversations of 1 to 8 turns.
 
     python benchmarks/train_throughput.py [--quick] [--steps 6] [--batch-size 8]
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import tempfile
 from pathlib import Path
 
@@ -21,6 +25,7 @@ from common import report
 from mmllm.config import load_config
 from mmllm.data.config import DataConfig, DatasetSpec
 from mmllm.data.features import build_feature_cache
+from mmllm.data.loading import build_dataloader
 from mmllm.data.readers import read
 from mmllm.models.build import ModelConfig, build_model
 from mmllm.train.config import TrainConfig
@@ -72,6 +77,9 @@ def main() -> None:
             ("stage 1 (projector)", "feature cache", {"language_model": "frozen"}, str(cache)),
             ("stage 2 (projector + LoRA)", "feature cache", {"language_model": "lora"}, str(cache)),
         ]
+        variants.append(
+            ("stage 2 (projector + LoRA), packed", "feature cache", {"language_model": "lora"}, str(cache))
+        )
         for stage, source, parts, feature_cache in variants:
             out = Path(scratch) / f"run-{len(rows)}"
             base = {
@@ -89,6 +97,7 @@ def main() -> None:
                     "num_workers": 2,
                     "max_length": 512,
                     "feature_cache": feature_cache,
+                    "pack": "packed" in stage,
                 },
             }
             train(load_config(TrainConfig, None, base=base))
@@ -102,7 +111,56 @@ def main() -> None:
             if torch.cuda.is_available():
                 row["MFU"] = f"{6 * trained_params * tokens / H100_BF16_FLOPS:.1%}"
             rows.append(row)
+        packing = padding_rows(processor, spec, args.batch_size, Path(scratch))
     report("train_throughput" + ("_quick" if args.quick else ""), rows, vars(args))
+    report("train_packing" + ("_quick" if args.quick else ""), packing, vars(args))
+
+
+def pad_share(cfg: DataConfig, processor, batches: int) -> float:
+    """The pad tokens' share of the first `batches` training batches (as the trainer forms them)."""
+    loader = build_dataloader(cfg, processor)
+    real = total = 0
+    for batch, _ in zip(loader, range(batches), strict=False):
+        total += batch["input_ids"].numel()
+        real += batch.get("real_tokens") or int(batch["attention_mask"].sum())
+    return 1 - real / total
+
+
+def padding_rows(processor, easy_vqa: dict, batch_size: int, scratch: Path) -> list[dict]:
+    """Pad share padded vs packed: easy-VQA per image, and a LLaVA-format file of 1 to 8 turns."""
+    rng = random.Random(0)
+    records = []
+    for n, sample in enumerate(read(DatasetSpec(**{**easy_vqa, "limit": 64}), DataConfig())):
+        turns = [
+            {"from": "human" if m["role"] == "user" else "gpt", "value": m["content"]}
+            for m in sample.conversation
+        ]
+        keep = 2 * rng.randint(1, min(8, len(turns) // 2))
+        records.append({"id": str(n), "image": sample.images[0], "conversations": turns[:keep]})
+    llava = scratch / "llava.json"
+    llava.write_text(json.dumps(records))
+    mixes = {
+        "easy-VQA, one conversation an image": DatasetSpec(**easy_vqa),
+        "LLaVA-format, 1 to 8 turns": DatasetSpec("llava", str(llava)),
+    }
+    rows = []
+    for name, spec in mixes.items():
+        shares = {
+            pack: pad_share(
+                DataConfig(datasets=[spec], batch_size=batch_size, max_length=512, num_workers=0, pack=pack),
+                processor,
+                8,
+            )
+            for pack in (False, True)
+        }
+        rows.append(
+            {
+                "mix": name,
+                "pad share, padded": f"{shares[False]:.1%}",
+                "pad share, packed": f"{shares[True]:.1%}",
+            }
+        )
+    return rows
 
 
 if __name__ == "__main__":

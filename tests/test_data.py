@@ -583,3 +583,36 @@ def test_question_case_augmentation_capitalises_user_turns_only():
     half = AugmentConfig(enabled=True, capitalize=0.5)
     firsts = {augment_questions(conversation, half, random.Random(s))[2]["content"][0] for s in range(20)}
     assert firsts == {"i", "I"}
+
+
+def _loss_and_gradients(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    inputs = {k: v for k, v in batch.items() if k not in ("stats", "problems", "real_tokens")}
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_a_packed_batch_has_the_loss_and_gradients_of_the_padded_one(kind):
+    model, processor = make_tiny(kind, feature_mode="patch", lm_init_std=0.3)  # fp32
+    spec = DatasetSpec("easy-vqa", split="train", per_image=True, limit=8)
+    cfg = DataConfig(datasets=[spec], batch_size=8, num_workers=0, max_length=1024)
+    samples = open_dataset(cfg).samples[:8]
+    padded = Collator(processor, cfg)(samples)
+    packed = Collator(processor, DataConfig(**{**vars(cfg), "pack": True}))(samples)
+    rows, width = packed["input_ids"].shape
+    assert rows < len(samples) and width <= cfg.max_length
+    assert packed["real_tokens"] == int(padded["attention_mask"].sum())  # the same tokens, less padding
+    assert rows * width < padded["input_ids"].numel()
+    assert int((packed["input_ids"] == processor.image_token_id).sum()) == 8 * processor.num_image_tokens
+    loss, gradients = _loss_and_gradients(model, padded)
+    packed_loss, packed_gradients = _loss_and_gradients(model, packed)
+    torch.testing.assert_close(packed_loss, loss, rtol=1e-5, atol=0)
+    assert gradients.keys() == packed_gradients.keys()
+    assert any("vision" in name for name in gradients) and any("projector" in name for name in gradients)
+    for name, gradient in gradients.items():
+        torch.testing.assert_close(packed_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)
+    # Attention really is confined to each sample: a causal row over the packed samples differs.
+    crossed = {**packed, "position_ids": torch.arange(width).expand(rows, -1)}
+    assert not torch.allclose(_loss_and_gradients(model, crossed)[0], loss)

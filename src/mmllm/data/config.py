@@ -92,6 +92,9 @@ class DataConfig:
     Read by training, which saves the format with the model; evaluation renders as the model was trained."""
     group_by_length: bool = True
     """Batch samples of similar length together to cut padding."""
+    pack: bool = False
+    """Pack a batch's samples into as few rows of up to max_length tokens as they fit, each sample with
+    its own positions and attending to itself only: the same loss with (almost) no pad tokens."""
     num_workers: int = 2
     """DataLoader worker processes (0: load in the main process)."""
     feature_cache: str = ""

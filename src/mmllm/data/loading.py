@@ -228,14 +228,59 @@ class Collator:
                 stats[f"dropped: {reason}"] += 1
                 continue
             stats["truncated"] += item.pop("truncated", False)
-            features += item.pop("cached_features", [])
             encoded.append(item)
-        batch: dict[str, Any] = self.processor.pad(encoded, padding_side="right") if encoded else {}
+        if self.cfg.pack and encoded:
+            rows = [[encoded[i] for i in row] for row in pack_rows(encoded, self.cfg.max_length)]
+            encoded = [item for row in rows for item in row]  # images and features in row order
+            batch = self._packed(rows)
+        else:
+            batch = self.processor.pad(encoded, padding_side="right") if encoded else {}
+        features = [f for item in encoded for f in item.get("cached_features", ())]
         if features:
             batch["image_features"] = torch.stack(features)  # (I, N, D) float16
         stats["kept"] = len(encoded)
         batch["stats"], batch["problems"] = stats, bad
         return batch
+
+    def _packed(self, ordered: list[list[dict[str, Any]]]) -> dict[str, Any]:
+        """Rows of samples -> (R, T) tensors, each sample's positions counting from 0: with no attention
+        mask, the LM confines each sample's attention to itself (transformers reads the boundaries off
+        the positions: a block-diagonal mask for SDPA, varlen for flash-attention). A row's tail of pad
+        tokens is a block of its own, with no labels. `real_tokens`: the tokens that are not padding."""
+        width = max(sum(len(e["input_ids"]) for e in row) for row in ordered)
+        ids, labels, positions = [], [], []
+        pad_id = self.processor.tokenizer.pad_token_id
+        for row in ordered:
+            tail = width - sum(len(e["input_ids"]) for e in row)
+            ids.append([t for e in row for t in e["input_ids"]] + [pad_id] * tail)
+            labels.append([t for e in row for t in e["labels"]] + [IGNORE_INDEX] * tail)
+            positions.append([p for e in row for p in range(len(e["input_ids"]))] + list(range(tail)))
+        batch: dict[str, Any] = {
+            "input_ids": torch.tensor(ids),
+            "labels": torch.tensor(labels),
+            "position_ids": torch.tensor(positions),
+            "real_tokens": sum(len(e["input_ids"]) for row in ordered for e in row),
+        }
+        pixels = [e["pixel_values"] for row in ordered for e in row if e.get("pixel_values") is not None]
+        if pixels:
+            batch["pixel_values"] = torch.cat([torch.as_tensor(p) for p in pixels])
+        return batch
+
+
+def pack_rows(encoded: list[dict[str, Any]], max_length: int) -> list[list[int]]:
+    """Which samples share each row: first fit, in order, rows of at most `max_length` tokens."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index, item in enumerate(encoded):
+        need = len(item["input_ids"])
+        row = next((r for r, free in enumerate(room) if free >= need), None)
+        if row is None:
+            rows.append([])
+            room.append(max_length)
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= need
+    return rows
 
 
 class LoadReport:

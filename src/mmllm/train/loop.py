@@ -144,6 +144,11 @@ class _Trainer:
                 "language_loss_weight: 0 needs contrastive_weight or token_target_weight > 0 and one "
                 "process (DDP syncs in LM forward)"
             )
+        if self.image_losses and cfg.data.pack:
+            raise MmllmError(
+                "data.pack puts several samples in a row; contrastive_weight and token_target_weight "
+                "read one image a row: turn one of them off"
+            )
         self.trainable = [p for p in model.parameters() if p.requires_grad]
 
     def _loss(
@@ -173,12 +178,13 @@ class _Trainer:
         global_tokens = accelerator.reduce(tokens, "sum")
         reported, seen = torch.zeros((), device=accelerator.device), 0
         for i, batch in enumerate(micro):
+            # A packed batch counts its real tokens; a padded one has them in its attention mask.
+            seen += batch.pop("real_tokens", None) or int(batch["attention_mask"].sum())
             sync = i == len(micro) - 1
             with nullcontext() if sync else accelerator.no_sync(self.model), accelerator.autocast():
                 loss, share = self._loss(batch, global_tokens, len(micro))
             accelerator.backward(loss)
             reported += share
-            seen += int(batch["attention_mask"].sum())
         grad_norm = accelerator.clip_grad_norm_(self.trainable, self.cfg.optim.grad_clip or float("inf"))
         if torch.isfinite(grad_norm) or accelerator.scaler is not None:
             self.optimizer.step()  # with fp16 the scaler itself skips non-finite steps
