@@ -19,6 +19,54 @@ def machine() -> dict[str, Any]:
     return {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' data sheets, by device-name fragment.
+GPU_PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "GH200": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+}
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    """The device's peak FLOP/s and where the figure comes from: a data sheet for known GPUs, else
+    measured (the best of a few large matmuls in the dtype the benchmarks run in)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, flops in GPU_PEAK_FLOPS.items():
+            if fragment in name:
+                return flops, f"{fragment} data sheet, dense bf16"
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(2048, 2048, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2048**3 / best, f"measured: 2048x2048 {str(dtype).removeprefix('torch.')} matmul"
+
+
+def lm_weights(model) -> tuple[int, int]:
+    """(body, head): the LM's matmul weights outside its vocabulary matrices, and its head's. A decoded
+    token costs 2 x (body + head) FLOPs; a trained one 4 x body (forward and input gradients: the
+    frozen or LoRA weights add next to no weight gradients, and the head runs on answer tokens only).
+    The input embedding is a lookup; the vision tower runs per image."""
+    lm = model.language_model
+    head = lm.get_output_embeddings().weight.numel()
+    embedding = model.get_input_embeddings().weight.numel()
+    untied_head = 0 if lm.config.tie_word_embeddings else head
+    return sum(p.numel() for p in lm.parameters()) - embedding - untied_head, head
+
+
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float) -> str:
+    """Model FLOPs utilisation: the model's FLOPs per token x tokens/s over the device's peak."""
+    return f"{flops_per_token * tokens_per_s / peak:.1%}"
+
+
 def timed(fn: Callable[[], int], warmup: Callable[[], Any] | None = None) -> tuple[int, float]:
     """Run `fn` (which returns how many items it processed) after an optional warm-up; (items, seconds)."""
     if warmup is not None:

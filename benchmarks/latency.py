@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import torch
-from common import report
+from common import lm_weights, mfu, peak_flops, report
 from PIL import Image
 
 from mmllm.generation import GenerationSettings
@@ -90,6 +90,9 @@ def main() -> None:
             )
         plain.append(time.perf_counter() - start)
 
+    peak, peak_source = peak_flops(model.device)
+    body, head = lm_weights(model)
+
     def ms(values: list[float]) -> float:
         return round(1000 * statistics.median(values), 1)
 
@@ -103,13 +106,24 @@ def main() -> None:
             "ratio": "-",
         },
         {
+            "measure": "decode MFU",
+            "ours": mfu(2 * (body + head), statistics.median(decode), peak),
+            "plain transformers": "-",
+            "ratio": "-",
+        },
+        {
             "measure": f"end to end, {args.tokens}-token answer (ms)",
             "ours": ms(ours),
             "plain transformers": ms(plain),
             "ratio": f"{statistics.median(plain) / statistics.median(ours):.2f}x",
         },
     ]
-    settings_out = {**vars(args), "device": str(model.device), "dtype": str(model.dtype)}
+    settings_out = {
+        **vars(args),
+        "device": str(model.device),
+        "dtype": str(model.dtype),
+        "peak FLOP/s": f"{peak:.3g} ({peak_source})",
+    }
     default_name = (
         "latency" + ("_quick" if args.quick else "") + ("_gpu" if model.device.type == "cuda" else "")
     )

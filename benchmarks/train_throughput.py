@@ -3,7 +3,8 @@ padded and packed (`data.pack`).
 
 easy-VQA conversations (one per image), the CLIP ViT-B/32 architecture and SmolLM2-135M by
 default. Reports samples/s and real (non-pad) tokens/s (steady state: the first step is warm-up),
-and on a GPU the model FLOPs utilisation (6 x trained-path parameters x tokens / peak bf16 FLOP/s).
+and the model FLOPs utilisation (4 x the LM's body weights x tokens/s, `common.lm_weights`, over the
+device's peak, stated: a GPU's data sheet, or a measured matmul on a CPU).
 A second table (`train_packing`) gives the pad tokens' share of each batch, padded and packed, on
 easy-VQA's per-image mix and on a LLaVA-format file of conversations of 1 to 8 turns.
 
@@ -20,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import report
+from common import lm_weights, mfu, peak_flops, report
 
 from mmllm.config import load_config
 from mmllm.data.config import DataConfig, DatasetSpec
@@ -30,8 +31,6 @@ from mmllm.data.readers import read
 from mmllm.models.build import ModelConfig, build_model
 from mmllm.train.config import TrainConfig
 from mmllm.train.loop import train
-
-H100_BF16_FLOPS = 989e12
 
 
 def steady_rates(metrics_file: Path, batch_size: int) -> tuple[float, float]:
@@ -62,6 +61,7 @@ def main() -> None:
         "limit": args.steps * args.batch_size * 2,
     }
     rows = []
+    peak, peak_source = peak_flops(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory() as scratch:
         cache = Path(scratch) / "cache"
         # One saved model for every variant: a random (offline) vision tower must match the cache.
@@ -70,7 +70,7 @@ def main() -> None:
         processor.save_pretrained(Path(scratch) / "base")
         data = DataConfig(datasets=[DatasetSpec(**spec)])
         build_feature_cache(model, processor, (s for d in data.datasets for s in read(d, data)), cache)
-        trained_params = sum(p.numel() for p in model.parameters())
+        body, _ = lm_weights(model)
         del model
         variants = [
             ("stage 1 (projector)", "pixels", {"language_model": "frozen"}, ""),
@@ -108,11 +108,15 @@ def main() -> None:
                 "samples/s": round(samples, 2),
                 "tokens/s": round(tokens),
             }
-            if torch.cuda.is_available():
-                row["MFU"] = f"{6 * trained_params * tokens / H100_BF16_FLOPS:.1%}"
+            row["MFU"] = mfu(4 * body, tokens, peak)
             rows.append(row)
         packing = padding_rows(processor, spec, args.batch_size, Path(scratch))
-    report("train_throughput" + ("_quick" if args.quick else ""), rows, vars(args))
+    settings = {
+        **vars(args),
+        "peak FLOP/s": f"{peak:.3g} ({peak_source})",
+        "MFU": "4 x LM body weights x tokens/s / peak (common.lm_weights)",
+    }
+    report("train_throughput" + ("_quick" if args.quick else ""), rows, settings)
     report("train_packing" + ("_quick" if args.quick else ""), packing, vars(args))
 
 
