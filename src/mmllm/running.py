@@ -66,6 +66,16 @@ class Row:
         return self.failure is not None or bool(self.tracker.finish[self.index])
 
     @property
+    def reading(self) -> bool:
+        """Still reading its prompt."""
+        return not self.finished and self.read < len(self.prompt.input_ids)
+
+    @property
+    def decoding(self) -> bool:
+        """Its prompt read, appending a token a step."""
+        return not self.finished and self.read == len(self.prompt.input_ids)
+
+    @property
     def need(self) -> int:
         """The cache this row may fill: its prompt and its whole answer."""
         return len(self.prompt.input_ids) + self.tracker.limits[self.index]
@@ -105,9 +115,9 @@ class RunningRows:
         for row in self.rows:
             if row.tracker.cancelled[row.index].is_set() and not row.finished:
                 row.tracker.finish[row.index] = "cancelled"  # gone before its first token: never decoded
-        budget = max(1, self.step_tokens - sum(self._reading(row) is False for row in self.rows))
+        budget = max(1, self.step_tokens - sum(row.decoding for row in self.rows))
         for row in self.rows:
-            if budget <= 0 or not self._reading(row):
+            if budget <= 0 or not row.reading:
                 continue
             end = min(len(row.prompt.input_ids), row.read + budget)
             try:
@@ -122,7 +132,7 @@ class RunningRows:
                 if row.on_first_token:
                     row.on_first_token()
         finished = self._release()  # the session steps every row it holds: the finished go first
-        decoding = [row for row in self.rows if self._reading(row) is False]
+        decoding = [row for row in self.rows if row.decoding]
         if decoding:
             try:
                 logits = self.session.step([row.handle for row in decoding], [row.token for row in decoding])
@@ -133,11 +143,6 @@ class RunningRows:
                 for row, row_logits in zip(decoding, logits, strict=True):
                     self._choose(row, row_logits)
         return finished + self._release()
-
-    @staticmethod
-    def _reading(row: Row) -> bool | None:
-        """True while the row reads its prompt, False once it decodes, None when it is finished."""
-        return None if row.finished else row.read < len(row.prompt.input_ids)
 
     def fail_all(self, err: Exception) -> list[Row]:
         """End every row with `err`; returns them."""
