@@ -10,7 +10,7 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 CPU_ID := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
 WHEELS ?= $(HOME)/.cache/mmllm/wheels/$(CPU_ID)
 
-.PHONY: install install-dev install-llamacpp demo test test-slow bench-quick lint format
+.PHONY: install install-dev install-llamacpp demo test test-slow bench-quick lint format gpu-wheels bench-gpu-cpu
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,14 @@ bench-quick: install-dev
 	$(BIN)/python benchmarks/serve_load.py --quick
 	$(BIN)/python benchmarks/inference.py --quick
 	$(BIN)/python benchmarks/int8_gemv.py --quick
+
+# Pillow for benchmarks/gpu.sh on a GPU machine without it (and without internet): CPython 3.10-3.13.
+gpu-wheels:
+	for v in 3.10 3.11 3.12 3.13; do $(BIN)/pip download --quiet --only-binary :all: --no-deps \
+	  --python-version $$v --platform manylinux2014_x86_64 pillow -d .gpu-wheels; done
+
+bench-gpu-cpu: install-dev
+	PATH="$(abspath $(BIN)):$$PATH" benchmarks/gpu.sh /tmp/mmllm-gpu-cpu --device cpu
 
 lint: install-dev
 	$(BIN)/ruff check .

@@ -85,11 +85,73 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def report(name: str, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
-    """Print the table and write `results/NAME.json` (and `.md`)."""
-    RESULTS.mkdir(exist_ok=True)
+def report(name: str, rows: list[dict[str, Any]], settings: dict[str, Any], out: Path = RESULTS) -> None:
+    """Print the table and write `OUT/NAME.json` (and `.md`; OUT: `results/` by default)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     text = table(rows)
     print(text)
     payload = {"benchmark": name, "machine": machine(), "settings": settings, "rows": rows}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{json.dumps(payload['machine'])}\n\n{text}\n")
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (out / f"{name}.md").write_text(f"# {name}\n\n{json.dumps(payload['machine'])}\n\n{text}\n")
+
+
+# Real architectures, for random-weight runs (speed does not depend on weight values, and no
+# weights need to travel to a GPU machine): the LMs' own config.json fields.
+RANDOM_LMS = {
+    "qwen2.5-0.5b": {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_size": 896,
+        "intermediate_size": 4864,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 14,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "max_position_embeddings": 32768,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-06,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+    },
+    "smollm2-135m": {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 30,
+        "num_attention_heads": 9,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "max_position_embeddings": 8192,
+        "rope_theta": 100000.0,
+        "rms_norm_eps": 1e-05,
+        "tie_word_embeddings": True,
+        "hidden_act": "silu",
+    },
+}
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def random_lm(name: str, folder: Path) -> str:
+    """A folder holding `RANDOM_LMS[name]`'s config and a byte-level ChatML tokenizer (the LM's own
+    tokenizer need not travel either; prompts come out a few times longer in tokens): what `lm:` takes
+    to build that LM with random weights."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(RANDOM_LMS[name], indent=2))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML
+    )
+    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    fast.save_pretrained(folder)
+    return str(folder)

@@ -314,3 +314,12 @@ def images(tmp_path_factory):
         paths.append(folder / f"img{i}.png")
         image.save(paths[-1])
     return paths
+
+
+def generate_texts(pipeline, prompts: list, settings) -> list[str]:
+    """The answers transformers' own `generate` gives: what the torch backend's sessions must match."""
+    from mmllm.generation import RowTracker
+
+    limits = [settings.max_new_tokens] * len(prompts)
+    rows = RowTracker(pipeline.processor, limits, [[] for _ in prompts], None, settings.ignore_eos)
+    return [c.text for c in rows.completions(pipeline.decode_with_generate(prompts, settings, rows))]

@@ -237,7 +237,7 @@ def test_the_scheduler_runs_llama_cpp_rows_as_they_run_alone(pair, images):
     queue.close()
     alone = [torch_backend.complete_prompts([p], s)[0] for p, s in items]
     assert busy == alone
-    assert not llama.session.prompts and sorted(llama.session.free) == list(range(llama.session.max_rows))
+    assert not llama.session.prompts and not llama.session.rows_held
 
 
 def test_llama_cpp_streams_samples_and_cancels(pair, images):

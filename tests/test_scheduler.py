@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_tiny, run_jobs
+from conftest import generate_texts, make_tiny, run_jobs
 from mmllm.batcher import Job
 from mmllm.generation import GenerationSettings
 from mmllm.pipeline import Pipeline
@@ -18,10 +18,13 @@ from mmllm.scheduler import Scheduler, request_queue
 LIMITS = [3, 40, 7, 25, 1, 33, 12]
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama"])
+@pytest.fixture(scope="module", params=["qwen2", "llama", "llama-static"])
 def pipeline(request):
-    model, processor = make_tiny(request.param, feature_mode="patch", lm_init_std=0.3)
-    return Pipeline(model, processor)
+    """The eager session over a dynamic cache, and (llama-static) the static-cache one, its passes
+    traced by torch.compile (the "eager" backend: the graphs dynamo captures, run uncompiled)."""
+    kind, _, static = request.param.partition("-")
+    model, processor = make_tiny(kind, feature_mode="patch", lm_init_std=0.3)
+    return Pipeline(model, processor, compiler="eager" if static else None)
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +46,14 @@ def greedy(limit: int) -> GenerationSettings:
 def test_answers_are_the_same_alone_or_joining_a_busy_batch(pipeline, prompts):
     # Three rows at a time and 16 tokens a step: later rows join while others run (their prompts read
     # in chunks between steps, longer and shorter than the batch), and rows leave at their own limits.
-    alone = [pipeline.complete_prompts([p], greedy(n))[0] for p, n in zip(prompts, LIMITS, strict=True)]
+    alone = [generate_texts(pipeline, [p], greedy(n))[0] for p, n in zip(prompts, LIMITS, strict=True)]
     queue = Scheduler(pipeline, max_rows=3, step_tokens=16)
     busy = run_jobs(queue, [(p, greedy(n)) for p, n in zip(prompts, LIMITS, strict=True)])
-    assert [c.text for c in busy] == [c.text for c in alone]
+    assert [c.text for c in busy] == alone
     assert [c.completion_tokens for c in busy] == LIMITS
     assert [c.prompt_tokens for c in busy] == [len(p.input_ids) for p in prompts]
     session = pipeline.session
-    assert not session.handles and not session.reading and session.cache is None  # nothing left behind
+    assert not session.rows_held  # nothing left behind
     queue.close()
 
 
@@ -62,9 +65,9 @@ def test_rows_keep_their_own_settings_in_one_batch(pipeline, prompts):
     together = run_jobs(queue, items)
     apart = [run_jobs(queue, [item])[0] for item in items]
     assert [c.text for c in together] == [c.text for c in apart]  # a seed gives one answer, batched or not
-    assert together[1].text == pipeline.complete_prompts([prompts[2]], greedy(15))[0].text
+    assert together[1].text == generate_texts(pipeline, [prompts[2]], greedy(15))[0]
     # The repetition penalty as transformers applies it.
-    assert together[2].text == pipeline.complete_prompts([prompts[3]], penalised)[0].text
+    assert together[2].text == generate_texts(pipeline, [prompts[3]], penalised)[0]
     queue.close()
 
 
@@ -89,7 +92,7 @@ def test_stop_strings_and_cancelled_rows_leave_while_others_go_on(pipeline, prom
     short = loop.run_until_complete(short_job.future)
     loop.close()
     assert short.text == pipeline.complete_prompts([prompts[5]], greedy(5))[0].text
-    assert not pipeline.session.handles
+    assert not pipeline.session.rows_held
     queue.close()
 
 

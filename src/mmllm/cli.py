@@ -31,7 +31,7 @@ def _positive(text: str) -> int:
 def _backend(args: argparse.Namespace):
     from mmllm.backends import load_backend
 
-    return load_backend(args.backend, args.model, device=args.device, dtype=args.dtype)
+    return load_backend(args.backend, args.model, args.device, args.dtype, args.compile)
 
 
 def _settings(args: argparse.Namespace):
@@ -152,6 +152,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         args.from_predictions,
         device=args.device,
         dtype=args.dtype,
+        compile=args.compile,
         overwrite=args.overwrite,
         backend=args.backend,
     )
@@ -270,6 +271,15 @@ def _runtime_arguments(sub: argparse.ArgumentParser, backends: bool = True) -> N
         help="weights for inference: auto (torch: bf16 on CUDA, fp32 on CPU; llama.cpp: the export's "
         "fastest file), int8 (torchao, CPU); for llama.cpp, which GGUF file: f32, f16, q8_0 or q4_k_m",
     )
+    if backends:
+        sub.add_argument(
+            "--compile",
+            default="auto",
+            choices=("auto", "on", "off"),
+            help="torch backend: decode over a static KV cache with torch.compile'd passes (CUDA graphs "
+            "on a GPU; each new batch/length bucket compiles once, the first takes a minute or so; "
+            "context capped at 4,096 tokens) or eagerly (off); auto: on for CUDA",
+        )
 
 
 def _data_arguments(sub: argparse.ArgumentParser) -> None:

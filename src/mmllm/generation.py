@@ -264,9 +264,6 @@ class Backend:
         """(I, 3, S, S) pixels -> the words each image reads as (models that read images as words)."""
         raise NotImplementedError(f"the {self.name} backend cannot read images as words")
 
-    tracker = RowTracker
-    """What follows the rows; a backend whose engine calls back per token may subclass it."""
-
     def complete_prompts(
         self,
         prompts: list[Prompt],
@@ -283,7 +280,7 @@ class Backend:
         self.check(settings)
         limits = max_tokens or [settings.max_new_tokens] * len(prompts)
         stops = stop or [[] for _ in prompts]
-        rows = self.tracker(self.processor, limits, stops, on_delta, settings.ignore_eos, cancelled)
+        rows = RowTracker(self.processor, limits, stops, on_delta, settings.ignore_eos, cancelled)
         return rows.completions(self.decode(prompts, settings, rows))
 
     def decode(self, prompts: list[Prompt], settings: GenerationSettings, rows: RowTracker) -> list[int]:
@@ -363,6 +360,11 @@ class Backend:
     ) -> list[str]:
         conversations = [[{"role": "user", "content": prompt}] for _ in images]
         return self.generate(conversations, [[image] for image in images], settings)
+
+
+def sampling_rng(seed: int | None) -> np.random.Generator:
+    """The generator a seed names; any seed in SEED_RANGE (numpy itself takes no negative ones)."""
+    return np.random.default_rng(None if seed is None else seed % 2**64)
 
 
 def choose_tokens(

@@ -8,42 +8,26 @@ import logging
 
 import numpy as np
 import torch
-from transformers import DynamicCache, StoppingCriteria
-from transformers.generation.streamers import BaseStreamer
+from transformers import DynamicCache
 
 from mmllm.errors import MmllmError
 from mmllm.generation import Backend, GenerationSettings, Prompt, RowTracker
 from mmllm.images import ImageInput
 from mmllm.models.build import load_model, untrained_parts
+from mmllm.models.language import cache_keyword
 from mmllm.models.multimodal import MultimodalLM
 from mmllm.processor import MultimodalProcessor
+from mmllm.running import decode_all
+from mmllm.static_session import STATIC_CONTEXT, StaticSession
 
 log = logging.getLogger("mmllm")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class _GenerateTracker(RowTracker, BaseStreamer, StoppingCriteria):
-    """A `RowTracker` fed by `generate`'s streamer calls; its finished rows double as a stopping
-    criterion, so generation ends once every row is done and no row runs past its own `max_tokens`."""
-
-    prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:  # generate first hands over the prompt
-            self.prompt_seen = True
-            return
-        self.step(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        pass
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
-        return torch.tensor([bool(f) for f in self.finish], device=input_ids.device)
 
 
 def pad_left(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
@@ -70,6 +54,7 @@ class TorchSession:
     def __init__(self, pipeline: Pipeline):
         self.pipeline, self.model = pipeline, pipeline.model
         self.lm = self.model.language_model
+        self.cache_argument = cache_keyword(self.lm)
         self.context = pipeline.context_length
         self.reading: dict[int, tuple[torch.Tensor, DynamicCache]] = {}  # (1, P, D) prompt, its cache
         self.handles: list[int] = []  # the batch's rows, in cache order
@@ -77,6 +62,10 @@ class TorchSession:
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # (B, L)
         self.positions = torch.zeros(0, dtype=torch.long)  # (B,) each row's next position
         self.issued = 0
+
+    @property
+    def rows_held(self) -> int:
+        return len(self.reading) + len(self.handles)
 
     @torch.inference_mode()
     def start(self, prompt: Prompt) -> int:
@@ -97,7 +86,7 @@ class TorchSession:
         logits = self.lm(
             inputs_embeds=embeds[:, start:end],
             position_ids=positions,
-            cache=cache,
+            **{self.cache_argument: cache},
             use_cache=True,
             logits_to_keep=1,
         ).logits
@@ -139,7 +128,7 @@ class TorchSession:
             inputs_embeds=self.model.get_input_embeddings()(batch_tokens[:, None]),  # (B, 1, D)
             attention_mask=self.mask,
             position_ids=self.positions[:, None],
-            cache=self.cache,
+            **{self.cache_argument: self.cache},
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]  # (B, V)
@@ -162,16 +151,31 @@ class TorchSession:
 
 
 class Pipeline(Backend):
-    name = "torch"
-    tracker = _GenerateTracker
+    """`compiler`: decode over a static KV cache, each pass compiled by this `torch.compile` backend
+    ("inductor"; `StaticSession`); None: over a growing `DynamicCache`, eagerly (`TorchSession`)."""
 
-    def __init__(self, model: MultimodalLM, processor: MultimodalProcessor, feature_cache_size: int = 64):
+    name = "torch"
+
+    def __init__(
+        self,
+        model: MultimodalLM,
+        processor: MultimodalProcessor,
+        feature_cache_size: int = 64,
+        compiler: str | None = None,
+    ):
         super().__init__(processor, feature_cache_size)
         self.model = model.eval()
+        self.compiler = compiler
 
     @classmethod
-    def load(cls, name_or_path: str, device: str | None = None, dtype: str = "auto") -> Pipeline:
-        """`dtype`: auto (bf16 on CUDA, else fp32), fp32, bf16, fp16, or int8 (torchao, for CPUs)."""
+    def load(
+        cls, name_or_path: str, device: str | None = None, dtype: str = "auto", compile: str = "auto"
+    ) -> Pipeline:
+        """`dtype`: auto (bf16 on CUDA, else fp32), fp32, bf16, fp16, or int8 (torchao, for CPUs).
+        `compile`: on (static KV cache + torch.compile, CUDA graphs on a GPU), off (eager), or auto (on
+        for CUDA: on a CPU, compiling takes minutes and buys little)."""
+        if compile not in COMPILE_CHOICES:
+            raise MmllmError(f"unknown compile setting {compile!r}; choose {', '.join(COMPILE_CHOICES)}")
         device = torch.device(device) if device else default_device()
         if dtype not in (*DTYPES, "auto", "int8"):
             raise MmllmError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)} or int8")
@@ -192,16 +196,18 @@ class Pipeline(Backend):
             from mmllm.models.int8 import quantize_int8
 
             quantize_int8(model)
-        return cls(model.to(device), processor)
+        compiled = compile == "on" or (compile == "auto" and device.type == "cuda")
+        return cls(model.to(device), processor, compiler="inductor" if compiled else None)
 
     @property
     def context_length(self) -> int:
-        return self.model.config.text_config.max_position_embeddings
+        length = self.model.config.text_config.max_position_embeddings
+        return min(length, STATIC_CONTEXT) if self.compiler else length
 
     @functools.cached_property
-    def session(self) -> TorchSession | None:
-        """The running batch a scheduler grows and shrinks a step at a time."""
-        return TorchSession(self)
+    def session(self) -> TorchSession | StaticSession:
+        """The running batch a scheduler grows and shrinks a step at a time; `decode` runs on it too."""
+        return StaticSession(self, compiler=self.compiler) if self.compiler else TorchSession(self)
 
     @property
     def trained_parts(self) -> list[str]:
@@ -232,8 +238,17 @@ class Pipeline(Backend):
             batch["image_features"] = self.image_features(torch.from_numpy(np.concatenate(pixels)))
         return batch
 
-    @torch.inference_mode()
     def decode(self, prompts: list[Prompt], settings: GenerationSettings, rows: RowTracker) -> list[int]:
+        if settings.num_beams == 1:
+            return decode_all(self.session, prompts, settings, rows)
+        return self.decode_with_generate(prompts, settings, rows)  # beams cannot share steps
+
+    @torch.inference_mode()
+    def decode_with_generate(
+        self, prompts: list[Prompt], settings: GenerationSettings, rows: RowTracker
+    ) -> list[int]:
+        """The batch through transformers' own `generate`, its tokens handed to `rows` afterwards: beam
+        search, and the reference the sessions' answers are tested against."""
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         inputs = self._inputs(prompts)
@@ -241,10 +256,7 @@ class Pipeline(Backend):
         config.max_new_tokens = max(rows.limits)
         if settings.ignore_eos:
             config.min_new_tokens = config.max_new_tokens
-        if settings.num_beams > 1:  # beams cannot stream: limits and stops are applied afterwards
-            output = self.model.generate(**inputs, generation_config=config)
-            for column in output[:, inputs["input_ids"].shape[1] :].T:
-                rows.step(column.tolist())
-        else:
-            self.model.generate(**inputs, generation_config=config, streamer=rows, stopping_criteria=[rows])
+        output = self.model.generate(**inputs, generation_config=config)
+        for column in output[:, inputs["input_ids"].shape[1] :].T:
+            rows.step(column.tolist())
         return inputs["attention_mask"].sum(1).tolist()

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from mmllm.generation import GenerationSettings, Prompt, RowTracker, choose_tokens
+from mmllm.generation import GenerationSettings, Prompt, RowTracker, choose_tokens, sampling_rng
 
 STEP_TOKENS = 512  # tokens one iteration reads or decodes, all rows together (vLLM: max_num_batched_tokens)
 
@@ -31,6 +31,10 @@ class StepSession(Protocol):
     """Tokens (prompt + answer) all rows may hold together; None where only memory bounds them."""
     context: int
     """Most tokens one row may hold."""
+
+    @property
+    def rows_held(self) -> int:
+        """Rows started and not stopped yet."""
 
     def start(self, prompt: Prompt) -> int:
         """Take a row for `prompt` (its images become rows here); nothing is read yet."""
@@ -172,7 +176,7 @@ def decode_all(
 ) -> list[int]:
     """A backend's `decode` over its session: the batch's rows join as room frees up, in order, and
     each leaves when it is done; returns each prompt's token count."""
-    rng = np.random.default_rng(settings.seed)
+    rng = sampling_rng(settings.seed)
     running = RunningRows(session, rows.stop_token_ids, max_rows=session.max_rows)
     waiting = deque(Row(prompt, settings, rows, index, rng) for index, prompt in enumerate(prompts))
     try:

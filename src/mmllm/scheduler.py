@@ -14,10 +14,8 @@ import queue
 import time
 from collections import deque
 
-import numpy as np
-
 from mmllm.batcher import Closed, DynamicBatcher, Job, RequestQueue
-from mmllm.generation import Backend, RowTracker
+from mmllm.generation import Backend, RowTracker, sampling_rng
 from mmllm.running import STEP_TOKENS, Row, RunningRows
 
 
@@ -49,7 +47,7 @@ class Scheduler(RequestQueue):
             [job.cancelled],
         )
 
-        rng = np.random.default_rng(job.settings.seed)
+        rng = sampling_rng(job.settings.seed)
         return Row(job.prompt, job.settings, tracker, 0, rng, lambda: self._first_token(job))
 
     def _take_new(self) -> None:

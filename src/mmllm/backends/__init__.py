@@ -12,13 +12,17 @@ BACKENDS = ("torch", "onnx", "llama.cpp")
 LLAMA_CPP_TYPES = ("auto", "f32", "f16", "q8_0", "q4_k_m")
 
 
-def load_backend(kind: str, name_or_path: str, device: str | None = None, dtype: str = "auto") -> Backend:
-    """The model at `name_or_path` on backend `kind`; device and dtype are the torch backend's (dtype
-    also picks llama.cpp's GGUF file)."""
+def load_backend(
+    kind: str, name_or_path: str, device: str | None = None, dtype: str = "auto", compile: str = "auto"
+) -> Backend:
+    """The model at `name_or_path` on backend `kind`; device, dtype and compile are the torch backend's
+    (dtype also picks llama.cpp's GGUF file)."""
     if kind == "torch":
         from mmllm.pipeline import Pipeline
 
-        return Pipeline.load(name_or_path, device=device, dtype=dtype)
+        return Pipeline.load(name_or_path, device=device, dtype=dtype, compile=compile)
+    if compile == "on":
+        raise MmllmError(f"--compile on is the torch backend's; the {kind} backend runs its own engine")
     if kind == "onnx":
         from mmllm.backends.onnx import OnnxBackend
 

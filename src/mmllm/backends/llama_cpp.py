@@ -175,6 +175,10 @@ class LlamaCppSession:
         self.memory = self.llama_cpp.llama_get_memory(backend.ctx)
         self.llama_cpp.llama_memory_clear(self.memory, True)
 
+    @property
+    def rows_held(self) -> int:
+        return MAX_ROWS - len(self.free)
+
     def start(self, prompt: Prompt) -> int:
         if not self.free:
             raise RuntimeError(f"all {MAX_ROWS} llama.cpp sequences are in use")

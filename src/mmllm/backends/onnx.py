@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from mmllm.backends.exported import ExportedBackend, onnx_session, read_export_settings
-from mmllm.generation import GenerationSettings, Prompt, RowTracker, choose_tokens
+from mmllm.generation import GenerationSettings, Prompt, RowTracker, choose_tokens, sampling_rng
 from mmllm.processor import MultimodalProcessor
 
 ONNX_CONFIG = "mmllm_onnx.json"
@@ -54,7 +54,7 @@ class OnnxBackend(ExportedBackend):
         return embeds, mask
 
     def decode(self, prompts: list[Prompt], settings: GenerationSettings, rows: RowTracker) -> list[int]:
-        rng = np.random.default_rng(settings.seed)
+        rng = sampling_rng(settings.seed)
         embeds, mask = self.prompt_embeddings(prompts)
         prompt_tokens = mask.sum(1).tolist()
         batch = embeds.shape[0]

@@ -280,6 +280,7 @@ def evaluate(
     dtype: str = "auto",
     overwrite: bool = False,
     backend: str = "torch",
+    compile: str = "auto",
 ) -> dict[str, Any]:
     """Predict (resuming only a run with the same model, data and decoding), then score the file.
 
@@ -305,7 +306,7 @@ def evaluate(
         check_task_data(task, samples)
         _check_resume(out, identity, overwrite)
         start = time.perf_counter()
-        engine = load_backend(backend, model, device=device, dtype=dtype)
+        engine = load_backend(backend, model, device, dtype, compile)
         engine.check(settings)
         timings["load_s"] = round(time.perf_counter() - start, 2)
         start = time.perf_counter()
