@@ -49,8 +49,10 @@ bench-quick: install-dev
 	$(BIN)/python benchmarks/inference.py --quick
 	$(BIN)/python benchmarks/int8_gemv.py --quick
 
-# Pillow for benchmarks/gpu.sh on a GPU machine without it (and without internet): CPython 3.10-3.13.
+# What benchmarks/gpu.sh needs beyond torch, transformers, peft and accelerate, for a GPU machine
+# without internet: pure-Python transformers and huggingface_hub, Pillow for CPython 3.10-3.13.
 gpu-wheels:
+	$(BIN)/pip download --quiet --no-deps transformers==5.24.0 huggingface_hub==1.33.0 -d .gpu-wheels
 	for v in 3.10 3.11 3.12 3.13; do $(BIN)/pip download --quiet --only-binary :all: --no-deps \
 	  --python-version $$v --platform manylinux2014_x86_64 pillow -d .gpu-wheels; done
 

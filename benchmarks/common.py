@@ -139,14 +139,17 @@ CHATML = (
 def random_lm(name: str, folder: Path) -> str:
     """A folder holding `RANDOM_LMS[name]`'s config and a byte-level ChatML tokenizer (the LM's own
     tokenizer need not travel either; prompts come out a few times longer in tokens): what `lm:` takes
-    to build that LM with random weights."""
+    to build that LM with random weights. Ids past the 256 bytes decode to words of their own, so
+    whatever a random LM picks streams as text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(RANDOM_LMS[name], indent=2))
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    words = [f"w{i}" for i in range(len(alphabet), RANDOM_LMS[name]["vocab_size"] - 8)]  # room for specials
+    vocab = {token: i for i, token in enumerate(alphabet + words)}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(

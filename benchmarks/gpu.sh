@@ -7,9 +7,10 @@
 #   train_packing_<device>    the pad tokens' share, padded vs packed
 # Qwen2.5-0.5B's architecture with random weights under a CLIP ViT-B/32 tower and easy-VQA-like
 # synthetic data: speed does not depend on weight values, and nothing has to be downloaded. Needs
-# torch, transformers, peft and accelerate; Pillow is installed from $MMLLM_WHEELS (`make gpu-wheels`
-# fills .gpu-wheels/) where it is missing. `--device cpu` runs the same steps small (SmolLM2-135M's
-# architecture, fewer steps) to test the script on a machine without a GPU.
+# torch, transformers, peft and accelerate; what mmllm needs beyond them (Pillow, transformers >= 5.24
+# and the huggingface_hub it takes) is installed, for this run only, from the wheels in
+# $MMLLM_WHEELS (default .gpu-wheels/, which `make gpu-wheels` fills). `--device cpu` runs the same
+# steps small (SmolLM2-135M's architecture, fewer steps), to test the script without a GPU.
 #
 #     benchmarks/gpu.sh OUT [--device cuda|cpu]
 set -euo pipefail
@@ -17,9 +18,33 @@ out=$(realpath -m "${1:?usage: benchmarks/gpu.sh OUT [--device cuda|cpu]}")
 device=cuda
 if [ "${2:-}" = "--device" ]; then device=${3:?--device needs cuda or cpu}; fi
 cd "$(dirname "$0")/.."
+wheels=$(realpath -m "${MMLLM_WHEELS:-.gpu-wheels}")
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-python -c "import PIL" 2>/dev/null ||
-  python -m pip install --quiet --no-index --find-links "${MMLLM_WHEELS:-.gpu-wheels}" pillow
+missing=$(python - <<'PY'
+import importlib.metadata as metadata
+from importlib.util import find_spec
+
+from packaging.version import Version
+
+
+def older(name: str, version: str) -> bool:
+    try:
+        return Version(metadata.version(name)) < Version(version)
+    except metadata.PackageNotFoundError:
+        return True
+
+
+needs = {"pillow": find_spec("PIL") is None, "transformers==5.24.0": older("transformers", "5.24")}
+needs["huggingface_hub==1.33.0"] = older("huggingface_hub", "1.31")
+print(" ".join(name for name, needed in needs.items() if needed))
+PY
+)
+if [ -n "$missing" ]; then
+  deps=$(mktemp -d)
+  echo "installing for this run, from $wheels: $missing"
+  python -m pip install --quiet --no-deps --no-index --find-links "$wheels" --target "$deps" $missing
+  export PYTHONPATH="$deps:$PYTHONPATH"
+fi
 if [ "$device" = cpu ]; then
   export CUDA_VISIBLE_DEVICES=""
   lm=smollm2-135m reps=1 tokens=8 batches=2 steps=3

@@ -207,7 +207,9 @@ class Pipeline(Backend):
     @functools.cached_property
     def session(self) -> TorchSession | StaticSession:
         """The running batch a scheduler grows and shrinks a step at a time; `decode` runs on it too."""
-        return StaticSession(self, compiler=self.compiler) if self.compiler else TorchSession(self)
+        if self.compiler:
+            return StaticSession(self.model, self.image_features, compiler=self.compiler)
+        return TorchSession(self)
 
     @property
     def trained_parts(self) -> list[str]:

@@ -14,7 +14,6 @@ no row has reached yet (their outputs are dropped), so nothing they compute is e
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,9 +21,7 @@ import torch.nn.functional as F
 
 from mmllm.generation import Prompt
 from mmllm.models.language import cache_keyword
-
-if TYPE_CHECKING:
-    from mmllm.pipeline import Pipeline
+from mmllm.models.multimodal import MultimodalLM
 
 STATIC_CONTEXT = 4096  # tokens a slot holds (prompt + answer): the cache is allocated whole
 SLOTS = 16
@@ -84,18 +81,20 @@ class StaticSession:
     """Rows decoding together over a `SlotCache`, each pass a compiled (bucketed) graph: the torch
     backend's running batch with `--compile on` (the default on CUDA).
 
+    `image_features`: (I, 3, S, S) pixels -> (I, N, D_v) features (the backend's, with its cache).
     `compiler` is `torch.compile`'s backend ("inductor"; tests trace with "eager" or a counting one);
     None runs the same static passes uncompiled.
     """
 
     def __init__(
         self,
-        pipeline: Pipeline,
+        model: MultimodalLM,
+        image_features: Callable[[torch.Tensor], torch.Tensor],
         slots: int = SLOTS,
         context: int = STATIC_CONTEXT,
         compiler: str | Callable | None = "inductor",
     ):
-        self.pipeline, self.model = pipeline, pipeline.model
+        self.model, self.image_features = model, image_features
         self.lm = self.model.language_model
         config = self.model.config.text_config
         self.context = min(context, config.max_position_embeddings)
@@ -177,6 +176,12 @@ class StaticSession:
         """A prompt chunk, (1, C, D) at (1, C) positions, into `slot` -> (V,) logits at index `last`."""
         return self._forward(embeds, positions, slot, width, last)[0, -1]
 
+    def _new_step(self) -> None:
+        """Tell the CUDA graphs that the previous pass's outputs are spent: a replay may overwrite them
+        (without it, a graph's outputs still referenced make the next replay record anew)."""
+        if self.model.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+
     @property
     def rows_held(self) -> int:
         return len(self.slot_of)
@@ -188,7 +193,7 @@ class StaticSession:
         ids = torch.tensor([prompt.input_ids], device=self.model.device)
         features = None
         if prompt.pixel_values is not None:
-            features = self.pipeline.image_features(torch.from_numpy(prompt.pixel_values))
+            features = self.image_features(torch.from_numpy(prompt.pixel_values))
         embeds = self.model.embed_inputs(ids, image_features=features)
         free = sorted(set(range(self.max_rows)) - set(self.slot_of.values()))
         if not free:
@@ -211,6 +216,7 @@ class StaticSession:
             positions = (start + torch.arange(size, device=device)).clamp(max=self.context - 1)[None]
             last = torch.tensor([length - 1], device=device)
             width = bucket(start + length, self.widths)
+            self._new_step()
             logits = self.prefill_pass(chunk, positions, slot, last, width)
             self.next_position[handle] = start + length
         if end < embeds.shape[1]:
@@ -232,6 +238,7 @@ class StaticSession:
         batch_tokens[slots] = torch.tensor(tokens)
         batch_positions[slots] = torch.tensor([self.next_position[handle] for handle in handles])
         width = bucket(int(batch_positions[slots].max()) + 1, self.widths)
+        self._new_step()
         logits = self.decode_pass(batch_tokens.to(device), batch_positions.to(device), width)  # (B, V)
         for handle in handles:
             self.next_position[handle] += 1
