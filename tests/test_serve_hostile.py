@@ -110,8 +110,9 @@ def test_out_of_range_seeds_get_400_streamed_or_not(server, seed, stream):
     assert response.json()["error"]["message"].startswith("seed:")
 
 
-def test_large_seed_within_int64_is_used(server):
-    body = {**user("hi"), "seed": 2**63 - 1, "temperature": 1.0}
+@pytest.mark.parametrize("seed", [2**63 - 1, -(2**63), -1])
+def test_seeds_at_either_end_of_int64_are_used(server, seed):
+    body = {**user("hi"), "seed": seed, "temperature": 1.0}
     first, second = chat(server, body).json(), chat(server, body).json()
     assert first["choices"][0]["message"]["content"] == second["choices"][0]["message"]["content"]
 
