@@ -1,14 +1,15 @@
 """Fast decoding for the torch backend: a running batch over a static KV cache, its forward passes
 compiled once per shape bucket (`torch.compile`; CUDA graphs on a GPU).
 
-Eager decoding of a 0.5B model spends most of each token launching kernels from Python (H100: ~45 ms
-a token where the math takes ~2 ms). A CUDA graph replays a whole forward pass as one launch, but
-only over fixed shapes and fixed memory, so this session keeps its KV cache in buffers allocated once,
-(S, H, L, d) a layer: a slot per row, each row writing at its own positions. Shapes come in buckets:
-a decoding step runs over the first B slots (B a power of two), prompt chunks are padded to a few
-lengths, and attention reads the first W columns (W a few widths up to L); each bucket compiles once
-and is replayed afterwards. Rows that are not decoding ride along in a step, writing into a column
-no row has reached yet (their outputs are dropped), so nothing they compute is ever read.
+Eager decoding of a 0.5B model spends most of each token launching kernels from Python (an H100
+decoded Qwen2.5-0.5B at ~45 ms a token, where reading its weights takes about 1 ms). A CUDA graph
+replays a whole forward pass as one launch, but only over fixed shapes and fixed memory, so this
+session keeps its KV cache in buffers allocated once, (S, H, L, d) a layer: a slot per row, each row
+writing at its own positions. Shapes come in buckets: a decoding step runs over the first B slots (B
+a power of two), prompt chunks are padded to a few lengths, and attention reads the first W columns
+(W a few widths up to L); each bucket compiles once and is replayed afterwards. Rows that are not
+decoding ride along in a step, writing into their slot's last column, which they overwrite before
+they attend to it (their outputs are dropped).
 """
 
 from __future__ import annotations
@@ -70,11 +71,10 @@ class SlotCache:
         rows = self.rows if self.rows is not None else torch.arange(batch, device=keys.device)
         keys[rows[:, None], :, self.positions] = key_states.transpose(1, 2)  # (B, C, H, d) written
         values[rows[:, None], :, self.positions] = value_states.transpose(1, 2)
+        keys, values = keys[:, :, : self.width], values[:, :, : self.width]  # (S, H, W, d) views
         if self.rows is None:
-            return keys[:batch, :, : self.width], values[:batch, :, : self.width]  # views: no copy
-        return keys[:, :, : self.width].index_select(0, rows), values[:, :, : self.width].index_select(
-            0, rows
-        )
+            return keys[:batch], values[:batch]  # views: no copy
+        return keys.index_select(0, rows), values.index_select(0, rows)
 
 
 class StaticSession:
