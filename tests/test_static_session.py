@@ -52,7 +52,7 @@ def test_static_decoding_gives_the_greedy_answers_of_generate(kind):
     static = Pipeline(model, processor, compiler="eager")
     # Two slots for four prompts: rows take freed slots while another decodes, and steps run over
     # one and two slots.
-    static.__dict__["session"] = StaticSession(model, static.image_features, slots=2, compiler="eager")
+    static.__dict__["session"] = StaticSession(model, static.embed_prompt, slots=2, compiler="eager")
     prompts = prompts_of(static)
     assert len(prompts[1].input_ids) > 256  # read in two chunks
     settings = GenerationSettings(max_new_tokens=12, ignore_eos=True)
@@ -67,7 +67,7 @@ def test_recompiles_are_bounded_and_a_second_call_compiles_nothing():
     model, processor = make_tiny("qwen2", lm_init_std=0.3)
     pipeline = Pipeline(model, processor, compiler="eager")
     counting = CountingCompiler()
-    session = StaticSession(model, pipeline.image_features, slots=4, compiler=counting)
+    session = StaticSession(model, pipeline.embed_prompt, slots=4, compiler=counting)
     pipeline.__dict__["session"] = session  # what the backend decodes on
     prompts = prompts_of(pipeline)
     settings = GenerationSettings(max_new_tokens=6, ignore_eos=True)

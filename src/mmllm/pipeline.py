@@ -1,5 +1,6 @@
-"""The PyTorch backend: a `MultimodalLM` answering through transformers' `generate`, batched or
-streamed (`Pipeline`, what `--backend torch` runs)."""
+"""The PyTorch backend (`Pipeline`, what `--backend torch` runs): a `MultimodalLM` answering through
+its running batch, eager over a dynamic cache (`TorchSession`) or compiled over a static one
+(`static_session.StaticSession`); beam search through transformers' `generate`."""
 
 from __future__ import annotations
 
@@ -69,13 +70,8 @@ class TorchSession:
 
     @torch.inference_mode()
     def start(self, prompt: Prompt) -> int:
-        device = self.model.device
-        ids = torch.tensor([prompt.input_ids], device=device)
-        features = None
-        if prompt.pixel_values is not None:
-            features = self.pipeline.image_features(torch.from_numpy(prompt.pixel_values))
         self.issued += 1
-        self.reading[self.issued] = (self.model.embed_inputs(ids, image_features=features), DynamicCache())
+        self.reading[self.issued] = (self.pipeline.embed_prompt(prompt), DynamicCache())
         return self.issued
 
     @torch.inference_mode()
@@ -208,7 +204,7 @@ class Pipeline(Backend):
     def session(self) -> TorchSession | StaticSession:
         """The running batch a scheduler grows and shrinks a step at a time; `decode` runs on it too."""
         if self.compiler:
-            return StaticSession(self.model, self.image_features, compiler=self.compiler)
+            return StaticSession(self.model, self.embed_prompt, compiler=self.compiler)
         return TorchSession(self)
 
     @property
@@ -231,6 +227,14 @@ class Pipeline(Backend):
             return self.model.get_image_features(pixels[rows].to(self.model.device))
 
         return torch.stack(self.features.through(pixels.numpy(), compute))  # keyed by what the tower sees
+
+    def embed_prompt(self, prompt: Prompt) -> torch.Tensor:
+        """A prompt's (1, P, D) LM input embeddings, its images' projected rows at their placeholders."""
+        ids = torch.tensor([prompt.input_ids], device=self.model.device)
+        features = None
+        if prompt.pixel_values is not None:
+            features = self.image_features(torch.from_numpy(prompt.pixel_values))
+        return self.model.embed_inputs(ids, image_features=features)
 
     def _inputs(self, prompts: list[Prompt]) -> dict:
         padded = self.processor.pad([{"input_ids": prompt.input_ids} for prompt in prompts])

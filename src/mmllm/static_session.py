@@ -81,7 +81,7 @@ class StaticSession:
     """Rows decoding together over a `SlotCache`, each pass a compiled (bucketed) graph: the torch
     backend's running batch with `--compile on` (the default on CUDA).
 
-    `image_features`: (I, 3, S, S) pixels -> (I, N, D_v) features (the backend's, with its cache).
+    `embed_prompt`: a prompt -> its (1, P, D) LM input embeddings, image rows in (the backend's).
     `compiler` is `torch.compile`'s backend ("inductor"; tests trace with "eager" or a counting one);
     None runs the same static passes uncompiled.
     """
@@ -89,12 +89,12 @@ class StaticSession:
     def __init__(
         self,
         model: MultimodalLM,
-        image_features: Callable[[torch.Tensor], torch.Tensor],
+        embed_prompt: Callable[[Prompt], torch.Tensor],
         slots: int = SLOTS,
         context: int = STATIC_CONTEXT,
         compiler: str | Callable | None = "inductor",
     ):
-        self.model, self.image_features = model, image_features
+        self.model, self.embed_prompt = model, embed_prompt
         self.lm = self.model.language_model
         config = self.model.config.text_config
         self.context = min(context, config.max_position_embeddings)
@@ -190,11 +190,7 @@ class StaticSession:
     def start(self, prompt: Prompt) -> int:
         if self.kv is None:
             self.kv = self._allocate()
-        ids = torch.tensor([prompt.input_ids], device=self.model.device)
-        features = None
-        if prompt.pixel_values is not None:
-            features = self.image_features(torch.from_numpy(prompt.pixel_values))
-        embeds = self.model.embed_inputs(ids, image_features=features)
+        embeds = self.embed_prompt(prompt)
         free = sorted(set(range(self.max_rows)) - set(self.slot_of.values()))
         if not free:
             raise RuntimeError(f"all {self.max_rows} rows of the static cache are taken")
