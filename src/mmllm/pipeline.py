@@ -19,7 +19,7 @@ from mmllm.models.language import cache_keyword
 from mmllm.models.multimodal import MultimodalLM
 from mmllm.processor import MultimodalProcessor
 from mmllm.running import decode_all
-from mmllm.static_session import STATIC_CONTEXT, StaticSession
+from mmllm.static_session import StaticSession
 
 log = logging.getLogger("mmllm")
 
@@ -197,8 +197,9 @@ class Pipeline(Backend):
 
     @property
     def context_length(self) -> int:
-        length = self.model.config.text_config.max_position_embeddings
-        return min(length, STATIC_CONTEXT) if self.compiler else length
+        if self.compiler:  # the static cache holds fewer tokens than the model may read
+            return self.session.context
+        return self.model.config.text_config.max_position_embeddings
 
     @functools.cached_property
     def session(self) -> TorchSession | StaticSession:
