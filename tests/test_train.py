@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -228,6 +229,42 @@ def test_two_process_ddp_equals_one_process(tiny_dir, tmp_path):
     a, b = _final_weights(tmp_path / "single"), _final_weights(tmp_path / "ddp")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests FSDP over CPU processes")
+def test_fsdp2_over_two_processes_equals_one_process_and_resumes_anywhere(tiny_dir, tmp_path):
+    """The shipped FSDP config, launched by accelerate on 2 CPU processes (gloo): full fine-tuning
+    ends with the weights of 1 process, and its gathered checkpoint resumes sharded or not."""
+    settings = {"max_steps": 4, "save_every": 2, "parts.language_model": "full"}
+    single = _write_recipe(tiny_dir, tmp_path / "single", tmp_path / "single.yaml", **settings)
+    assert main(["train", str(single)]) == 0
+
+    def sharded(name: str, *arguments: str) -> str:
+        recipe_file = _write_recipe(tiny_dir, tmp_path / name, tmp_path / f"{name}.yaml", **settings)
+        config = REPO / "configs" / "accelerate" / "fsdp.yaml"
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                   "--num_processes", "2", "--mixed_precision", "no",
+                   "-m", "mmllm.cli", "train", str(recipe_file), *arguments]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stderr
+
+    log = sharded("fsdp")
+    assert "2 process(es), DistributedType.FSDP" in log
+    found = re.search(r"holds ([\d,]+) of ([\d,]+) parameters", log).group(1, 2)
+    held, total = (int(n.replace(",", "")) for n in found)
+    assert held < 0.6 * total  # sharded: each process holds about half
+    halfway = tmp_path / "fsdp" / "checkpoints" / "step-000002"
+    sharded("fsdp-resumed", "--resume", str(halfway))
+    resumed = _write_recipe(tiny_dir, tmp_path / "resumed", tmp_path / "resumed.yaml", **settings)
+    assert main(["train", str(resumed), "--resume", str(halfway)]) == 0
+    base, one = state(MultimodalLM.from_pretrained(tiny_dir)), _final_weights(tmp_path / "single")
+    assert not torch.equal(base["language_model.model.layers.0.mlp.up_proj.weight"],
+                           one["language_model.model.layers.0.mlp.up_proj.weight"])  # fmt: skip
+    for run in ("fsdp", "fsdp-resumed", "resumed"):
+        weights = _final_weights(tmp_path / run)
+        for key in one:
+            torch.testing.assert_close(one[key], weights[key], rtol=1e-4, atol=5e-5, msg=f"{run}: {key}")
 
 
 def test_gradient_accumulation_and_checkpointing_give_the_same_weights(tiny_dir, tmp_path):

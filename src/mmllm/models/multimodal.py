@@ -73,6 +73,10 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
             if part.config._attn_implementation is None:
                 part.config._attn_implementation = self.config._attn_implementation
         self.post_init()
+        # The parts name the layers that a device map or FSDP keeps whole. CLIP's list also names its
+        # text tower's embeddings, which this model lacks and FSDP's wrap policy refuses to look for.
+        present = {type(module).__name__ for module in self.modules()}
+        self._no_split_modules = set(self._no_split_modules) & present
 
     # -- embeddings -------------------------------------------------------------------------------
     def get_input_embeddings(self) -> torch.nn.Module:
@@ -237,9 +241,8 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         return input_ids, model_kwargs | images
 
     # -- parts, saving, loading ------------------------------------------------------------------------
-    def _state_dict_without_lora(self) -> dict[str, torch.Tensor]:
+    def _state_dict_without_lora(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """State dict with PEFT's wrapping undone: plain LM keys, adapter weights left out."""
-        state = self.state_dict()
         if not self.has_lora:
             return state
         return {_without_lora(key): value for key, value in state.items() if "lora_" not in key}
@@ -296,11 +299,15 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
 
         A parts-only checkpoint must be able to rebuild what it leaves out: the language model from
         `config.text_model_name_or_path`, the vision tower from `config.vision_model_name_or_path`
-        (or, when that is unset, from its config alone, i.e. untrained).
+        (or, when that is unset, from its config alone, i.e. untrained). A `state_dict` given (the
+        gathered weights of a sharded model) is saved in place of the model's own.
         """
+        state = kwargs.pop("state_dict", None) or self.state_dict()
         if self.has_lora:  # the adapter goes to lora/ (PEFT format); the state dict holds base weights
-            self.language_model.save_pretrained(Path(save_directory) / "lora")
-        state = self._state_dict_without_lora()
+            prefix = "language_model."
+            adapter = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            self.language_model.save_pretrained(Path(save_directory) / "lora", state_dict=adapter)
+        state = self._state_dict_without_lora(state)
         if parts is not None:
             unknown = set(parts) - set(PARTS)
             if unknown:

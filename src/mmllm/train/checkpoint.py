@@ -91,9 +91,12 @@ def fresh_output_dir(output_dir: Path, overwrite: bool, main_process: bool) -> N
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def save_model(model: MultimodalLM, processor: MultimodalProcessor, directory: Path) -> None:
-    """Only what cannot be rebuilt from a base reference (plus the LoRA adapter, if any)."""
-    model.save_pretrained(directory, parts=model.parts_without_base())
+def save_model(
+    model: MultimodalLM, processor: MultimodalProcessor, directory: Path, weights: dict | None = None
+) -> None:
+    """Only what cannot be rebuilt from a base reference (plus the LoRA adapter, if any); `weights`,
+    when given, in place of the model's own (a sharded model's, gathered)."""
+    model.save_pretrained(directory, parts=model.parts_without_base(), state_dict=weights)
     processor.save_pretrained(directory)
 
 
@@ -129,22 +132,24 @@ def save_checkpoint(
     output_dir: str | Path,
     model: MultimodalLM,
     processor: MultimodalProcessor,
-    optimizer: torch.optim.Optimizer,
+    states: tuple[dict, dict],
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: Any,
     state: TrainState,
     keep_last: int,
 ) -> Path:
-    """Write `checkpoints/step-N/` atomically and keep only the newest `keep_last`."""
+    """Write `checkpoints/step-N/` atomically and keep only the newest `keep_last`; `states` are the
+    model's weights and the optimiser's state (`sharding.whole_states`)."""
+    weights, optimizer_state = states
     root = Path(output_dir) / "checkpoints"
     final = root / f"{PREFIX}{state.step:06d}"
     staging = final.with_suffix(".tmp")
     for stale in root.glob(f"{PREFIX}*.tmp"):
         shutil.rmtree(stale)
     staging.mkdir(parents=True)
-    save_model(model, processor, staging / "model")
+    save_model(model, processor, staging / "model", weights)
     saved = {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": _rng_state(),
@@ -160,15 +165,12 @@ def save_checkpoint(
 
 
 def restore(
-    checkpoint: Path,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: Any,
-) -> TrainState:
-    """Load a checkpoint's optimiser, scheduler, scaler and RNG states; returns where the run was
-    (its weights go in before, with `load_trained_weights`, so the optimiser is built on them)."""
+    checkpoint: Path, scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Any
+) -> tuple[TrainState, dict]:
+    """Load a checkpoint's scheduler, scaler and RNG states; returns where the run was and the
+    optimiser's state (for `sharding.load_optimizer_state`). Its weights go in before, with
+    `load_trained_weights`, so the optimiser is built on them."""
     saved = torch.load(checkpoint / STATE, weights_only=False)
-    optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if scaler is not None and saved.get("scaler"):
         scaler.load_state_dict(saved["scaler"])
@@ -177,4 +179,4 @@ def restore(
     log.info(
         "resumed from %s at step %d (epoch %d, batch %d)", checkpoint, state.step, state.epoch, state.consumed
     )
-    return state
+    return state, saved["optimizer"]

@@ -39,6 +39,13 @@ from mmllm.train.checkpoint import (
 from mmllm.train.config import TrainConfig
 from mmllm.train.losses import ImageLosses
 from mmllm.train.parts import parameter_groups, parameter_table, qlora_quantization_config, setup_parts
+from mmllm.train.sharding import (
+    enable_fsdp_on_cpu,
+    held_parameters,
+    load_optimizer_state,
+    whole_states,
+    whole_weights,
+)
 from mmllm.train.tracking import MetricsLogger
 
 log = logging.getLogger("mmllm")
@@ -70,6 +77,7 @@ def _accelerator(cfg: TrainConfig):
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision],
         dataloader_config=DataLoaderConfiguration(split_batches=True),
     )
+    enable_fsdp_on_cpu(accelerator)
     if cfg.data.batch_size % accelerator.num_processes:
         raise MmllmError(
             f"data.batch_size {cfg.data.batch_size} must divide by {accelerator.num_processes} processes"
@@ -269,8 +277,13 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
         optimizer, cosine_schedule(total, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio)
     )
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    if main and accelerator.is_fsdp2:
+        log.info("FSDP2: %s", held_parameters(model))
     trainer = _Trainer(cfg, accelerator, model, optimizer, scheduler, processor.stop_token_ids)
-    state = restore(resume_from, optimizer, scheduler, accelerator.scaler) if resume_from else TrainState()
+    state = TrainState()
+    if resume_from:
+        state, optimizer_state = restore(resume_from, scheduler, accelerator.scaler)
+        load_optimizer_state(model, optimizer, optimizer_state)
     report = LoadReport()
     report.counts.update(state.data_counts)
 
@@ -300,15 +313,14 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
             progress.held_out(state.step, evaluator(model))
             model.train()
         if state.step % cfg.save_every == 0 or state.step == end:
-            accelerator.wait_for_everyone()
+            states = whole_states(model, optimizer)
             if main:
                 state.data_counts = dict(report.counts)
-                unwrapped = accelerator.unwrap_model(model)
                 save_checkpoint(
                     output_dir,
-                    unwrapped,
+                    accelerator.unwrap_model(model),
                     processor,
-                    optimizer,
+                    states,
                     scheduler,
                     accelerator.scaler,
                     state,
@@ -317,8 +329,9 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
             accelerator.wait_for_everyone()
     progress.close()
     final = output_dir / "model"
+    weights = whole_weights(model)
     if main:
-        save_model(accelerator.unwrap_model(model), processor, final)
+        save_model(accelerator.unwrap_model(model), processor, final, weights)
         log.info(report.summary())
         log.info("final model: %s", final)
     accelerator.wait_for_everyone()
