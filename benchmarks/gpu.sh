@@ -5,6 +5,8 @@
 #                             tokens/s at batch 1, a 32-token answer with an image, MFU
 #   train_throughput_<device> stage 1 and stage 2 (LoRA), padded vs packed, bf16, batch 16 and 64
 #   train_packing_<device>    the pad tokens' share, padded vs packed
+#   train_compiled_<device>   stage 2 at the largest batch, eager vs `compile: true` (last: the
+#                             compiles take the longest)
 # Qwen2.5-0.5B's architecture with random weights under a CLIP ViT-B/32 tower and easy-VQA-like
 # synthetic data: speed does not depend on weight values, and nothing has to be downloaded. Needs
 # torch, transformers, peft and accelerate; what mmllm needs beyond them (Pillow, transformers >= 5.24
@@ -61,4 +63,6 @@ python benchmarks/latency.py --random "$lm" --device "$device" --compile both --
   --tokens "$tokens" --out "$out" --name "latency_$device"
 python benchmarks/train_throughput.py --random "$lm" --data synthetic --steps "$steps" \
   --batch-sizes "$batches" --out "$out" --name "train_throughput_$device"
+python benchmarks/train_throughput.py --random "$lm" --data synthetic --steps "$steps" --stages 2 \
+  --batch-sizes "${batches##*,}" --compile --out "$out" --name "train_compiled_$device"
 echo "benchmarks/gpu.sh: $((SECONDS - start)) s; results in $out"

@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-sizes", default="8", help="comma-separated; each variant runs at each")
     parser.add_argument("--stages", default="1,2", help="which stages: 1, 2 or both")
+    parser.add_argument("--compile", action="store_true", help="stage 2 also with train.compile (inductor)")
     parser.add_argument("--name", default="", help="results file name (default: train_throughput[_quick])")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args()
@@ -120,6 +121,9 @@ def main() -> None:
                 True,
             ),
         ]
+        variants += [
+            (f"{v[0]}, compiled", *v[1:]) for v in variants if args.compile and v[0].startswith("stage 2")
+        ]
         stages = args.stages.split(",")
         variants = [v for v in variants if v[0].split()[1] in stages]
         for batch_size in batch_sizes:
@@ -133,6 +137,7 @@ def main() -> None:
                     "output_dir": str(out),
                     "tensorboard": False,
                     "precision": "bf16" if torch.cuda.is_available() else "fp32",
+                    "compile": stage.endswith("compiled"),
                     "parts": {"vision_tower": "frozen", "projector": "full", **parts},
                     "data": {
                         "datasets": [spec],
@@ -163,7 +168,8 @@ def main() -> None:
     }
     name = args.name or "train_throughput" + ("_quick" if args.quick else "")
     report(name, rows, settings, args.out)
-    report(name.replace("train_throughput", "train_packing"), packing, settings, args.out)
+    packing_name = name.replace("train_throughput", "train_packing")
+    report(packing_name if packing_name != name else f"{name}_packing", packing, settings, args.out)
 
 
 def pad_share(cfg: DataConfig, processor, batches: int) -> float:

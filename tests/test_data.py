@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import tarfile
 from collections import Counter
 
@@ -527,8 +528,6 @@ def test_cache_is_used_only_for_a_frozen_tower_and_plain_images(folder, tmp_path
 
 
 def test_augmentation_is_off_by_default_and_varies_images_when_on(folder):
-    import random
-
     from mmllm.data.augment import augment
     from mmllm.data.config import AugmentConfig
 
@@ -583,6 +582,24 @@ def test_question_case_augmentation_capitalises_user_turns_only():
     half = AugmentConfig(enabled=True, capitalize=0.5)
     firsts = {augment_questions(conversation, half, random.Random(s))[2]["content"][0] for s in range(20)}
     assert firsts == {"i", "I"}
+
+
+def test_packing_places_every_sample_once_within_max_length_and_never_pads_more():
+    from mmllm.data.loading import pack_rows
+
+    rng = random.Random(0)
+    for _ in range(200):
+        max_length = rng.choice([64, 256, 1024])
+        lengths = [rng.randint(1, max_length) for _ in range(rng.randint(1, 40))]
+        rows = pack_rows([{"input_ids": [0] * n} for n in lengths], max_length)
+        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+        fills = [sum(lengths[i] for i in row) for row in rows]
+        assert max(fills) <= max_length
+        assert len(rows) * max(fills) <= len(lengths) * max(lengths)  # the padded batch's tokens
+    # Short samples share a row up to the longest one's length: no padding at all.
+    lengths = [100, 50] * 4 + [60, 40]
+    rows = pack_rows([{"input_ids": [0] * n} for n in lengths], 400)
+    assert len(rows) * max(sum(lengths[i] for i in row) for row in rows) == sum(lengths)
 
 
 def _loss_and_gradients(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

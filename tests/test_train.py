@@ -267,6 +267,26 @@ def test_fsdp2_over_two_processes_equals_one_process_and_resumes_anywhere(tiny_d
             torch.testing.assert_close(one[key], weights[key], rtol=1e-4, atol=5e-5, msg=f"{run}: {key}")
 
 
+@pytest.mark.slow
+def test_compiled_decoder_layers_train_to_the_same_weights(tiny_dir, tmp_path):
+    """`compile: true` (inductor, dynamic lengths) changes the speed only: the same losses, the same
+    weights under the same names."""
+    common = {"max_steps": 3, "parts.language_model": "lora", "lora.dropout": 0.0, "save_every": 100}
+    eager, eager_metrics = run(tiny_dir, tmp_path / "eager", **common)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled, compiled_metrics = run(tiny_dir, tmp_path / "compiled", **common, compile=True)
+    # Compiled, and shared: a graph or two serve both layers at every length.
+    assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
+    torch.testing.assert_close(
+        [m["loss"] for m in compiled_metrics], [m["loss"] for m in eager_metrics], rtol=1e-5, atol=0
+    )
+    a, b = state(eager), state(compiled)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=5e-5, msg=key)
+
+
 def test_gradient_accumulation_and_checkpointing_give_the_same_weights(tiny_dir, tmp_path):
     """A batch of 4 = 2 micro-batches of 2 (token-weighted loss), with or without recomputation."""
     # Four samples: every optimiser step sees all of them, however they are split.

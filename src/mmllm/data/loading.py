@@ -28,6 +28,7 @@ from mmllm.images import load_image
 from mmllm.processor import ALIGN_TEMPLATE, MultimodalProcessor
 
 log = logging.getLogger("mmllm")
+PACK_WIDTH_STEP = 8  # the row widths tried when packing a batch, in tokens
 
 
 class SampleList(Dataset):
@@ -268,19 +269,30 @@ class Collator:
 
 
 def pack_rows(encoded: list[dict[str, Any]], max_length: int) -> list[list[int]]:
-    """Which samples share each row: first fit, in order, rows of at most `max_length` tokens."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for index, item in enumerate(encoded):
-        need = len(item["input_ids"])
-        row = next((r for r, free in enumerate(room) if free >= need), None)
-        if row is None:
-            rows.append([])
-            room.append(max_length)
-            row = len(rows) - 1
-        rows[row].append(index)
-        room[row] -= need
-    return rows
+    """Which samples share each row. The rows are padded to the longest, so the packing is the first fit
+    (longest samples first) into rows of the width, from the longest sample's to `max_length`, that
+    leaves the least padding (of equals, the narrowest: less attention work). The longest sample's
+    width already packs no worse than padding each sample to it, so a packed batch never holds more
+    pad tokens than the padded one."""
+    lengths = [len(item["input_ids"]) for item in encoded]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    widths = range(max(lengths), max_length + 1, PACK_WIDTH_STEP)  # samples are truncated to max_length
+    best: tuple[int, list[list[int]]] | None = None
+    for width in widths:
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for index in order:
+            row = next((r for r, free in enumerate(room) if free >= lengths[index]), None)
+            if row is None:
+                rows.append([])
+                room.append(width)
+                row = len(rows) - 1
+            rows[row].append(index)
+            room[row] -= lengths[index]
+        area = len(rows) * (width - min(room))  # rows x the fullest row's tokens
+        if best is None or area < best[0]:
+            best = (area, rows)
+    return best[1]
 
 
 class LoadReport:

@@ -97,6 +97,9 @@ class TrainConfig:
     """Autocast precision; fp16 uses a gradient scaler."""
     gradient_checkpointing: bool = False
     """Recompute LM activations in the backward pass to save memory."""
+    compile: bool = False
+    """torch.compile each LM decoder layer (inductor; sequence lengths dynamic). The first steps
+    take longer while it compiles."""
     contrastive_weight: float = 0.0
     """Weight of the CLIP-style image-text contrastive loss on projector outputs (0: off)."""
     token_target_weight: float = 0.0

@@ -100,7 +100,17 @@ def _model(cfg: TrainConfig, resume_from: Path | None) -> tuple[MultimodalLM, Mu
         lm = model.language_model  # transformers 5.24 renamed it; older 5.x have only the first name
         getattr(lm, "activation_checkpointing_enable", lm.gradient_checkpointing_enable)()
         model.language_model.enable_input_require_grads()
+    if cfg.compile:
+        _compile_layers(model)
     return model, processor
+
+
+def _compile_layers(model: MultimodalLM) -> None:
+    """Compile each decoder layer in place, so its weights keep their names in checkpoints. The layers
+    hold the time; they share one code path, and lengths are dynamic, so a few graphs serve the run."""
+    for module in model.language_model.modules():
+        if type(module).__name__ in model._no_split_modules:
+            module.compile(dynamic=True)
 
 
 def _check_words_model_data(model: MultimodalLM, dataset) -> None:
