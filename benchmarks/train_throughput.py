@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="8", help="comma-separated; each variant runs at each")
     parser.add_argument("--stages", default="1,2", help="which stages: 1, 2 or both")
     parser.add_argument("--compile", action="store_true", help="stage 2 also with train.compile (inductor)")
+    parser.add_argument("--ungrouped", action="store_true", help="stage 2 also without length grouping")
     parser.add_argument("--name", default="", help="results file name (default: train_throughput[_quick])")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = parser.parse_args()
@@ -109,25 +110,25 @@ def main() -> None:
         build_feature_cache(model, processor, (s for d in data.datasets for s in read(d, data)), cache)
         body, _ = lm_weights(model)
         del model
-        variants = [
-            ("stage 1 (projector)", "pixels", {"language_model": "frozen"}, "", False),
-            ("stage 1 (projector)", "feature cache", {"language_model": "frozen"}, str(cache), False),
-            ("stage 2 (projector + LoRA)", "feature cache", {"language_model": "lora"}, str(cache), False),
-            (
-                "stage 2 (projector + LoRA), packed",
-                "feature cache",
-                {"language_model": "lora"},
-                str(cache),
-                True,
-            ),
+        lora, cached = {"language_model": "lora"}, str(cache)
+        variants = [  # (stage, vision input, trained parts, feature cache, data settings)
+            ("stage 1 (projector)", "pixels", {"language_model": "frozen"}, "", {}),
+            ("stage 1 (projector)", "feature cache", {"language_model": "frozen"}, cached, {}),
+            ("stage 2 (projector + LoRA)", "feature cache", lora, cached, {}),
+            ("stage 2 (projector + LoRA), packed", "feature cache", lora, cached, {"pack": True}),
         ]
+        if args.ungrouped:  # padding's and packing's own effect, without length grouping's
+            variants += [
+                (f"{stage}, no length grouping", source, parts, features, {**data, "group_by_length": False})
+                for stage, source, parts, features, data in variants[2:]
+            ]
         variants += [
             (f"{v[0]}, compiled", *v[1:]) for v in variants if args.compile and v[0].startswith("stage 2")
         ]
         stages = args.stages.split(",")
         variants = [v for v in variants if v[0].split()[1] in stages]
         for batch_size in batch_sizes:
-            for stage, source, parts, feature_cache, pack in variants:
+            for stage, source, parts, feature_cache, data_settings in variants:
                 out = scratch / f"run-{len(rows)}"
                 base = {
                     "init_from": str(scratch / "base"),
@@ -145,7 +146,7 @@ def main() -> None:
                         "num_workers": 2,
                         "max_length": 512,
                         "feature_cache": feature_cache,
-                        "pack": pack,
+                        **data_settings,
                     },
                 }
                 train(load_config(TrainConfig, None, base=base))

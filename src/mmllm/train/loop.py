@@ -108,9 +108,15 @@ def _model(cfg: TrainConfig, resume_from: Path | None) -> tuple[MultimodalLM, Mu
 def _compile_layers(model: MultimodalLM) -> None:
     """Compile each decoder layer in place, so its weights keep their names in checkpoints. The layers
     hold the time; they share one code path, and lengths are dynamic, so a few graphs serve the run."""
-    for module in model.language_model.modules():
-        if type(module).__name__ in model._no_split_modules:
-            module.compile(dynamic=True)
+    layers = [m for m in model.language_model.modules() if type(m).__name__ in model._no_split_modules]
+    if not layers:
+        raise MmllmError(
+            f"compile: true: {type(model.language_model).__name__} names no decoder layers "
+            "(_no_split_modules) to compile; set compile: false"
+        )
+    for layer in layers:
+        layer.compile(dynamic=True)
+    log.info("compiling %d %s layers (the first steps take longer)", len(layers), type(layers[0]).__name__)
 
 
 def _check_words_model_data(model: MultimodalLM, dataset) -> None:
