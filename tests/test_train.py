@@ -234,7 +234,7 @@ def test_two_process_ddp_equals_one_process(tiny_dir, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests FSDP over CPU processes")
 def test_fsdp2_over_two_processes_equals_one_process_and_resumes_anywhere(tiny_dir, tmp_path):
     """The shipped FSDP config, launched by accelerate on 2 CPU processes (gloo): full fine-tuning
-    ends with the weights of 1 process, and its gathered checkpoint resumes sharded or not."""
+    ends with the weights of 1 process, and checkpoints resume across worlds, either way."""
     settings = {"max_steps": 4, "save_every": 2, "parts.language_model": "full"}
     single = _write_recipe(tiny_dir, tmp_path / "single", tmp_path / "single.yaml", **settings)
     assert main(["train", str(single)]) == 0
@@ -256,12 +256,13 @@ def test_fsdp2_over_two_processes_equals_one_process_and_resumes_anywhere(tiny_d
     assert held < 0.6 * total  # sharded: each process holds about half
     halfway = tmp_path / "fsdp" / "checkpoints" / "step-000002"
     sharded("fsdp-resumed", "--resume", str(halfway))
+    sharded("fsdp-from-single", "--resume", str(tmp_path / "single" / "checkpoints" / "step-000002"))
     resumed = _write_recipe(tiny_dir, tmp_path / "resumed", tmp_path / "resumed.yaml", **settings)
     assert main(["train", str(resumed), "--resume", str(halfway)]) == 0
     base, one = state(MultimodalLM.from_pretrained(tiny_dir)), _final_weights(tmp_path / "single")
     assert not torch.equal(base["language_model.model.layers.0.mlp.up_proj.weight"],
                            one["language_model.model.layers.0.mlp.up_proj.weight"])  # fmt: skip
-    for run in ("fsdp", "fsdp-resumed", "resumed"):
+    for run in ("fsdp", "fsdp-resumed", "fsdp-from-single", "resumed"):
         weights = _final_weights(tmp_path / run)
         for key in one:
             torch.testing.assert_close(one[key], weights[key], rtol=1e-4, atol=5e-5, msg=f"{run}: {key}")

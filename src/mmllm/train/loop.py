@@ -299,7 +299,7 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
     state = TrainState()
     if resume_from:
         state, optimizer_state = restore(resume_from, scheduler, accelerator.scaler)
-        load_optimizer_state(model, optimizer, optimizer_state)
+        load_optimizer_state(accelerator, model, optimizer, optimizer_state)
     report = LoadReport()
     report.counts.update(state.data_counts)
 
@@ -329,7 +329,7 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
             progress.held_out(state.step, evaluator(model))
             model.train()
         if state.step % cfg.save_every == 0 or state.step == end:
-            states = whole_states(model, optimizer)
+            states = whole_states(accelerator, model, optimizer)
             if main:
                 state.data_counts = dict(report.counts)
                 save_checkpoint(
@@ -345,7 +345,7 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
             accelerator.wait_for_everyone()
     progress.close()
     final = output_dir / "model"
-    weights = whole_weights(model)
+    weights = whole_weights(accelerator, model)
     if main:
         save_model(accelerator.unwrap_model(model), processor, final, weights)
         log.info(report.summary())

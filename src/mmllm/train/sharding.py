@@ -6,9 +6,9 @@ trains DDP instead. torch's FSDP2 shards over gloo as well, so `enable_fsdp_on_c
 accelerate the FSDP state it was asked for; that is how FSDP is tested here, without GPUs.
 
 A sharded model holds a slice of each weight (and of the optimiser's moments) on each process.
-Checkpoints stay whole and in one format whatever the world (the optimiser's state keyed by
-parameter name), so a run saved under FSDP resumes on one process and the other way round: every
-process takes part in the gather, the main process writes.
+Its checkpoints are whole, like any other run's: every process takes part in the gather (torch's
+`get_state_dict`), the main process writes. Only sharded runs take that path: quantised (QLoRA)
+weights do not pass through it. A run saved under FSDP resumes on one process and the other way round.
 """
 
 from __future__ import annotations
@@ -56,26 +56,43 @@ def _whole() -> StateDictOptions:
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def whole_weights(model: torch.nn.Module) -> dict:
-    """The model's weights on the CPU. Every process must call this: a sharded model's slices are
-    gathered, and only the main process gets them."""
+def whole_weights(accelerator, model: torch.nn.Module) -> dict | None:
+    """A sharded model's weights, gathered on the CPU (every process must call this; only the main
+    process gets them). None when not sharded: the model's own state dict is whole."""
+    if not accelerator.is_fsdp2:
+        return None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     return get_model_state_dict(model, options=_whole())
 
 
-def whole_states(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """`whole_weights`, and the optimiser's state keyed by parameter name, alike."""
+def whole_states(
+    accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> tuple[dict | None, dict]:
+    """`whole_weights`, and the optimiser's state: gathered and keyed by parameter name when sharded,
+    else its own (keyed by position)."""
+    if not accelerator.is_fsdp2:
+        return None, optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     return get_state_dict(model, optimizer, options=_whole())
 
 
-def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Put a saved optimiser state back; a sharded model's processes each keep their slice."""
+def load_optimizer_state(
+    accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict
+) -> None:
+    """Put a saved optimiser state back, whichever world saved it; sharded, each process keeps its slice."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    if all(isinstance(key, int) for key in state["state"]):  # keyed by position: older checkpoints
+    by_position = all(isinstance(i, int) for group in state["param_groups"] for i in group["params"])
+    if by_position and not accelerator.is_fsdp2:
         optimizer.load_state_dict(state)
         return
+    if by_position:  # saved unsharded: name the parameters as torch's sharded loader wants them
+        names = {id(p): name for name, p in model.named_parameters()}
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        state = {
+            "state": {order[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in state["param_groups"]],
+        }
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
