@@ -28,7 +28,7 @@ from mmllm.images import load_image
 from mmllm.processor import ALIGN_TEMPLATE, MultimodalProcessor
 
 log = logging.getLogger("mmllm")
-PACK_WIDTH_STEP = 8  # the row widths tried when packing a batch, in tokens
+PACK_WIDTHS = 64  # row widths tried when packing a batch: bounded work in the collator, at any max_length
 
 
 class SampleList(Dataset):
@@ -276,7 +276,8 @@ def pack_rows(encoded: list[dict[str, Any]], max_length: int) -> list[list[int]]
     pad tokens than the padded one."""
     lengths = [len(item["input_ids"]) for item in encoded]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    widths = range(max(lengths), max_length + 1, PACK_WIDTH_STEP)  # samples are truncated to max_length
+    longest = max(lengths)  # samples are truncated to max_length
+    widths = sorted({longest + (max_length - longest) * k // (PACK_WIDTHS - 1) for k in range(PACK_WIDTHS)})
     best: tuple[int, list[list[int]]] | None = None
     for width in widths:
         rows: list[list[int]] = []
