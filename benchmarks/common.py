@@ -130,6 +130,9 @@ RANDOM_LMS = {
         "hidden_act": "silu",
     },
 }
+# SmolLM2-135M's layer, 2 deep: `benchmarks/gpu.sh --device cpu` runs every step of the GPU script with
+# it, where compiling 30 unrolled layers would take minutes (CI runs it so).
+RANDOM_LMS["smollm2-2-layers"] = {**RANDOM_LMS["smollm2-135m"], "num_hidden_layers": 2}
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

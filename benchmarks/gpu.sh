@@ -12,7 +12,7 @@
 # torch, transformers, peft and accelerate; what mmllm needs beyond them (Pillow, transformers >= 5.24
 # and the huggingface_hub it takes) is installed, for this run only, from the wheels in
 # $MMLLM_WHEELS (default .gpu-wheels/, which `make gpu-wheels` fills). `--device cpu` runs the same
-# steps small (SmolLM2-135M's architecture, fewer steps), to test the script without a GPU.
+# steps small (SmolLM2-135M's layers, 2 of them, fewer steps), to test the script without a GPU.
 #
 #     benchmarks/gpu.sh OUT [--device cuda|cpu]
 set -euo pipefail
@@ -49,7 +49,7 @@ if [ -n "$missing" ]; then
 fi
 if [ "$device" = cpu ]; then
   export CUDA_VISIBLE_DEVICES=""
-  lm=smollm2-135m reps=1 tokens=8 batches=2 steps=3
+  lm=smollm2-2-layers reps=1 tokens=8 batches=2 steps=3
 else
   python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
   lm=qwen2.5-0.5b reps=5 tokens=32 batches=16,64 steps=12

@@ -151,7 +151,7 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
     Each variant's `run()` generates `tokens` tokens (EOS ignored) and returns the seconds to its
     first and to its last token: decode speed is measured inside one generation.
     """
-    from mmllm.generation import GenerationSettings
+    from mmllm.engine.settings import GenerationSettings
 
     messages = [{"role": "user", "content": QUESTION}]
     settings = GenerationSettings(max_new_tokens=tokens, ignore_eos=True)
@@ -175,11 +175,11 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
     if variant.startswith("llama.cpp-own"):
         run, size = _llama_cpp(tokens, _gguf(export_dir, variant)), None
     elif variant.startswith("llama.cpp"):
-        from mmllm.backends.llama_cpp import LlamaCppBackend
+        from mmllm.engine.llama_cpp import LlamaCppBackend
 
         run, size = timed(LlamaCppBackend.load(export_dir / "gguf", variant.split("-")[-1])), None
     elif variant.startswith("onnx"):
-        from mmllm.backends.onnx import OnnxBackend
+        from mmllm.engine.onnx import OnnxBackend
 
         run = timed(OnnxBackend.load(export_dir / variant))
         size = sum(f.stat().st_size for f in (export_dir / variant).glob("decoder.onnx*"))
@@ -187,7 +187,7 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
         import torch
         from transformers.generation.streamers import BaseStreamer
 
-        from mmllm.pipeline import Pipeline
+        from mmllm.engine.torch_backend import Pipeline
 
         pipeline = Pipeline.load(model_name, device="cpu", dtype="bf16" if variant == "bf16" else "fp32")
         if variant.startswith("int8"):

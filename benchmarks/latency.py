@@ -24,9 +24,9 @@ import torch
 from common import RANDOM_LMS, RESULTS, lm_weights, mfu, peak_flops, random_lm, report
 from PIL import Image
 
-from mmllm.generation import GenerationSettings
+from mmllm.engine.settings import GenerationSettings
+from mmllm.engine.torch_backend import DTYPES, Pipeline
 from mmllm.models.build import ModelConfig, build_model
-from mmllm.pipeline import DTYPES, Pipeline
 
 QUESTION = "Look at the picture carefully and tell me which objects and colours you can see in it."
 MODES = {"eager": None, "compiled": "inductor"}

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from mmllm.config import describe_fields
 from mmllm.data.config import DataConfig
+from mmllm.engine.torch_backend import GenerationSettings
 from mmllm.models.build import ModelConfig
-from mmllm.pipeline import GenerationSettings
 from mmllm.serve.config import ServeConfig
 from mmllm.train.config import TrainConfig
 from mmllm.ui import UiConfig

@@ -129,10 +129,8 @@ def serving(model: Path | str, *options: str) -> Iterator[str]:
 
 def run_jobs(queue, items: list[tuple], stop: list[str] | None = None) -> list:
     """Submit (prompt, settings) jobs to a request queue at once; their answers (or errors), in order."""
-    from mmllm.batcher import Job
-
     loop = asyncio.new_event_loop()
-    jobs = [Job(p, s, s.max_new_tokens, stop or [], loop, loop.create_future()) for p, s in items]
+    jobs = [queue.job(p, s, stop, loop=loop) for p, s in items]
     for job in jobs:
         queue.submit(job)
     results = loop.run_until_complete(asyncio.gather(*(job.future for job in jobs), return_exceptions=True))
@@ -185,7 +183,7 @@ def check_streams_and_cancels(backend, image) -> None:
     """A stream gives the whole answer, and a client that leaves after the first piece stops its row."""
     import threading
 
-    from mmllm.generation import GenerationSettings
+    from mmllm.engine.settings import GenerationSettings
 
     conversation = [{"role": "user", "content": "<image>\nWhat is it?"}]
     settings = GenerationSettings(max_new_tokens=10, ignore_eos=True)
@@ -318,8 +316,7 @@ def images(tmp_path_factory):
 
 def generate_texts(pipeline, prompts: list, settings) -> list[str]:
     """The answers transformers' own `generate` gives: what the torch backend's sessions must match."""
-    from mmllm.generation import RowTracker
+    from mmllm.engine.rows import RowTracker
 
-    limits = [settings.max_new_tokens] * len(prompts)
-    rows = RowTracker(pipeline.processor, limits, [[] for _ in prompts], None, settings.ignore_eos)
+    rows = RowTracker(pipeline.processor, [settings] * len(prompts), [[] for _ in prompts])
     return [c.text for c in rows.completions(pipeline.decode_with_generate(prompts, settings, rows))]

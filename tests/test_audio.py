@@ -70,7 +70,7 @@ def test_server_transcribes_input_audio(speech):
     from fastapi.testclient import TestClient
 
     from conftest import make_tiny
-    from mmllm.pipeline import Pipeline
+    from mmllm.engine.torch_backend import Pipeline
     from mmllm.serve.app import create_app
     from mmllm.serve.config import ServeConfig
 

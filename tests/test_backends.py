@@ -5,18 +5,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import httpx
 import pytest
 
 from conftest import check_streams_and_cancels, easy_vqa_predictions, save_tiny, serving
-from mmllm.backends import load_backend
-from mmllm.backends.onnx import ONNX_CONFIG, OnnxBackend
 from mmllm.cli import main
+from mmllm.engine import load_backend
+from mmllm.engine.onnx import ONNX_CONFIG, OnnxBackend
+from mmllm.engine.settings import GenerationSettings
+from mmllm.engine.torch_backend import Pipeline
 from mmllm.errors import MmllmError
 from mmllm.export.onnx import export_onnx
-from mmllm.generation import GenerationSettings
-from mmllm.pipeline import Pipeline
 
 pytest.importorskip("onnxruntime")
 
@@ -51,10 +52,10 @@ def test_rows_end_alike_on_every_backend(backends, images):
     reference = torch_backend.complete(conversations, pictures, settings)
     # A stop string from inside the first answer, and a shorter limit for the last row.
     stop = [[reference[0].text[2:4]], [], []]
-    limits = [12, 12, 3]
+    limits = [settings, settings, replace(settings, max_new_tokens=3)]
     for backend in backends:
         assert backend.complete(conversations, pictures, settings) == reference, backend.name
-    alike = [b.complete(conversations, pictures, settings, max_tokens=limits, stop=stop) for b in backends]
+    alike = [b.complete(conversations, pictures, limits, stop=stop) for b in backends]
     assert alike[0] == alike[1]
     assert alike[0][0].finish_reason == "stop" and alike[0][2].finish_reason == "length"
     assert alike[0][2].completion_tokens == 3

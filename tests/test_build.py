@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,7 +104,7 @@ def test_hub_only_language_model_offline_is_a_clear_error(monkeypatch):
         build_model(ModelConfig(lm="phi-3.5-mini-instruct"))
 
 
-def test_shipped_models_resolve_by_name_and_default_falls_back(parts, tmp_path, monkeypatch, caplog):
+def test_shipped_models_resolve_by_name_and_are_never_replaced_by_random_weights(parts, tmp_path, monkeypatch):
     from mmllm.models import build
 
     model, processor = build_model(ModelConfig(lm=str(parts / "lm"), vision=str(parts / "clip")))
@@ -117,13 +118,25 @@ def test_shipped_models_resolve_by_name_and_default_falls_back(parts, tmp_path, 
     assert build.resolve_model_name(str(parts / "lm")) == str(parts / "lm")  # anything else: as given
     loaded, _ = load_model("mmllm-easyvqa")
     torch.testing.assert_close(loaded.projector.state_dict(), model.projector.state_dict())
-    # Nowhere to be found: the name is an error, `default` the untrained stack with a warning.
+    # Nowhere to be found: the name, and `default`, are errors that say how to install them.
     monkeypatch.setattr(build, "shipped_model_roots", lambda: [tmp_path / "empty"])
-    with pytest.raises(MmllmError, match="MMLLM_MODELS"):
-        build.resolve_model_name("mmllm-easyvqa")
-    with caplog.at_level(logging.WARNING, logger="mmllm"):
-        assert build.resolve_model_name("default") == "default"
-    assert "untrained default stack" in caplog.text
+    for name in ("mmllm-easyvqa", "default"):
+        with pytest.raises(MmllmError, match="pip install .*MMLLM_MODELS"):
+            build.resolve_model_name(name)
+
+
+def test_the_shipped_models_are_found_from_any_directory(tmp_path, monkeypatch):
+    """Installed with the package, not looked up under the working directory."""
+    from mmllm.models import build
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MMLLM_MODELS", raising=False)
+    monkeypatch.setenv("MMLLM_HOME", str(tmp_path / "home"))
+    for name in build.SHIPPED_MODELS:
+        folder = Path(build.resolve_model_name(name))
+        assert folder.name == name and (folder / "config.json").is_file()
+        assert not folder.is_relative_to(tmp_path)
+    assert Path(build.resolve_model_name("default")).name == "mmllm-photo"
 
 
 def test_an_untrained_tower_is_the_same_every_build(tmp_path):

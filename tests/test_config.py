@@ -9,8 +9,8 @@ from typing import Literal
 import pytest
 
 from mmllm.config import add_arguments, apply_overrides, field_docs, from_namespace, load_config
+from mmllm.engine.settings import GenerationSettings
 from mmllm.errors import MmllmError
-from mmllm.generation import GenerationSettings
 from mmllm.models.build import ModelConfig
 
 
@@ -118,3 +118,15 @@ def test_train_help_lists_every_recipe_field_with_default_and_doc(capsys):
         assert doc and doc[:40] in text, path  # every field documents itself
     assert "  data.datasets.N.split (default: 'train')" in text
     assert all(f"data.datasets.N.{f.name} " in text for f in dataclasses.fields(DatasetSpec))
+
+
+def test_the_api_key_comes_from_the_environment_unless_given(monkeypatch):
+    from mmllm.serve.config import API_KEY_VARIABLE, ServeConfig
+
+    monkeypatch.delenv(API_KEY_VARIABLE, raising=False)
+    assert ServeConfig().api_key is None
+    monkeypatch.setenv(API_KEY_VARIABLE, "from-env")
+    assert ServeConfig().api_key == "from-env"
+    assert ServeConfig(api_key="given").api_key == "given"
+    monkeypatch.setenv(API_KEY_VARIABLE, "")
+    assert ServeConfig().api_key is None  # set but empty: no key, as without the variable

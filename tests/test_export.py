@@ -89,10 +89,10 @@ DESIGN_IDS = [f"{d['projector']}{'-snap' if d['projector_snap_to_vocab'] else ''
 def test_int8_export_loads_as_int8_and_answers_like_fp32(tmp_path, images, scheme, design):
     from torchao.quantization import Int8Tensor
 
+    from mmllm.engine.settings import GenerationSettings
+    from mmllm.engine.torch_backend import Pipeline
     from mmllm.export.int8 import export_int8
-    from mmllm.generation import GenerationSettings
     from mmllm.models.multimodal import MultimodalLM
-    from mmllm.pipeline import Pipeline
 
     model, processor = make_tiny("qwen2", lm_init_std=0.3, **design)
     source = tmp_path / "fp32"
@@ -123,10 +123,10 @@ def test_int8_export_loads_as_int8_and_answers_like_fp32(tmp_path, images, schem
 @pytest.mark.parametrize("pixel_shuffle", [1, 2])
 @pytest.mark.parametrize("design", DESIGNS, ids=DESIGN_IDS)
 def test_onnx_export_matches_pytorch_logits_and_greedy_answers(tmp_path, images, pixel_shuffle, design):
-    from mmllm.backends.onnx import OnnxBackend
+    from mmllm.engine.onnx import OnnxBackend
+    from mmllm.engine.settings import GenerationSettings
+    from mmllm.engine.torch_backend import Pipeline
     from mmllm.export.onnx import export_onnx
-    from mmllm.generation import GenerationSettings
-    from mmllm.pipeline import Pipeline
 
     model, processor = make_tiny(
         "qwen2", feature_mode="patch", lm_init_std=0.3, vision_pixel_shuffle=pixel_shuffle, **design
@@ -160,9 +160,9 @@ def test_onnx_export_matches_pytorch_logits_and_greedy_answers(tmp_path, images,
 
 
 def test_onnx_int8_decoder_is_a_quarter_of_the_bytes_and_answers_alike(tmp_path, images):
-    from mmllm.backends.onnx import OnnxBackend
+    from mmllm.engine.onnx import OnnxBackend
+    from mmllm.engine.settings import GenerationSettings
     from mmllm.export.onnx import export_onnx
-    from mmllm.generation import GenerationSettings
 
     model, processor = make_tiny("qwen2", lm_init_std=0.3)
     model.save_pretrained(tmp_path / "model")

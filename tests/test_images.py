@@ -111,7 +111,7 @@ def test_a_request_image_is_decoded_and_converted_once(monkeypatch, tmp_path):
     """The CLI, the backend and the processor each pass a request's image through load_image: only the
     first decodes it, and an upright RGB image is never copied again."""
     from conftest import make_tiny
-    from mmllm.pipeline import Pipeline
+    from mmllm.engine.torch_backend import Pipeline
 
     path = tmp_path / "photo.jpg"
     Image.new("RGB", (48, 40), "teal").save(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -22,11 +23,11 @@ from conftest import (
 )
 from mmllm.cli import main
 from mmllm.config import load_config
+from mmllm.engine.scheduler import Scheduler
+from mmllm.engine.settings import GenerationSettings
+from mmllm.engine.torch_backend import Pipeline
 from mmllm.errors import MmllmError
 from mmllm.export.gguf import export_gguf
-from mmllm.generation import GenerationSettings
-from mmllm.pipeline import Pipeline
-from mmllm.scheduler import Scheduler
 
 QUESTION = "What is in this image?"
 
@@ -184,7 +185,7 @@ def pair(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("llama_cpp")
     model = save_tiny(root / "model", kind, lm_init_std=0.3, **DESIGNS[design])
     export_gguf(str(model), root / "gguf", ["f32", "q8_0"])
-    from mmllm.backends.llama_cpp import LlamaCppBackend
+    from mmllm.engine.llama_cpp import LlamaCppBackend
 
     return Pipeline.load(str(model), device="cpu"), LlamaCppBackend.load(root / "gguf", "f32")
 
@@ -203,8 +204,11 @@ def test_llama_cpp_rows_end_as_torch_rows_do(pair, images):
     settings = GenerationSettings(max_new_tokens=12)
     reference = torch_backend.complete(prompts, pictures, settings)
     assert llama.complete(prompts, pictures, settings) == reference
-    stop, limits = [[reference[0].text[2:4]], [], []], [12, 12, 3]
-    alike = [b.complete(prompts, pictures, settings, max_tokens=limits, stop=stop) for b in pair]
+    stop, limits = (
+        [[reference[0].text[2:4]], [], []],
+        [settings, settings, replace(settings, max_new_tokens=3)],
+    )
+    alike = [b.complete(prompts, pictures, limits, stop=stop) for b in pair]
     assert alike[0] == alike[1]
     assert alike[1][0].finish_reason == "stop" and alike[1][2].completion_tokens == 3
 
@@ -243,8 +247,20 @@ def test_the_scheduler_runs_llama_cpp_rows_as_they_run_alone(pair, images):
 def test_llama_cpp_streams_samples_and_cancels(pair, images):
     llama = pair[1]
     check_streams_and_cancels(llama, images[0])
-    sampled = GenerationSettings(max_new_tokens=10, temperature=1.0, top_k=20, seed=3)
-    assert llama.ask(images[0], "What is it?", sampled) == llama.ask(images[0], "What is it?", sampled)
+
+    def ask(**options) -> str:
+        settings = {"max_new_tokens": 10, "ignore_eos": True, "temperature": 1.5, "top_k": 20, **options}
+        return llama.ask(images[0], "What is it?", GenerationSettings(**settings))
+
+    greedy = ask(temperature=0.0)
+    sampled = [ask(seed=seed) for seed in range(4)]
+    assert ask(seed=0) == sampled[0]  # the same seed, the same answer
+    assert len(set(sampled)) >= 3, sampled  # other seeds, other answers
+    assert greedy not in sampled  # the temperature is applied ...
+    assert ask(temperature=1e-4, seed=3) == greedy  # ... as a divisor: a tiny one is all but greedy
+    # top_k=1 or a tiny top_p leave only the argmax, however hot: both are applied.
+    assert ask(top_k=1, temperature=100.0, seed=1) == greedy
+    assert ask(top_k=0, top_p=1e-9, temperature=100.0, seed=2) == greedy
 
 
 @pytest.fixture(scope="module")
@@ -255,16 +271,24 @@ def exported(tmp_path_factory):
     return model, root / "gguf"
 
 
-def test_every_command_runs_on_the_llama_cpp_backend(exported, images, tmp_path, capsys):
+def test_every_command_runs_on_the_llama_cpp_backend(exported, images, tmp_path, capsys, monkeypatch):
+    from mmllm.engine.llama_cpp import LlamaCppBackend
+
     model, gguf = exported
+    kinds = []  # the GGUF file each backend the commands load runs
+    start = LlamaCppBackend.__init__
+    monkeypatch.setattr(LlamaCppBackend, "__init__", lambda self, *a: kinds.append(a[1]) or start(self, *a))
     ask = [str(images[0]), "What is it?", "--max-new-tokens", "6"]
     assert main(["ask", *ask, "--model", str(model)]) == 0
     torch_answer = capsys.readouterr().out
     llama = ["--model", str(gguf), "--backend", "llama.cpp"]
     assert main(["ask", *ask, *llama, "--dtype", "f32", "--stream"]) == 0
     assert capsys.readouterr().out == torch_answer
+    kinds.clear()
     assert main(["ask", *ask, *llama]) == 0  # auto: the q4_k_m file
-    assert capsys.readouterr().out.strip()
+    assert kinds == ["q4_k_m"]
+    q4_answer = LlamaCppBackend.load(gguf, "q4_k_m").ask(images[0], "What is it?", GenerationSettings(max_new_tokens=6))
+    assert capsys.readouterr().out == q4_answer + "\n"
     assert main(["caption", str(images[0]), str(images[1]), *llama]) == 0
     assert [line.split("\t")[0] for line in capsys.readouterr().out.strip().split("\n")] == [
         str(images[0]),
@@ -298,7 +322,7 @@ def test_serve_on_the_llama_cpp_backend(exported):
 
 
 def test_an_export_without_the_asked_file_is_refused(exported):
-    from mmllm.backends.llama_cpp import LlamaCppBackend
+    from mmllm.engine.llama_cpp import LlamaCppBackend
 
     with pytest.raises(MmllmError, match="export gguf --outtype f16"):
         LlamaCppBackend.load(exported[1], "f16")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from PIL import Image
 from transformers import AutoModel, AutoModelForImageTextToText
 
 from conftest import make_tiny
+import mmllm
 from mmllm import MultimodalLM
-from mmllm.generation import GenerationSettings
+from mmllm.engine.settings import GenerationSettings
 
 QUESTION = [{"role": "user", "content": "What is in this image?"}]
 CHAT = [*QUESTION, {"role": "assistant", "content": "A red circle."}]
@@ -124,8 +127,32 @@ def test_two_images_in_one_prompt_each_reach_their_placeholders(images):
     logits = model(**batch).logits
     swapped = processor([messages], [[images[1], images[0]]])
     assert not torch.allclose(logits, model(**swapped).logits), "image order must matter"
-    out = generate(model, processor, batch, num_beams=2)
-    assert out.shape[0] == 1
+    # The first image's rows fill the first placeholders, the second's the second; text stays text.
+    with torch.no_grad():
+        embeds = model.embed_inputs(batch["input_ids"], batch["pixel_values"])[0]
+        each = [model.get_image_features(batch["pixel_values"][i : i + 1]) for i in range(2)]
+        projected = torch.cat([model.project_images(features) for features in each])  # (2, N, D)
+    placeholders = batch["input_ids"][0] == model.config.image_token_id
+    torch.testing.assert_close(embeds[placeholders].view_as(projected), projected)
+    text = model.get_input_embeddings()(batch["input_ids"][0][~placeholders])
+    torch.testing.assert_close(embeds[~placeholders], text)
+    # Beam search repeats both images with each beam: every beam's score is the log-probability the
+    # model gives its tokens with the two images in order (it would not be, were a beam handed others).
+    config = GenerationSettings(max_new_tokens=6, num_beams=2).generation_config(processor)
+    config.num_return_sequences, config.length_penalty = 2, 0.0  # scores: plain sums of log-probs
+    config.output_scores = config.return_dict_in_generate = True
+    out = model.generate(**batch, generation_config=config)
+    prompt = batch["input_ids"][0].tolist()
+    assert not torch.equal(out.sequences[0], out.sequences[1])
+    for sequence, score in zip(out.sequences, out.sequences_scores, strict=True):
+        answer = sequence[len(prompt) :].tolist()
+        ends = [i for i, token in enumerate(answer) if token in processor.stop_token_ids]
+        answer = answer[: ends[0] + 1] if ends else answer
+        with torch.no_grad():
+            read = model(input_ids=torch.tensor([prompt + answer]), pixel_values=batch["pixel_values"])
+        log_probs = torch.log_softmax(read.logits[0, len(prompt) - 1 : -1].float(), -1)
+        total = log_probs.gather(1, torch.tensor(answer)[:, None]).sum()
+        torch.testing.assert_close(total, score.float(), atol=1e-4, rtol=0)
 
 
 def test_beam_search_with_different_image_counts_per_row(images):
@@ -144,7 +171,11 @@ def test_text_only_prompt(tiny):
     model, processor = tiny
     batch = processor([[{"role": "user", "content": "The answer is yes?"}]])
     assert "pixel_values" not in batch
-    assert generate(model, processor, batch).shape[1] > batch["input_ids"].shape[1]
+    out = generate(model, processor, batch)
+    assert out.shape[1] > batch["input_ids"].shape[1]
+    # With no image, the multimodal model is its language model: the same greedy tokens.
+    config = GenerationSettings(max_new_tokens=6).generation_config(processor)
+    assert torch.equal(out, model.language_model.generate(**batch, generation_config=config))
 
 
 def test_image_features_equal_pixel_values(images):
@@ -227,6 +258,7 @@ def test_save_load_round_trip_and_auto_classes(tmp_path, images):
     model, processor = make_tiny("phi3")
     batch = processor([QUESTION], [[images[0]]])
     model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["mmllm_version"] == mmllm.__version__
     for loader in (MultimodalLM, AutoModel, AutoModelForImageTextToText):
         loaded = loader.from_pretrained(tmp_path).eval()
         assert isinstance(loaded, MultimodalLM)

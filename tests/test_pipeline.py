@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import make_tiny
-from mmllm.generation import GenerationSettings
-from mmllm.pipeline import Pipeline
+from mmllm.engine.settings import GenerationSettings
+from mmllm.engine.torch_backend import Pipeline
 
 QUESTIONS = [
     [{"role": "user", "content": "What is in this image?"}],
@@ -26,14 +26,12 @@ def test_rows_keep_their_own_token_limits_and_deltas_add_up(pipeline, images):
     def collect(row: int, text: str) -> None:
         deltas[row] += text
 
-    settings = GenerationSettings(max_new_tokens=50)
-    out = pipeline.complete(
-        QUESTIONS, [[images[0]], [images[1]]], settings, max_tokens=[3, 7], on_delta=collect
-    )
+    settings = [GenerationSettings(max_new_tokens=3), GenerationSettings(max_new_tokens=7)]
+    out = pipeline.complete(QUESTIONS, [[images[0]], [images[1]]], settings, on_delta=collect)
     assert [c.completion_tokens <= limit for c, limit in zip(out, [3, 7], strict=True)] == [True, True]
     assert all(c.finish_reason in ("stop", "length") for c in out)
     assert [deltas[0].strip(), deltas[1].strip()] == [c.text for c in out]
-    alone = pipeline.complete(QUESTIONS[1:], [[images[1]]], settings, max_tokens=[7])[0]
+    alone = pipeline.complete(QUESTIONS[1:], [[images[1]]], settings[1:])[0]
     assert alone.text == out[1].text and alone.prompt_tokens == out[1].prompt_tokens
 
 

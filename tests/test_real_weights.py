@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import generate_texts
 from mmllm.cli import main
-from mmllm.generation import GenerationSettings
-from mmllm.pipeline import Pipeline
+from mmllm.engine.settings import GenerationSettings
+from mmllm.engine.torch_backend import Pipeline
 from mmllm.processor import ALIGN_TEMPLATE
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def test_cli_ask_and_info_on_real_weights(capsys):
         == 0
     )
     captured = capsys.readouterr()
-    assert captured.out.strip()
+    assert "Paris" in captured.out  # SmolLM2 answered, the (untrained) image notwithstanding
     assert "offline fallback SmolLM2-135M-Instruct" in captured.err
     assert main(["info", "smollm2-135m-instruct"]) == 0
     out = capsys.readouterr().out
@@ -79,8 +80,24 @@ def test_easyvqa_recipes_train_both_stages_on_real_smollm2(tmp_path, capsys):
     assert pipeline.model.config.vision_feature_mode == "patch"
     assert pipeline.model.config.num_image_tokens == 16  # 8x8 patches merged 2x2
     assert pipeline.processor.template == ALIGN_TEMPLATE  # it answers in the format it was trained on
-    answer = pipeline.ask("sample:coffee", "What shape?", GenerationSettings(max_new_tokens=4))
-    assert isinstance(answer, str)
+    # Stage 1's update was folded into the LM (merging did not drop it): its LoRA-wrapped layers, and
+    # only those, differ from stage 0's LM, the SmolLM2 it started from.
+    base = Pipeline.load(str(tmp_path / "stage0" / "model"), device="cpu").model.language_model.state_dict()
+    merged = pipeline.model.language_model.state_dict()
+    assert merged.keys() == base.keys()
+    changed = [name for name in base if not torch.equal(base[name], merged[name])]
+    assert changed and all(name.endswith("proj.weight") for name in changed), changed
+    # It answers, and its answer is the trained model's own greedy one (transformers' generate), read
+    # from the image: another picture moves the first answer token's logits.
+    settings = GenerationSettings(max_new_tokens=4)
+    answer = pipeline.ask("sample:coffee", "What shape?", settings)
+    prompt = pipeline.prepare([{"role": "user", "content": "What shape?"}], ["sample:coffee"])
+    assert answer.strip() and answer == generate_texts(pipeline, [prompt], settings)[0]
+    question = [[{"role": "user", "content": "What shape?"}]] * 2
+    photos = pipeline.processor(question, [["sample:coffee"], ["sample:chelsea"]])
+    with torch.no_grad():
+        logits = pipeline.model(**photos).logits[:, -1]
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
 
 
 def test_gguf_export_of_real_smollm2_answers_like_the_original(tmp_path, capsys):
@@ -193,7 +210,7 @@ def test_onnx_export_of_the_shipped_easyvqa_answers_as_torch_does(tmp_path):
     and agreed with torch on 82% of answers)."""
     import easy_vqa
 
-    from mmllm.backends.onnx import OnnxBackend
+    from mmllm.engine.onnx import OnnxBackend
     from mmllm.export.onnx import export_onnx
 
     assert main(["weights", "install", "smollm2-135m-instruct"]) == 0

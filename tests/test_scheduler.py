@@ -10,10 +10,9 @@ import pytest
 from PIL import Image
 
 from conftest import generate_texts, make_tiny, run_jobs
-from mmllm.batcher import Job
-from mmllm.generation import GenerationSettings
-from mmllm.pipeline import Pipeline
-from mmllm.scheduler import Scheduler, request_queue
+from mmllm.engine.scheduler import Scheduler, request_queue
+from mmllm.engine.settings import GenerationSettings
+from mmllm.engine.torch_backend import Pipeline
 
 LIMITS = [3, 40, 7, 25, 1, 33, 12]
 
@@ -66,9 +65,35 @@ def test_rows_keep_their_own_settings_in_one_batch(pipeline, prompts):
     apart = [run_jobs(queue, [item])[0] for item in items]
     assert [c.text for c in together] == [c.text for c in apart]  # a seed gives one answer, batched or not
     assert together[1].text == generate_texts(pipeline, [prompts[2]], greedy(15))[0]
-    # The repetition penalty as transformers applies it.
+    # The repetition penalty as transformers applies it; and it changes this answer, so it was applied.
     assert together[2].text == generate_texts(pipeline, [prompts[3]], penalised)[0]
+    assert together[2].text != generate_texts(pipeline, [prompts[3]], greedy(20))[0]
     queue.close()
+
+
+def test_sampled_rows_follow_their_temperature_top_k_top_p_and_seed(pipeline, prompts):
+    """Rows sampled in one batch: a seed gives one answer, other seeds other ones, and top_k=1, a tiny
+    top_p or a tiny temperature bring a hot row back to the greedy answer."""
+
+    def hot(**options) -> GenerationSettings:
+        return GenerationSettings(**{"max_new_tokens": 12, "ignore_eos": True, "temperature": 1.5, **options})
+
+    seeds = range(5)
+    items = [(prompts[1], greedy(12))]
+    items += [(prompts[1], hot(seed=seed)) for seed in seeds]
+    items += [(prompts[1], hot(seed=0))]
+    items += [(prompts[1], hot(top_k=1, temperature=100.0, seed=1))]
+    items += [(prompts[1], hot(top_p=1e-9, temperature=100.0, seed=2))]
+    items += [(prompts[1], hot(temperature=1e-4, seed=3))]
+    queue = Scheduler(pipeline, max_rows=len(items))
+    texts = [c.text for c in run_jobs(queue, items)]
+    queue.close()
+    greedy_text, sampled, again, narrowed = texts[0], texts[1:6], texts[6], texts[7:]
+    assert greedy_text == generate_texts(pipeline, [prompts[1]], greedy(12))[0]
+    assert again == sampled[0]  # the same seed, the same answer
+    assert len(set(sampled)) >= 4, sampled  # other seeds, other answers
+    assert greedy_text not in sampled  # a temperature of 1.5 leaves the argmax path
+    assert narrowed == [greedy_text] * 3, narrowed
 
 
 def test_stop_strings_and_cancelled_rows_leave_while_others_go_on(pipeline, prompts):
@@ -79,8 +104,8 @@ def test_stop_strings_and_cancelled_rows_leave_while_others_go_on(pipeline, prom
     assert cut.finish_reason == "stop" and cut.text == full[: full.index(stop)].strip()
 
     loop = asyncio.new_event_loop()
-    long_job = Job(prompts[3], greedy(60), 60, [], loop, loop.create_future(), asyncio.Queue())
-    short_job = Job(prompts[5], greedy(5), 5, [], loop, loop.create_future())
+    long_job = queue.job(prompts[3], greedy(60), stream=True, loop=loop)
+    short_job = queue.job(prompts[5], greedy(5), loop=loop)
 
     async def cancel_after_first_piece() -> None:
         queue.submit(long_job)

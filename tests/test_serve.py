@@ -13,8 +13,9 @@ import httpx
 import pytest
 from PIL import Image
 
+import mmllm
 from conftest import save_tiny, serving
-from mmllm.generation import CAPTION_PROMPT
+from mmllm.engine.settings import CAPTION_PROMPT
 
 KEY = "test-key"
 
@@ -164,10 +165,25 @@ def test_stream_usage_and_sampling_extensions(server):
         chunks = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data: {")]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[:-1])
-    plain = httpx.post(
-        f"{server}/v1/chat/completions", headers=headers, json={**body, "stream": False}, timeout=60
-    ).json()
-    assert plain["choices"][0]["message"]["content"] == text  # one seed, one answer
+
+    def answer(**options) -> str:
+        plain = httpx.post(
+            f"{server}/v1/chat/completions", headers=headers, json={**body, "stream": False, **options}, timeout=60
+        )
+        assert plain.status_code == 200, plain.text
+        return plain.json()["choices"][0]["message"]["content"]
+
+    assert answer() == text  # one seed, one answer
+    # Each extension reaches the sampler: other seeds give other answers, and the temperature, top_k,
+    # top_p and repetition_penalty each change the answer the way they should.
+    sampled = [answer(seed=seed) for seed in range(4)]
+    assert len({text, *sampled}) >= 4, sampled
+    greedy = answer(temperature=0)
+    assert greedy not in {text, *sampled}
+    assert answer(temperature=1e-4) == greedy  # a tiny temperature is all but greedy
+    assert answer(top_k=1, temperature=2) == greedy  # the argmax alone, however hot
+    assert answer(top_p=1e-9, temperature=2) == greedy  # the top token's mass alone reaches p
+    assert answer(temperature=0, repetition_penalty=0.2) != greedy  # below 1: seen tokens win
 
 
 @pytest.mark.parametrize(
@@ -271,7 +287,8 @@ def test_transport_level_errors(server):
     )
     huge = {"messages": [{"role": "user", "content": "x" * (2 * 2**20)}]}
     assert httpx.post(chat, headers=headers, json=huge).status_code == 413
-    assert httpx.get(f"{server}/health").json()["status"] == "ok"
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok" and health["version"] == mmllm.__version__
     assert json.loads(httpx.get(f"{server}/openapi.json").text)["paths"]["/v1/chat/completions"]
 
 

@@ -9,11 +9,11 @@ import torch
 from PIL import Image
 
 from conftest import generate_texts, make_tiny
-from mmllm.backends import load_backend
+from mmllm.engine import load_backend
+from mmllm.engine.settings import GenerationSettings
+from mmllm.engine.static_session import StaticSession
+from mmllm.engine.torch_backend import Pipeline
 from mmllm.errors import MmllmError
-from mmllm.generation import GenerationSettings
-from mmllm.pipeline import Pipeline
-from mmllm.static_session import StaticSession
 
 QUESTIONS = ["What is it?", "Describe the picture " + "in many words " * 40 + "please.", "Colour?", "Why?"]
 

@@ -10,6 +10,8 @@ import torch
 
 from conftest import make_tokenizer, tiny_text_config
 from mmllm import MultimodalConfig, MultimodalLM, MultimodalProcessor
+from mmllm.efficientnet_lite0 import lukemelas_to_timm
+from mmllm.engine.torch_backend import Pipeline
 from mmllm.errors import MmllmError
 from mmllm.eval.photo_qa import photo_qa_metrics, verdict
 from mmllm.images import load_image
@@ -21,8 +23,6 @@ from mmllm.models.timm_vision import (
     describe_architecture,
     tower_from_state_dict,
 )
-from mmllm.pipeline import Pipeline
-from mmllm.weights import lukemelas_to_timm
 
 
 def _wheel_weights() -> Path:
@@ -111,7 +111,7 @@ def test_timm_features_reach_the_lm_through_the_projector(tmp_path, images, mode
 
 def test_a_timm_tower_exports_to_onnx_and_agrees(tmp_path, images):
     pytest.importorskip("onnxruntime")
-    from mmllm.backends.onnx import OnnxBackend
+    from mmllm.engine.onnx import OnnxBackend
     from mmllm.export.onnx import export_onnx
 
     model, processor = _tiny_timm_model("patch", vision_feature_layer=-1)
@@ -161,7 +161,7 @@ def test_a_labels_model_reads_images_as_words(images):
 
 def test_a_labels_model_answers_alike_on_onnx(tmp_path, images):
     pytest.importorskip("onnxruntime")
-    from mmllm.backends.onnx import OnnxBackend
+    from mmllm.engine.onnx import OnnxBackend
     from mmllm.export.onnx import export_onnx
 
     model, processor = _tiny_timm_model("classes", "labels")

@@ -19,9 +19,9 @@ from conftest import make_tiny, recipe
 from mmllm import MultimodalLM
 from mmllm.cli import main
 from mmllm.config import load_config
+from mmllm.engine.torch_backend import Pipeline
 from mmllm.errors import MmllmError
 from mmllm.models.vision import load_vision_tower
-from mmllm.pipeline import Pipeline
 from mmllm.processor import ALIGN_TEMPLATE, MultimodalProcessor
 from mmllm.train.checkpoint import checkpoints
 from mmllm.train.config import TrainConfig
@@ -66,6 +66,22 @@ def test_stage1_trains_projector_only(tiny_dir, tmp_path):
     assert not torch.equal(base.projector[0].weight, model.projector[0].weight)
     assert [c.name for c in checkpoints(tmp_path)] == ["step-000008", "step-000012"]
     assert (tmp_path / "checkpoints" / "step-000012" / "model" / "mmllm_processor.json").is_file()
+
+
+def test_one_process_trains_again_in_another_precision(tiny_dir, tmp_path):
+    """A notebook or a test session that trained once: accelerate would refuse the second precision."""
+    base = MultimodalLM.from_pretrained(tiny_dir).projector[0].weight
+    trained = {}
+    for n, precision in enumerate(("bf16", "fp32", "bf16")):
+        model, metrics = run(tiny_dir, tmp_path / f"{n}-{precision}", max_steps=1, precision=precision)
+        assert [m["loss"] for m in metrics if "loss" in m]
+        weight = model.projector[0].weight
+        assert not torch.equal(weight, base)  # it trained
+        trained.setdefault(precision, []).append(weight)
+    # Each run trained in its own precision, not the first one's: the same step in bf16 and in fp32
+    # gives other weights, and the second bf16 run those of the first.
+    assert not torch.equal(trained["bf16"][0], trained["fp32"][0])
+    torch.testing.assert_close(trained["bf16"][0], trained["bf16"][1], rtol=0, atol=0)
 
 
 def test_model_answers_in_the_format_it_was_last_trained_on(tiny_dir, tmp_path):

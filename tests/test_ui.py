@@ -14,8 +14,8 @@ import httpx
 import pytest
 
 from conftest import free_port, save_tiny, serving, start_server
-from mmllm.generation import GenerationSettings
-from mmllm.pipeline import Pipeline
+from mmllm.engine.settings import GenerationSettings
+from mmllm.engine.torch_backend import Pipeline
 from mmllm.ui import NO_IMAGE_NOTE
 
 CHROMIUM = "/usr/bin/chromium"

@@ -14,7 +14,7 @@ for _noisy in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 _HOMES = {
-    "ModelConfig": "mmllm.models.build",
+    "ModelConfig": "mmllm.models.design",
     "build_model": "mmllm.models.build",
     "load_model": "mmllm.models.build",
     "MultimodalConfig": "mmllm.models.configuration",
@@ -22,7 +22,7 @@ _HOMES = {
     "MultimodalProcessor": "mmllm.processor",
 }
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = sorted(_HOMES)
 
 

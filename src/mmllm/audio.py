@@ -20,7 +20,9 @@ def load_whisper(name: str = DEFAULT_WHISPER, device: str = "cpu"):
     try:
         from faster_whisper import WhisperModel
     except ImportError:
-        raise MmllmError("speech input needs faster-whisper: pip install 'mmllm[audio]'") from None
+        raise MmllmError(
+            "speech input needs faster-whisper: pip install -e '.[audio]' in mmllm's checkout"
+        ) from None
     resolved = resolve(name, kind="whisper")
     log.info("speech model: %s", resolved.source)
     # int8 on CPU: ~4x less memory traffic than fp32 at no measurable cost in word error rate.

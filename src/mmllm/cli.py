@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Callable
@@ -13,8 +14,8 @@ from mmllm.errors import MmllmError
 
 log = logging.getLogger("mmllm")
 MODEL_HELP = (
-    "a saved mmllm model directory, a model recipe (configs/models/*.yaml), `default` (the default "
-    "stack), or a language model name/path (wrapped with an untrained vision tower)"
+    "a saved mmllm model directory, a shipped model (`default`: mmllm-photo; mmllm-easyvqa), a model "
+    "recipe (configs/models/*.yaml), or a language model name/path (wrapped with an untrained vision tower)"
 )
 
 
@@ -29,13 +30,13 @@ def _positive(text: str) -> int:
 
 
 def _backend(args: argparse.Namespace):
-    from mmllm.backends import load_backend
+    from mmllm.engine import load_backend
 
     return load_backend(args.backend, args.model, args.device, args.dtype, args.compile)
 
 
 def _settings(args: argparse.Namespace):
-    from mmllm.generation import GenerationSettings
+    from mmllm.engine.settings import GenerationSettings
 
     return from_namespace(GenerationSettings, args)
 
@@ -97,7 +98,7 @@ def _samples(cfg):
 
 def cmd_features(args: argparse.Namespace) -> None:
     from mmllm.data.features import build_feature_cache
-    from mmllm.pipeline import Pipeline
+    from mmllm.engine.torch_backend import Pipeline
 
     cfg = _data(args)
     pipeline = Pipeline.load(args.model, device=args.device, dtype=args.dtype)
@@ -169,7 +170,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
-    from mmllm.scheduler import request_queue
+    from mmllm.engine.scheduler import request_queue
     from mmllm.serve.app import create_app
     from mmllm.serve.config import ServeConfig
 
@@ -187,8 +188,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> None:
-    from mmllm.scheduler import request_queue
-    from mmllm.ui import UiConfig, serve_ui
+    from mmllm.engine.scheduler import request_queue
+    from mmllm.serve.config import UiConfig
+    from mmllm.ui import serve_ui
 
     cfg = from_namespace(UiConfig, args)
     requests = request_queue(_backend(args), max_rows=cfg.max_batch_size)
@@ -229,9 +231,10 @@ def cmd_weights_list(args: argparse.Namespace) -> None:
     from mmllm.weights import mmllm_home, weights_table
 
     rows = weights_table()
-    print(f"{'name':<24}{'kind':<9}{'offline':<26}hub id")
+    width = max(len(row["name"]) for row in rows) + 2
+    print(f"{'name':<{width}}{'kind':<9}{'offline':<26}hub id")
     for row in rows:
-        print(f"{row['name']:<24}{row['kind']:<9}{row['offline']:<26}{row['hub']}")
+        print(f"{row['name']:<{width}}{row['kind']:<9}{row['offline']:<26}{row['hub']}")
     print(f"\noffline weights live in {mmllm_home() / 'weights'} ($MMLLM_HOME)")
 
 
@@ -253,7 +256,7 @@ def _command(
 
 
 def _runtime_arguments(sub: argparse.ArgumentParser, backends: bool = True) -> None:
-    from mmllm.backends import BACKENDS
+    from mmllm.engine import BACKENDS
 
     if backends:
         sub.add_argument(
@@ -269,7 +272,8 @@ def _runtime_arguments(sub: argparse.ArgumentParser, backends: bool = True) -> N
         default="auto",
         choices=("auto", "fp32", "bf16", "fp16", "int8", "f32", "f16", "q8_0", "q4_k_m"),
         help="weights for inference: auto (torch: bf16 on CUDA, fp32 on CPU; llama.cpp: the export's "
-        "fastest file), int8 (torchao, CPU); for llama.cpp, which GGUF file: f32, f16, q8_0 or q4_k_m",
+        "smallest file, q4_k_m), int8 (torchao, CPU); for llama.cpp, which GGUF file: f32, f16, q8_0 or "
+        "q4_k_m",
     )
     if backends:
         sub.add_argument(
@@ -290,10 +294,14 @@ def _data_arguments(sub: argparse.ArgumentParser) -> None:
 
 def _answer_commands(commands: argparse._SubParsersAction) -> None:
     """ask, caption, info: answers and what a model is"""
-    from mmllm.generation import CAPTION_PROMPT, GenerationSettings
+    from mmllm.engine.settings import CAPTION_PROMPT, GenerationSettings
 
     ask = _command(commands, "ask", cmd_ask, "answer a question about an image")
-    ask.add_argument("image", help="image file, or sample:NAME for a scikit-image sample photo")
+    ask.add_argument(
+        "image",
+        help="image file, or sample:NAME: a photo scikit-image, matplotlib or gradio ships (chelsea, "
+        "grace_hopper, lion, …) or an easy-VQA image (easy-vqa-test-N)",
+    )
     ask.add_argument("question")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     _runtime_arguments(ask)
@@ -307,9 +315,14 @@ def _answer_commands(commands: argparse._SubParsersAction) -> None:
     add_arguments(caption, GenerationSettings)
 
     info = _command(
-        commands, "info", cmd_info, "show a model's parts, parameter counts and which are trained"
+        commands,
+        "info",
+        cmd_info,
+        "show a model's parts, parameter counts and which are trained",
+        model=False,
     )
-    info.set_defaults(model=None)  # `info PATH` and `info --model PATH` both work
+    # `info PATH` and `info --model PATH` both work; neither has a default.
+    info.add_argument("--model", help=MODEL_HELP)
     info.add_argument("path", nargs="?", metavar="model", help=MODEL_HELP)
 
 
@@ -363,7 +376,7 @@ def _data_and_training_commands(commands: argparse._SubParsersAction) -> None:
 def _serving_commands(commands: argparse._SubParsersAction) -> None:
     """serve, ui, transcribe"""
     serve = _command(
-        commands, "serve", cmd_serve, "serve REST + OpenAI-compatible API (FastAPI, dynamic batching)"
+        commands, "serve", cmd_serve, "serve REST + OpenAI-compatible API (FastAPI, continuous batching)"
     )
     _runtime_arguments(serve)
     from mmllm.serve.config import ServeConfig
@@ -372,7 +385,7 @@ def _serving_commands(commands: argparse._SubParsersAction) -> None:
 
     ui = _command(commands, "ui", cmd_ui, "chat page in the browser: image, text or voice questions (Gradio)")
     _runtime_arguments(ui)
-    from mmllm.ui import UiConfig
+    from mmllm.serve.config import UiConfig
 
     add_arguments(ui, UiConfig)
 
@@ -390,8 +403,8 @@ def _serving_commands(commands: argparse._SubParsersAction) -> None:
 
 def _evaluation_command(commands: argparse._SubParsersAction) -> None:
     """eval"""
+    from mmllm.engine.settings import GenerationSettings
     from mmllm.eval import TASKS
-    from mmllm.generation import GenerationSettings
 
     evaluation = _command(
         commands, "eval", cmd_eval, "evaluate a model: captions, VQA accuracy, photo questions, perplexity"
@@ -465,7 +478,10 @@ def _export_and_weights_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mmllm import __version__
+
     parser = argparse.ArgumentParser(prog="mmllm", description="Small multimodal LLMs: build, train, serve.")
+    parser.add_argument("--version", action="version", version=f"mmllm {__version__}")
     parser.add_argument("--verbose", action="store_true", help="show library logs and progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -486,7 +502,14 @@ def _configure_logging(verbose: bool, progress_bars: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
-    if not verbose:
+    if verbose:
+        return
+    # Through the environment, read when transformers first loads: importing it here would cost every
+    # command, `--version` and `weights list` included, a second or more.
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    if not progress_bars:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    if "transformers" in sys.modules:  # already loaded (the library's own callers, tests)
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
@@ -530,6 +553,9 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("mmllm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mmllm … | head`: the reader had enough; Python's recipe, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as err:
         if args.debug:
             raise

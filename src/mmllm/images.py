@@ -93,8 +93,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 def sample_image(name: str) -> Image.Image:
     """`sample:NAME` (see `mmllm.samples`) as an upright RGB image."""
-    found = sample(name)
-    return load_image(found) if isinstance(found, str) else to_rgb(Image.fromarray(found))
+    return load_image(sample(name))
 
 
 @dataclass

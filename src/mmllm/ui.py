@@ -17,10 +17,11 @@ from typing import Any
 
 from PIL import Image
 
-from mmllm.batcher import RequestQueue
+from mmllm.engine.batcher import RequestQueue
+from mmllm.engine.settings import GenerationSettings
 from mmllm.errors import MmllmError
-from mmllm.generation import GenerationSettings
 from mmllm.images import load_image
+from mmllm.serve.config import UiConfig
 from mmllm.weights import mmllm_home
 
 log = logging.getLogger("mmllm")
@@ -35,20 +36,6 @@ SAMPLE_QUESTIONS = {  # photos for the default photo model
 }
 EASY_VQA_EXAMPLES = 3
 NO_IMAGE_NOTE = "No image attached: the model answers from the text alone. Upload one to ask about it."
-
-
-@dataclass
-class UiConfig:
-    """`mmllm ui` settings."""
-
-    host: str = "127.0.0.1"
-    """Address to listen on."""
-    port: int = 7860
-    """TCP port."""
-    whisper: str = "whisper-base"
-    """Speech model for voice questions: whisper-base (multilingual) or whisper-tiny.en."""
-    max_batch_size: int = 16
-    """Most questions (from all open pages) decoding together."""
 
 
 @dataclass
@@ -141,7 +128,7 @@ def _gradio() -> Any:
     try:
         import gradio as gr
     except ImportError:
-        raise MmllmError("the web UI needs gradio: pip install 'mmllm[ui]'") from None
+        raise MmllmError("the web UI needs gradio: pip install -e '.[ui]' in mmllm's checkout") from None
     return gr
 
 

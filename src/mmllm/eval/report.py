@@ -101,7 +101,7 @@ def write_report(report: dict[str, Any], rows: list[dict[str, Any]], out: Path) 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log.info("plots skipped: pip install 'mmllm[eval]' for matplotlib")
+        log.info("plots skipped: matplotlib is missing (pip install -e '.[eval]' in mmllm's checkout)")
         return
     metrics = report["metrics"]
     if "per_answer_type" in metrics:

@@ -11,30 +11,31 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
-from mmllm.backends import load_backend
 from mmllm.conversation import Message
 from mmllm.data.config import DataConfig, DatasetSpec
-from mmllm.data.readers import most_common_answer, read
+from mmllm.data.readers import read
 from mmllm.data.records import Sample
+from mmllm.engine import load_backend
+from mmllm.engine.backend import Backend
+from mmllm.engine.scheduler import Scheduler
+from mmllm.engine.settings import GenerationSettings
 from mmllm.errors import MmllmError
 from mmllm.eval import TASKS
-from mmllm.eval.captions import caption_metrics
+from mmllm.eval.captions import caption_row_metrics
+from mmllm.eval.easy_vqa import easy_vqa_metrics
 from mmllm.eval.photo_qa import photo_qa_metrics
 from mmllm.eval.report import write_report
-from mmllm.eval.vqa import FORMULAS, exact_match, normalize_answer, token_f1, vqa_accuracy, vqa_formula
-from mmllm.generation import Backend, GenerationSettings
-from mmllm.scheduler import Scheduler
+from mmllm.eval.vqa import exact_match_metrics, vqav2_metrics
 
 if TYPE_CHECKING:
-    from mmllm.pipeline import Pipeline
+    from mmllm.engine.torch_backend import Pipeline
 
 log = logging.getLogger("mmllm")
 
@@ -147,62 +148,32 @@ def perplexity_predictions(pipeline: Pipeline, samples: list[Sample], path: Path
     return len(todo)
 
 
+def perplexity_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    nll, tokens = sum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
+    return {"perplexity": float(torch.tensor(nll / max(tokens, 1)).exp()), "tokens": tokens}
+
+
+def custom_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Caption metrics for data with references, else exact-match accuracy against the answers."""
+    return caption_row_metrics(rows) if "references" in rows[0] else exact_match_metrics(rows)
+
+
+# How each task scores a predictions file.
+METRICS: dict[str, Callable[[list[dict[str, Any]]], dict[str, Any]]] = {
+    "coco-captions": caption_row_metrics,
+    "vqav2": vqav2_metrics,
+    "easy-vqa": easy_vqa_metrics,
+    "photo-qa": photo_qa_metrics,
+    "perplexity": perplexity_metrics,
+    "custom": custom_metrics,
+}
+
+
 def metrics_from_predictions(task: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Every number in the report, from the predictions file alone."""
     if not rows:
         raise MmllmError("no predictions to score")
-    if task == "perplexity":
-        nll, tokens = sum(r["nll"] for r in rows), sum(r["tokens"] for r in rows)
-        return {"perplexity": float(torch.tensor(nll / max(tokens, 1)).exp()), "tokens": tokens}
-    if task == "photo-qa":
-        return photo_qa_metrics(rows)
-    if task == "coco-captions" or (task == "custom" and "references" in rows[0]):
-        return caption_metrics(
-            {r["id"]: r["prediction"] for r in rows}, {r["id"]: r["references"] for r in rows}
-        )
-    score = vqa_accuracy if task == "vqav2" else (lambda p, answers: exact_match(p, answers[0]))
-    name = "vqa_accuracy" if task == "vqav2" else "accuracy"
-    per_type: dict[str, dict[str, list[float]]] = {
-        "answer_type": defaultdict(list),
-        "question_type": defaultdict(list),
-    }
-    scores = []
-    for row in rows:
-        value = score(row["prediction"], row["answers"])
-        scores.append(value)
-        for kind, groups in per_type.items():
-            if row.get(kind):
-                groups[row[kind]].append(value)
-    metrics: dict[str, Any] = {
-        name: sum(scores) / len(scores),
-        "token_f1": sum(token_f1(r["prediction"], r["answers"]) for r in rows) / len(rows),
-    }
-    if task == "vqav2":  # say how each question was scored: the official formula needs 10 answers
-        formulas = Counter(vqa_formula(row["answers"]) for row in rows)
-        metrics["vqa_formula"] = {
-            kind: {"questions": formulas[kind], "formula": FORMULAS[kind]} for kind in formulas
-        }
-    for kind, groups in per_type.items():
-        if groups:
-            metrics[f"per_{kind}"] = {
-                k: {name: sum(v) / len(v), "count": len(v)} for k, v in sorted(groups.items())
-            }
-    by_truth: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for row, value in zip(rows, scores, strict=True):
-        truth = normalize_answer(most_common_answer(row["answers"]))
-        if row.get("question_type") and truth in ("yes", "no"):
-            by_truth[row["question_type"]][truth].append(value)
-    if by_truth:  # a wording answered the same whatever the image shows scores 0 on one side
-        metrics["per_question_type_yes_no"] = {
-            kind: {truth: {name: sum(v) / len(v), "count": len(v)} for truth, v in sorted(sides.items())}
-            for kind, sides in sorted(by_truth.items())
-        }
-    if task == "easy-vqa":
-        confusion: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for row in rows:
-            confusion[normalize_answer(row["answers"][0])][normalize_answer(row["prediction"])] += 1
-        metrics["confusion"] = {k: dict(v) for k, v in sorted(confusion.items())}
-    return metrics
+    return METRICS[task](rows)
 
 
 # What each task scores against: generating every prediction first and failing at scoring wastes the run.

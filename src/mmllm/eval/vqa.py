@@ -9,7 +9,11 @@ contractions are restored; accuracy is min(#humans who gave the answer / 3, 1), 
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from typing import Any
+
+from mmllm.data.readers import most_common_answer
 
 NUMBER_WORDS = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
@@ -247,3 +251,56 @@ def token_f1(prediction: str, answers: list[str]) -> float:
         elif not predicted and not reference:
             best = 1.0
     return best
+
+
+def answer_metrics(
+    rows: list[dict[str, Any]], score: Callable[[str, list[str]], float], name: str
+) -> dict[str, Any]:
+    """Predictions-file rows scored against their `answers` by `score` (reported as `name`), token F1,
+    and both broken down: per answer and question type, and per question type by true yes/no."""
+    per_type: dict[str, dict[str, list[float]]] = {
+        "answer_type": defaultdict(list),
+        "question_type": defaultdict(list),
+    }
+    scores = []
+    for row in rows:
+        value = score(row["prediction"], row["answers"])
+        scores.append(value)
+        for kind, groups in per_type.items():
+            if row.get(kind):
+                groups[row[kind]].append(value)
+    metrics: dict[str, Any] = {
+        name: sum(scores) / len(scores),
+        "token_f1": sum(token_f1(r["prediction"], r["answers"]) for r in rows) / len(rows),
+    }
+    for kind, groups in per_type.items():
+        if groups:
+            metrics[f"per_{kind}"] = {
+                k: {name: sum(v) / len(v), "count": len(v)} for k, v in sorted(groups.items())
+            }
+    by_truth: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row, value in zip(rows, scores, strict=True):
+        truth = normalize_answer(most_common_answer(row["answers"]))
+        if row.get("question_type") and truth in ("yes", "no"):
+            by_truth[row["question_type"]][truth].append(value)
+    if by_truth:  # a wording answered the same whatever the image shows scores 0 on one side
+        metrics["per_question_type_yes_no"] = {
+            kind: {truth: {name: sum(v) / len(v), "count": len(v)} for truth, v in sorted(sides.items())}
+            for kind, sides in sorted(by_truth.items())
+        }
+    return metrics
+
+
+def exact_match_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """`answer_metrics` by exact match with each row's first answer, as `accuracy`."""
+    return answer_metrics(rows, lambda prediction, answers: exact_match(prediction, answers[0]), "accuracy")
+
+
+def vqav2_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """`answer_metrics` by VQA accuracy, saying how each question was scored: the official formula
+    needs 10 answers."""
+    metrics = answer_metrics(rows, vqa_accuracy, "vqa_accuracy")
+    formulas = Counter(vqa_formula(row["answers"]) for row in rows)
+    formula = {kind: {"questions": formulas[kind], "formula": FORMULAS[kind]} for kind in formulas}
+    first = dict(list(metrics.items())[:2])  # the formula goes beside the scores it explains
+    return {**first, "vqa_formula": formula, **metrics}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mmllm.backends.llama_cpp import (
+from mmllm.engine.llama_cpp import (
     LLAMA_CPP_CONFIG,
     LLAMA_CPP_FORMAT,
     PREFERRED,
@@ -151,7 +151,9 @@ def default_types() -> list[str]:
     try:
         import_llama_cpp()
     except MmllmError:
-        log.info("gguf: f16 only; q8_0 and q4_k_m need llama-cpp-python: pip install 'mmllm[llamacpp]'")
+        log.info(
+            "gguf: f16 only; q8_0 and q4_k_m need llama-cpp-python: make install-llamacpp in mmllm's checkout"
+        )
         return ["f16"]
     return ["f16", "q8_0", "q4_k_m"]
 

@@ -1,4 +1,4 @@
-"""`mmllm export onnx`: the graphs that `--backend onnx` (`mmllm.backends.onnx`) runs.
+"""`mmllm export onnx`: the graphs that `--backend onnx` (`mmllm.engine.onnx`) runs.
 
 Two graphs, exported with torch.onnx (TorchScript tracing, opset 17), because onnxruntime-genai's
 builder and optimum only take a text LM, not one that reads `inputs_embeds` with images in them:
@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from mmllm.backends.onnx import ONNX_CONFIG, ONNX_FORMAT, cache_names
+from mmllm.engine.onnx import ONNX_CONFIG, ONNX_FORMAT, cache_names
 from mmllm.models.language import cache_keyword
 
 log = logging.getLogger("mmllm")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from importlib import resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,14 +14,8 @@ import torch
 from mmllm.config import load_config
 from mmllm.errors import MmllmError
 from mmllm.images import ImageProcessor
-from mmllm.models.configuration import (
-    PARTS,
-    ModelDesign,
-    MultimodalConfig,
-    design_of,
-    is_mmllm_model,
-    num_image_tokens,
-)
+from mmllm.models.configuration import PARTS, MultimodalConfig, is_mmllm_model, num_image_tokens
+from mmllm.models.design import ModelConfig, design_of
 from mmllm.models.language import load_language_model, load_tokenizer
 from mmllm.models.multimodal import MultimodalLM
 from mmllm.models.timm_vision import TimmVisionConfig
@@ -30,17 +25,18 @@ from mmllm.weights import mmllm_home
 
 log = logging.getLogger("mmllm")
 
-# `--model default`: the shipped photo model when its folder is found, else the untrained default stack
-# (ModelConfig's defaults). Shipped models are committed under the repository's models/ folder, which
-# is ./models when mmllm runs from its checkout; elsewhere, point MMLLM_MODELS at it or copy it home.
+# `--model default` is the shipped photo model. The shipped models are the repository's models/ folder,
+# installed with the package (src/mmllm/shipped links to it): found from any directory, whether mmllm
+# was installed from its checkout or from a wheel built there.
 DEFAULT_MODEL = "default"
 SHIPPED_MODELS = ("mmllm-photo", "mmllm-easyvqa")
 
 
 def shipped_model_roots() -> list[Path]:
-    """Folders searched for shipped models: `$MMLLM_MODELS`, ./models, `$MMLLM_HOME/models`."""
+    """Folders searched for shipped models: `$MMLLM_MODELS` (its folders in order), the models installed
+    with mmllm, `$MMLLM_HOME/models`."""
     roots = [Path(p) for p in os.environ.get("MMLLM_MODELS", "").split(os.pathsep) if p]
-    return [*roots, Path("models"), mmllm_home() / "models"]
+    return [*roots, Path(str(resources.files("mmllm") / "shipped")), mmllm_home() / "models"]
 
 
 def resolve_model_name(name_or_path: str) -> str:
@@ -51,34 +47,12 @@ def resolve_model_name(name_or_path: str) -> str:
     for root in shipped_model_roots():
         if (root / name / "config.json").is_file():
             return str(root / name)
-    if name_or_path == DEFAULT_MODEL:
-        log.warning(
-            "the shipped model %s was not found in %s (copy the repository's models/%s into one, or set "
-            "MMLLM_MODELS): `default` is the untrained default stack",
-            name,
-            ", ".join(map(str, shipped_model_roots())),
-            name,
-        )
-        return name_or_path
+    default = " (`default` is mmllm-photo)" if name_or_path == DEFAULT_MODEL else ""
     raise MmllmError(
-        f"shipped model {name} not found in {', '.join(map(str, shipped_model_roots()))}; "
-        "set MMLLM_MODELS to the folder that holds it"
+        f"the shipped model {name}{default} is not in {', '.join(map(str, shipped_model_roots()))}: "
+        "reinstall mmllm from its checkout (`pip install .`, which installs the models with it), or set "
+        f"MMLLM_MODELS to a folder holding {name}/"
     )
-
-
-@dataclass
-class ModelConfig(ModelDesign):
-    """Parts of a multimodal model: which language model, which vision tower, how they are joined."""
-
-    lm: str = "qwen2.5-0.5b-instruct"
-    """Language model: registry name (`mmllm weights list`), hub id, local directory or .gguf file."""
-    vision: str = "clip-vit-base-patch32"
-    """Vision tower: registry name, hub id, local directory (a CLIP checkpoint or its config alone, a timm
-    tower), `timm:ARCH` (a timm architecture, untrained) or `timm:ARCH@FILE` (with a local state dict;
-    preprocessing from timm's pretrained config for ARCH)."""
-
-    def __post_init__(self) -> None:
-        self.check_design()
 
 
 def build_model(
@@ -108,8 +82,8 @@ def build_model(
 
 
 def _source(name_or_path: str) -> Path | ModelConfig:
-    """What a model name means: a saved mmllm model's folder, or the recipe of a new model (a
-    ModelConfig YAML, `default`, or a bare LM with the default vision tower)."""
+    """What a model name means: a saved mmllm model's folder (shipped ones and `default` by name), or the
+    recipe of a new model (a ModelConfig YAML, or a bare LM with the default vision tower)."""
     name_or_path = resolve_model_name(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.suffix in (".yaml", ".yml"):
@@ -118,7 +92,7 @@ def _source(name_or_path: str) -> Path | ModelConfig:
         if not (path / PROCESSOR_FILE).is_file():
             raise MmllmError(f"{path} holds a model but no processor ({PROCESSOR_FILE})")
         return path
-    return ModelConfig() if name_or_path == DEFAULT_MODEL else ModelConfig(lm=name_or_path)
+    return ModelConfig(lm=name_or_path)
 
 
 def load_model(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +12,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from mmllm.models.design import ModelDesign
 from mmllm.models.timm_vision import TimmVisionConfig
 
 # The exact openai/clip-vit-base-patch32 vision architecture, so the default stack can be built
@@ -33,67 +34,6 @@ CLIP_VIT_B32 = {
 }
 
 PARTS = ("vision_tower", "projector", "language_model")
-FEATURE_MODES = ("pooled", "patch", "classes")
-PROJECTOR_TYPES = ("mlp_ln", "mlp_gelu", "labels")
-
-
-@dataclass(kw_only=True)
-class ModelDesign:
-    """How the parts are joined: which vision features the projector reads, and how it maps them.
-
-    One description for the recipe (`ModelConfig`, which adds where the parts come from) and the
-    saved model (`MultimodalConfig`, which adds what was loaded and trained): both inherit these
-    fields, so a recipe's design reaches config.json without a hand-written mapping.
-    """
-
-    vision_feature_mode: Literal["pooled", "patch", "classes"] = "pooled"
-    """`pooled`: the image embedding (CLIP's 512-d projection, a timm tower's pooled features), 1 token per
-    image; `patch`: one token per patch or grid cell (LLaVA); `classes`: a timm classifier's class
-    probabilities, 1 token per image."""
-    vision_feature_layer: int = -2
-    """Layer read in `patch` mode: CLIP's hidden state (-2: penultimate, as LLaVA), or a timm tower's
-    feature stage (-1: the head's features, -2: the last stage, ...)."""
-    vision_use_cls: bool = False
-    """In `patch` mode, also pass the CLS token."""
-    vision_pixel_shuffle: int = 1
-    """In `patch` mode, merge each f x f block of patch tokens into one (f^2 fewer LM tokens per image)."""
-    projector_type: Literal["mlp_ln", "mlp_gelu", "labels"] = "mlp_ln"
-    """`mlp_ln`: Linear-ReLU-LayerNorm-Linear (seed design); `mlp_gelu`: LLaVA-1.5's Linear-GELU-Linear;
-    `labels`: nothing learned, the LM reads the classifier's verdict as words (needs `classes` features of
-    an ImageNet classifier)."""
-    projector_snap_to_vocab: bool = False
-    """Give the LM each image token as its nearest word's embedding (straight-through gradients): an LM
-    learns to compare words it knows far faster than new vectors. Train the projector toward words first
-    (`token_target_vocab_weight`)."""
-    projector_labels_top_k: int = 3
-    """Labels projector: how many of the classifier's top classes the LM reads."""
-    projector_labels_sure: float = 0.6
-    """Labels projector: the summed probability at which the bridge names a class or a kind of thing
-    (below it, the LM reads that the classifier is not sure)."""
-
-    def check_design(self) -> None:
-        if self.vision_feature_mode not in FEATURE_MODES:
-            raise ValueError(
-                f"vision_feature_mode must be one of {FEATURE_MODES}, got {self.vision_feature_mode!r}"
-            )
-        if self.projector_type not in PROJECTOR_TYPES:
-            raise ValueError(f"projector_type must be one of {PROJECTOR_TYPES}, got {self.projector_type!r}")
-        if self.projector_type == "labels" and self.vision_feature_mode != "classes":
-            raise ValueError(
-                "the labels projector reads class probabilities: use vision_feature_mode=classes with "
-                f"projector_type=labels (got {self.vision_feature_mode} features)"
-            )
-        shuffle = self.vision_pixel_shuffle
-        if shuffle < 1 or (shuffle > 1 and self.vision_feature_mode != "patch"):
-            raise ValueError(
-                f"vision_pixel_shuffle must be 1, or > 1 with patch features; got {shuffle} "
-                f"with {self.vision_feature_mode} features"
-            )
-
-
-def design_of(source: ModelDesign) -> dict[str, Any]:
-    """The design fields of a recipe or a saved model's config, to build the other from."""
-    return {field.name: getattr(source, field.name) for field in fields(ModelDesign)}
 
 
 def _patch_grid(vision_config: PreTrainedConfig, layer: int) -> tuple[int, int]:
@@ -126,8 +66,8 @@ def num_image_tokens(
 @strict
 class MultimodalConfig(PreTrainedConfig, ModelDesign):
     r"""
-    The design fields (vision_feature_mode, vision_feature_layer, vision_use_cls, vision_pixel_shuffle,
-    projector_type, projector_snap_to_vocab) are `ModelDesign`'s.
+    The design fields (the vision_* and projector_* ones) are `ModelDesign`'s (models/design.py).
+    mmllm_version: the mmllm version that saved the model.
     image_token / image_token_id: the placeholder the processor expands to `num_image_tokens` per image.
     text_model_name_or_path / vision_model_name_or_path: where the base weights came from; used to
         rebuild a checkpoint that stores only its trained parts.
@@ -158,6 +98,7 @@ class MultimodalConfig(PreTrainedConfig, ModelDesign):
     adapter: str | None = None
     trained_parts: list[str] | None = None
     tie_word_embeddings: bool = False
+    mmllm_version: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -166,6 +107,12 @@ class MultimodalConfig(PreTrainedConfig, ModelDesign):
             unknown = set(getattr(self, field) or ()) - set(PARTS)
             if unknown:
                 raise ValueError(f"{field} has unknown parts {sorted(unknown)}; known: {list(PARTS)}")
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        from mmllm import __version__
+
+        self.mmllm_version = __version__  # which mmllm wrote these files, for whoever loads them later
+        super().save_pretrained(save_directory, **kwargs)
 
     @property
     def num_image_tokens(self) -> int:
@@ -211,9 +158,7 @@ def is_mmllm_model(path: str | os.PathLike) -> bool:
 __all__ = [
     "CLIP_VIT_B32",
     "PARTS",
-    "ModelDesign",
     "MultimodalConfig",
-    "design_of",
     "is_mmllm_model",
     "num_image_tokens",
 ]

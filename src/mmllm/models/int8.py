@@ -15,7 +15,7 @@ def torchao_config(scheme: Int8Scheme):
     try:
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
     except ImportError:
-        raise MmllmError("int8 needs torchao: pip install 'mmllm[export]'") from None
+        raise MmllmError("int8 needs torchao: pip install -e '.[export]' in mmllm's checkout") from None
     if scheme == "weight-only":
         return Int8WeightOnlyConfig()
     if scheme == "dynamic":

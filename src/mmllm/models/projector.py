@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmllm.models.configuration import PROJECTOR_TYPES
+from mmllm.models.design import PROJECTOR_TYPES
 
 
 class Projector(nn.Sequential):

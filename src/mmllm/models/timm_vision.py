@@ -172,7 +172,7 @@ def tower_from_state_dict(config: TimmVisionConfig, file: Path) -> TimmVisionTow
     tower = TimmVisionTower(config)
     state = _read_state_dict(file)
     if "_conv_stem.weight" in state:
-        from mmllm.weights import lukemelas_to_timm
+        from mmllm.efficientnet_lite0 import lukemelas_to_timm
 
         state = lukemelas_to_timm(state, [len(stage) for stage in tower.model.blocks])
     expected = {k for k in tower.model.state_dict() if not k.endswith("num_batches_tracked")}

@@ -17,8 +17,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mmllm.batcher import RequestQueue
-from mmllm.generation import Backend
+from mmllm import __version__
+from mmllm.engine.backend import Backend
+from mmllm.engine.batcher import RequestQueue
 from mmllm.serve import openai_api, rest
 from mmllm.serve.config import ServeConfig
 from mmllm.serve.guard import UI_PATH, ErrorResponse, Guard
@@ -58,6 +59,7 @@ async def http_error(request: Request, err: StarletteHTTPException) -> ErrorResp
 async def health(server: ServerDep) -> Health:
     return Health(
         model=server.model_name,
+        version=__version__,
         vision_trained=server.backend.vision_trained,
         queue_depth=server.requests.depth,
     )
@@ -74,7 +76,7 @@ def create_app(
     serve --ui` passes the one the chat page shares)."""
     app = FastAPI(title="mmllm", description="Multimodal LLM server: REST and OpenAI-compatible API.")
     if requests is None:
-        from mmllm.scheduler import request_queue
+        from mmllm.engine.scheduler import request_queue
 
         requests = request_queue(
             backend, cfg.scheduler, cfg.max_batch_size, cfg.max_wait_ms, cfg.max_step_tokens

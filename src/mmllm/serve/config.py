@@ -1,9 +1,13 @@
-"""`mmllm serve` settings (kept apart from the app so the CLI starts without FastAPI installed)."""
+"""`mmllm serve` and `mmllm ui` settings, kept apart from the app and the page so the CLI builds its
+`--help` without importing FastAPI, Gradio or torch."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
+
+API_KEY_VARIABLE = "MMLLM_API_KEY"
 
 
 @dataclass
@@ -15,8 +19,9 @@ class ServeConfig:
     port: int = 8000
     """TCP port."""
     api_key: str | None = None
-    """Require `Authorization: Bearer KEY` on every endpoint but /health, /docs and /openapi.json; the
-    chat page (/ui) asks for the key on a login form instead."""
+    """Require `Authorization: Bearer KEY` on every endpoint but /health, /docs, /redoc and /openapi.json; the
+    chat page (/ui) asks for the key on a login form instead. Default: $MMLLM_API_KEY when set (a key
+    in the environment stays out of the process list and the shell history)."""
     scheduler: Literal["continuous", "batch"] = "continuous"
     """continuous: requests join the running batch between decoding steps and leave it when done (the
     torch and llama.cpp backends); batch: requests that arrive together run together to the end (the
@@ -43,12 +48,14 @@ class ServeConfig:
     allow_remote_images: bool = False
     """Fetch http(s) image URLs (off: a server that fetches URLs can be aimed at internal hosts)."""
     ui: bool = False
-    """Also serve the Gradio chat page at /ui (needs `mmllm[ui]`)."""
+    """Also serve the Gradio chat page at /ui (needs gradio: the `ui` extra)."""
     cors_origins: str = ""
     """Comma-separated origins allowed by CORS (empty: CORS off)."""
 
     def __post_init__(self) -> None:
         """Checked when the settings are made, before the model loads."""
+        if self.api_key is None:
+            self.api_key = os.environ.get(API_KEY_VARIABLE) or None
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in 0..65535, not {self.port}")
         limits = (
@@ -66,3 +73,17 @@ class ServeConfig:
             raise ValueError(f"max_wait_ms must be 0 or more, not {self.max_wait_ms}")
         if self.api_key == "":
             raise ValueError("api_key is empty: give a key, or leave the option out for no key")
+
+
+@dataclass
+class UiConfig:
+    """`mmllm ui` settings."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+    port: int = 7860
+    """TCP port."""
+    whisper: str = "whisper-base"
+    """Speech model for voice questions: whisper-base (multilingual) or whisper-tiny.en."""
+    max_batch_size: int = 16
+    """Most questions (from all open pages) decoding together."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from mmllm.batcher import Events
-from mmllm.generation import Completion
+from mmllm.engine.batcher import Events
+from mmllm.engine.rows import Completion
 
 
 class Metrics(Events):

@@ -15,10 +15,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from PIL import Image
 
-from mmllm.batcher import Job
 from mmllm.conversation import Message
+from mmllm.engine.batcher import Job
+from mmllm.engine.rows import Completion
+from mmllm.engine.settings import GenerationSettings
 from mmllm.errors import MmllmError
-from mmllm.generation import Completion
 from mmllm.serve.schemas import ChatCompletion, ChatCompletionRequest, ChatMessage, ModelList
 from mmllm.serve.schemas import ErrorResponse as ErrorSchema
 from mmllm.serve.server import ERRORS, ApiError, Server, ServerDep
@@ -49,7 +50,7 @@ def _has_content(message: ChatMessage) -> bool:
 
 
 async def chat_inputs(
-    server: Server, request: ChatCompletionRequest
+    server: Server, request: ChatCompletionRequest, settings: GenerationSettings
 ) -> tuple[list[Message], list[Image.Image]]:
     texts, image_urls = [], []
     for message in request.messages:
@@ -63,7 +64,7 @@ async def chat_inputs(
                 image_urls.append(part.image_url if isinstance(part.image_url, str) else part.image_url.url)
     if not any(m.role == "user" and _has_content(m) for m in request.messages):
         raise ApiError(400, "messages need a non-empty user message", "messages")
-    server.check_request(texts, len(image_urls), server.max_tokens(request))
+    server.check_request(texts, len(image_urls), settings)
     images = [await server.image(url) for url in image_urls]
     conversation = []
     for message in request.messages:
@@ -94,20 +95,11 @@ async def chat_inputs(
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request, server: ServerDep):
     server.check_model(body.model)
-    conversation, images = await chat_inputs(server, body)
-    max_tokens = server.max_tokens(body)
-    settings = server.settings(
-        max_new_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        top_k=body.top_k,
-        repetition_penalty=body.repetition_penalty,
-        seed=body.seed,
-        ignore_eos=body.ignore_eos,
-    )
+    settings = server.settings(**body.generation_options(server.default_max_new_tokens))
+    conversation, images = await chat_inputs(server, body, settings)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     prompt = await server.prepare(conversation, images)
-    job = server.enqueue(prompt, settings, max_tokens, stop, body.stream)
+    job = server.enqueue(prompt, settings, stop, body.stream)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from PIL import Image
 
-from mmllm.generation import CAPTION_PROMPT, GenerationSettings
+from mmllm.engine.settings import CAPTION_PROMPT, GenerationSettings
 from mmllm.serve.schemas import CaptionRequest, GenerateRequest, TextResponse
 from mmllm.serve.schemas import ErrorResponse as ErrorSchema
 from mmllm.serve.server import ERRORS, ApiError, Server, ServerDep, validation_message
@@ -72,9 +72,9 @@ async def form_or_json(server: Server, request: Request, model: type) -> tuple[A
 async def answer(
     server: Server, request: Request, prompt_text: str, images: list, settings: GenerationSettings
 ) -> TextResponse:
-    server.check_request([prompt_text], len(images), settings.max_new_tokens)
+    server.check_request([prompt_text], len(images), settings)
     prompt = await server.prepare([{"role": "user", "content": prompt_text}], images)
-    job = server.enqueue(prompt, settings, settings.max_new_tokens, [], False)
+    job = server.enqueue(prompt, settings, [], False)
     done = await server.result(job, request)
     return TextResponse(
         text=done.text,
@@ -97,13 +97,7 @@ async def generate(request: Request, server: ServerDep):
     body, images = await form_or_json(server, request, GenerateRequest)
     if not body.prompt.strip():
         raise ApiError(400, "the prompt is empty", "prompt")
-    settings = server.settings(
-        max_new_tokens=body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        num_beams=body.num_beams,
-        seed=body.seed,
-    )
+    settings = server.settings(**body.generation_options())
     return await answer(server, request, body.prompt, images, settings)
 
 
@@ -117,6 +111,5 @@ async def caption(request: Request, server: ServerDep):
     body, images = await form_or_json(server, request, CaptionRequest)
     if not images:
         raise ApiError(400, "no image", "image")
-    return await answer(
-        server, request, CAPTION_PROMPT, images, server.settings(max_new_tokens=body.max_tokens)
-    )
+    settings = server.settings(**body.generation_options())
+    return await answer(server, request, CAPTION_PROMPT, images, settings)

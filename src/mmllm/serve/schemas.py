@@ -134,6 +134,20 @@ class ChatCompletionRequest(BaseModel):
     )
     ignore_eos: bool = Field(default=False, description="mmllm/vLLM extension: always generate max_tokens")
 
+    def generation_options(self, default_max_new_tokens: int) -> dict[str, Any]:
+        """The request's `GenerationSettings`: OpenAI's token limit (the newer `max_completion_tokens`,
+        the older `max_tokens`, or, naming neither, `default_max_new_tokens`) becomes `max_new_tokens`
+        here, and only here."""
+        return {
+            "max_new_tokens": self.max_completion_tokens or self.max_tokens or default_max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+            "ignore_eos": self.ignore_eos,
+        }
+
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
@@ -184,12 +198,26 @@ class GenerateRequest(BaseModel):
     num_beams: int = Field(default=1, ge=1, le=8)
     seed: int | None = SEED
 
+    def generation_options(self) -> dict[str, Any]:
+        """The request's `GenerationSettings` (its `max_tokens` is their `max_new_tokens`)."""
+        return {
+            "max_new_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "num_beams": self.num_beams,
+            "seed": self.seed,
+        }
+
 
 class CaptionRequest(BaseModel):
     model_config = STRICT
 
     image: str = Field(min_length=1, description="base64 image bytes or a data URI")
     max_tokens: int = Field(default=48, ge=1)
+
+    def generation_options(self) -> dict[str, Any]:
+        """The request's `GenerationSettings` (its `max_tokens` is their `max_new_tokens`)."""
+        return {"max_new_tokens": self.max_tokens}
 
 
 class TextResponse(BaseModel):
@@ -202,6 +230,8 @@ class TextResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model: str
+    version: str
+    """The mmllm version serving."""
     vision_trained: bool
     queue_depth: int
 

@@ -15,14 +15,15 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 from PIL import Image
 
-from mmllm.batcher import Job, RequestQueue
 from mmllm.conversation import Message
+from mmllm.engine.backend import Prompt
+from mmllm.engine.batcher import Job, RequestQueue
+from mmllm.engine.rows import Completion
+from mmllm.engine.settings import GenerationSettings
 from mmllm.errors import MmllmError
-from mmllm.generation import Completion, GenerationSettings, Prompt
 from mmllm.images import load_image
 from mmllm.serve.config import ServeConfig
 from mmllm.serve.metrics import Metrics
-from mmllm.serve.schemas import ChatCompletionRequest
 from mmllm.serve.schemas import ErrorResponse as ErrorSchema
 
 T = TypeVar("T")
@@ -149,16 +150,16 @@ class Server:
                 code="model_not_found",
             )
 
-    def check_request(self, texts: list[str], n_images: int, max_tokens: int) -> None:
+    def check_request(self, texts: list[str], n_images: int, settings: GenerationSettings) -> None:
         """The limits that need no decoding or tokenizing: checked first, on the event loop."""
         cfg = self.cfg
         if n_images > cfg.max_images:
             raise ApiError(
                 400, f"{n_images} images; this server accepts at most {cfg.max_images}", "messages"
             )
-        if max_tokens > cfg.max_tokens:
+        if (asked := settings.max_new_tokens) > cfg.max_tokens:  # the API calls it max_tokens
             raise ApiError(
-                400, f"max_tokens {max_tokens} exceeds this server's limit of {cfg.max_tokens}", "max_tokens"
+                400, f"max_tokens {asked} exceeds this server's limit of {cfg.max_tokens}", "max_tokens"
             )
         characters = sum(map(len, texts))
         if characters > cfg.max_prompt_tokens * CHARS_PER_TOKEN:
@@ -183,19 +184,8 @@ class Server:
             )
         return prompt
 
-    def enqueue(
-        self, prompt: Prompt, settings: GenerationSettings, max_tokens: int, stop: list[str], stream: bool
-    ) -> Job:
-        loop = asyncio.get_running_loop()
-        job = Job(
-            prompt,
-            settings,
-            max_tokens,
-            stop,
-            loop,
-            loop.create_future(),
-            asyncio.Queue() if stream else None,
-        )
+    def enqueue(self, prompt: Prompt, settings: GenerationSettings, stop: list[str], stream: bool) -> Job:
+        job = self.requests.job(prompt, settings, stop, stream)
         self.requests.submit(job)
         return job
 
@@ -217,9 +207,10 @@ class Server:
             raise ApiError(500, f"generation failed: {failure}", kind="server_error")
         return job.future.result()
 
-    def max_tokens(self, request: ChatCompletionRequest) -> int:
-        """What the client asked for, or (asking for nothing) as much as this server allows, up to 256."""
-        return request.max_completion_tokens or request.max_tokens or min(256, self.cfg.max_tokens)
+    @property
+    def default_max_new_tokens(self) -> int:
+        """A chat request that names no token limit gets as many as this server allows, up to 256."""
+        return min(256, self.cfg.max_tokens)
 
     def settings(self, **options: Any) -> GenerationSettings:
         try:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from mmllm.data.config import DataConfig
-from mmllm.models.build import ModelConfig
+from mmllm.models.design import ModelConfig
 
 # Attention and MLP projections of Llama/Qwen2 (q, k, v, o, gate, up, down) and Phi-3's fused ones.
 LORA_TARGETS = [

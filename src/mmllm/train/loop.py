@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -70,7 +71,12 @@ def trained_tokens(batch: dict) -> int:
 
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.state import AcceleratorState
 
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # One process that trained before (a notebook, a test session): accelerate keeps its first run's
+        # state for the process and refuses another precision, so each run starts from a fresh one.
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(
         # Without a GPU, a torchrun/`accelerate launch` world still trains: one CPU process per rank (gloo).
         cpu=not torch.cuda.is_available(),

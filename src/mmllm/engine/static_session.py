@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmllm.generation import Prompt
+from mmllm.engine.backend import Prompt
 from mmllm.models.language import cache_keyword
 from mmllm.models.multimodal import MultimodalLM
 

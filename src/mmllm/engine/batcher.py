@@ -20,18 +20,22 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable, Iterator
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from mmllm.conversation import Message
-from mmllm.generation import Backend, Completion, GenerationSettings, OnDelta, Prompt
+from mmllm.engine.backend import Backend, Prompt
+from mmllm.engine.rows import Completion, OnDelta
+from mmllm.engine.settings import GenerationSettings
 
 
 @dataclass
 class Job:
+    """One request in a queue: its prompt, its settings (its token limit among them), its stop strings,
+    and where its answer goes. Made by `RequestQueue.job`."""
+
     prompt: Prompt
     settings: GenerationSettings
-    max_tokens: int
     stop: list[str]
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
@@ -48,7 +52,8 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        return astuple(self.settings)[1:]  # everything but max_new_tokens (per row)
+        """Jobs with equal keys may share a batch."""
+        return self.settings.batch_key()
 
 
 class Closed(Exception):
@@ -86,6 +91,26 @@ class RequestQueue:
     running = 0
     """Requests decoding now."""
 
+    def job(
+        self,
+        prompt: Prompt,
+        settings: GenerationSettings,
+        stop: list[str] | None = None,
+        stream: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Job:
+        """A request for this queue, answered on `loop` (by default the running one); a streaming one
+        also receives its text piece by piece. `submit` queues it."""
+        loop = loop or asyncio.get_running_loop()
+        return Job(
+            prompt,
+            settings,
+            list(stop or []),
+            loop,
+            loop.create_future(),
+            asyncio.Queue() if stream else None,
+        )
+
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
 
@@ -97,8 +122,7 @@ class RequestQueue:
         Closing the iterator early (the page's Stop button, a closed tab) cancels the generation.
         """
         prompt = await asyncio.to_thread(self.backend.prepare, conversation, images)
-        loop = asyncio.get_running_loop()
-        job = Job(prompt, settings, settings.max_new_tokens, [], loop, loop.create_future(), asyncio.Queue())
+        job = self.job(prompt, settings, stream=True)
         self.submit(job)
         try:
             while (piece := await job.deltas.get()) is not None:
@@ -117,7 +141,7 @@ class RequestQueue:
         try:
             while True:
                 while len(queued) < window and (prompt := next(prompts, None)) is not None:
-                    job = Job(prompt, settings, settings.max_new_tokens, [], loop, loop.create_future())
+                    job = self.job(prompt, settings, loop=loop)
                     self.submit(job)
                     queued.append(job)
                 if not queued:
@@ -213,8 +237,7 @@ class DynamicBatcher(RequestQueue):
                 self.generate_calls += 1
                 results: list[Completion | BaseException] = self.backend.complete_prompts(
                     [job.prompt for job in batch],
-                    batch[0].settings,
-                    max_tokens=[job.max_tokens for job in batch],
+                    [job.settings for job in batch],
                     stop=[job.stop for job in batch],
                     on_delta=lambda row, text, to=deliveries: to[row](row, text),
                     cancelled=[job.cancelled for job in batch],

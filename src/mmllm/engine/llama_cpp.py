@@ -18,15 +18,17 @@ from pathlib import Path
 
 import numpy as np
 
-from mmllm.backends.exported import ExportedBackend, onnx_session, read_export_settings
+from mmllm.engine.backend import Prompt
+from mmllm.engine.exported import ExportedBackend, onnx_session, read_export_settings
+from mmllm.engine.rows import RowTracker
+from mmllm.engine.running import decode_all
+from mmllm.engine.settings import GenerationSettings
 from mmllm.errors import MmllmError
-from mmllm.generation import GenerationSettings, Prompt, RowTracker
 from mmllm.processor import MultimodalProcessor
-from mmllm.running import decode_all
 
 LLAMA_CPP_CONFIG = "mmllm_llamacpp.json"
 LLAMA_CPP_FORMAT = 1
-PREFERRED = ("q4_k_m", "q8_0", "f16", "f32")  # what `--dtype auto` picks, fastest first
+PREFERRED = ("q4_k_m", "q8_0", "f16", "f32")  # what `--dtype auto` picks: the smallest file first
 CONTEXT_TOKENS = 4096  # the KV cache all rows of a batch share (Qwen2.5-0.5B: 12 KB a token in f16)
 MAX_ROWS = 16
 CHUNK = 512  # tokens or image rows per llama_decode call while reading a prompt
@@ -39,8 +41,8 @@ def import_llama_cpp():
         import llama_cpp
     except ImportError:
         raise MmllmError(
-            "this needs llama-cpp-python, built from source: pip install 'mmllm[llamacpp]' "
-            "(or `make install-llamacpp`, which builds the wheel once and caches it)"
+            "this needs llama-cpp-python, built from source: `make install-llamacpp` in mmllm's checkout "
+            "(builds the wheel once for this CPU and caches it), or pip install -e '.[llamacpp]'"
         ) from None
     return llama_cpp
 

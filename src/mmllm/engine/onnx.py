@@ -7,8 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mmllm.backends.exported import ExportedBackend, onnx_session, read_export_settings
-from mmllm.generation import GenerationSettings, Prompt, RowTracker, choose_tokens, sampling_rng
+from mmllm.engine.backend import Prompt
+from mmllm.engine.exported import ExportedBackend, onnx_session, read_export_settings
+from mmllm.engine.rows import RowTracker
+from mmllm.engine.sampler import choose_tokens, sampling_rng
+from mmllm.engine.settings import GenerationSettings
 from mmllm.processor import MultimodalProcessor
 
 ONNX_CONFIG = "mmllm_onnx.json"
@@ -62,7 +65,7 @@ class OnnxBackend(ExportedBackend):
         shape = (batch, self.settings["kv_heads"], 0, self.settings["head_dim"])
         names = cache_names(self.settings["layers"], "past")
         cache = {name: np.zeros(shape, np.float32) for name in names}
-        for _ in range(max(rows.limits)):
+        for _ in range(rows.longest):
             logits, *present = self.decoder.run(
                 None, {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **cache}
             )

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mmllm.engine.backend import Backend
+from mmllm.engine.settings import GenerationSettings
 from mmllm.errors import MmllmError
-from mmllm.generation import Backend, GenerationSettings
 from mmllm.models.labels import describe_images
 from mmllm.processor import MultimodalProcessor
 
@@ -27,7 +28,7 @@ def onnx_session(path: Path, threads: int = 0):
     try:
         import onnxruntime as ort
     except ImportError:
-        raise MmllmError("this backend needs onnxruntime: pip install 'mmllm[export]'") from None
+        raise MmllmError("this backend needs onnxruntime: pip install -e '.[export]' in mmllm's checkout") from None
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

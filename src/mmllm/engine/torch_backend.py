@@ -11,15 +11,17 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from mmllm.engine.backend import Backend, Prompt
+from mmllm.engine.rows import RowTracker
+from mmllm.engine.running import decode_all
+from mmllm.engine.settings import GenerationSettings
+from mmllm.engine.static_session import StaticSession
 from mmllm.errors import MmllmError
-from mmllm.generation import Backend, GenerationSettings, Prompt, RowTracker
 from mmllm.images import ImageInput
 from mmllm.models.build import load_model, untrained_parts
 from mmllm.models.language import cache_keyword
 from mmllm.models.multimodal import MultimodalLM
 from mmllm.processor import MultimodalProcessor
-from mmllm.running import decode_all
-from mmllm.static_session import StaticSession
 
 log = logging.getLogger("mmllm")
 
@@ -254,16 +256,13 @@ class Pipeline(Backend):
     def decode_with_generate(
         self, prompts: list[Prompt], settings: GenerationSettings, rows: RowTracker
     ) -> list[int]:
-        """The batch through transformers' own `generate`, its tokens handed to `rows` afterwards: beam
-        search, and the reference the sessions' answers are tested against."""
+        """The batch through transformers' own `generate` (up to `settings.max_new_tokens`, the longest
+        row's limit), its tokens handed to `rows` afterwards: beam search, and the reference the
+        sessions' answers are tested against."""
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         inputs = self._inputs(prompts)
-        config = settings.generation_config(self.processor)
-        config.max_new_tokens = max(rows.limits)
-        if settings.ignore_eos:
-            config.min_new_tokens = config.max_new_tokens
-        output = self.model.generate(**inputs, generation_config=config)
+        output = self.model.generate(**inputs, generation_config=settings.generation_config(self.processor))
         for column in output[:, inputs["input_ids"].shape[1] :].T:
             rows.step(column.tolist())
         return inputs["attention_mask"].sum(1).tolist()

@@ -17,7 +17,10 @@ from typing import Protocol
 
 import numpy as np
 
-from mmllm.generation import GenerationSettings, Prompt, RowTracker, choose_tokens, sampling_rng
+from mmllm.engine.backend import Prompt
+from mmllm.engine.rows import RowTracker
+from mmllm.engine.sampler import choose_tokens, sampling_rng
+from mmllm.engine.settings import GenerationSettings
 
 STEP_TOKENS = 512  # tokens one iteration reads or decodes, all rows together (vLLM: max_num_batched_tokens)
 
@@ -55,7 +58,6 @@ class Row:
     """One answer in a running batch: row `index` of `tracker`."""
 
     prompt: Prompt
-    settings: GenerationSettings
     tracker: RowTracker
     index: int = 0
     rng: np.random.Generator = field(default_factory=np.random.default_rng)
@@ -64,6 +66,10 @@ class Row:
     read: int = 0  # prompt tokens read so far
     token: int = -1  # the last chosen token, appended at the next step
     failure: Exception | None = None
+
+    @property
+    def settings(self) -> GenerationSettings:
+        return self.tracker.settings[self.index]
 
     @property
     def finished(self) -> bool:
@@ -80,9 +86,9 @@ class Row:
         return not self.finished and self.read == len(self.prompt.input_ids)
 
     @property
-    def need(self) -> int:
+    def cache_tokens(self) -> int:
         """The cache this row may fill: its prompt and its whole answer."""
-        return len(self.prompt.input_ids) + self.tracker.limits[self.index]
+        return len(self.prompt.input_ids) + self.tracker.limit(self.index)
 
 
 class RunningRows:
@@ -101,13 +107,12 @@ class RunningRows:
         if len(self.rows) >= self.max_rows:
             return False
         kv = self.session.kv_tokens
-        return kv is None or not self.rows or sum(r.need for r in self.rows) + row.need <= kv
+        return kv is None or not self.rows or sum(r.cache_tokens for r in self.rows) + row.cache_tokens <= kv
 
     def add(self, row: Row) -> None:
-        """Start `row` (its answer capped where the context ends); a row that fails to start is
+        """Start `row` (its answer ends where the context does); a row that fails to start is
         returned finished by the next `iterate`."""
-        limits = row.tracker.limits
-        limits[row.index] = max(1, min(limits[row.index], self.session.context - len(row.prompt.input_ids)))
+        row.tracker.room[row.index] = max(1, self.session.context - len(row.prompt.input_ids))
         try:
             row.handle = self.session.start(row.prompt)
         except Exception as err:  # this row's images or prompt: it fails alone
@@ -178,7 +183,7 @@ def decode_all(
     each leaves when it is done; returns each prompt's token count."""
     rng = sampling_rng(settings.seed)
     running = RunningRows(session, rows.stop_token_ids, max_rows=session.max_rows)
-    waiting = deque(Row(prompt, settings, rows, index, rng) for index, prompt in enumerate(prompts))
+    waiting = deque(Row(prompt, rows, index, rng) for index, prompt in enumerate(prompts))
     try:
         while waiting or running.rows:
             while waiting and running.room_for(waiting[0]):

@@ -14,9 +14,11 @@ import queue
 import time
 from collections import deque
 
-from mmllm.batcher import Closed, DynamicBatcher, Job, RequestQueue
-from mmllm.generation import Backend, RowTracker, sampling_rng
-from mmllm.running import STEP_TOKENS, Row, RunningRows
+from mmllm.engine.backend import Backend
+from mmllm.engine.batcher import Closed, DynamicBatcher, Job, RequestQueue
+from mmllm.engine.rows import RowTracker
+from mmllm.engine.running import STEP_TOKENS, Row, RunningRows
+from mmllm.engine.sampler import sampling_rng
 
 
 class Scheduler(RequestQueue):
@@ -39,16 +41,10 @@ class Scheduler(RequestQueue):
 
     def _row(self, job: Job) -> Row:
         tracker = RowTracker(
-            self.backend.processor,
-            [job.max_tokens],
-            [job.stop],
-            self._deliver(job),
-            job.settings.ignore_eos,
-            [job.cancelled],
+            self.backend.processor, [job.settings], [job.stop], self._deliver(job), [job.cancelled]
         )
-
         rng = sampling_rng(job.settings.seed)
-        return Row(job.prompt, job.settings, tracker, 0, rng, lambda: self._first_token(job))
+        return Row(job.prompt, tracker, 0, rng, lambda: self._first_token(job))
 
     def _take_new(self) -> None:
         """Move submitted jobs to the waiting line; block for one when there is nothing else to do."""
@@ -77,7 +73,7 @@ class Scheduler(RequestQueue):
         start = time.perf_counter()
         try:
             [result] = self.backend.complete_prompts(
-                [job.prompt], job.settings, [job.max_tokens], [job.stop], self._deliver(job), [job.cancelled]
+                [job.prompt], job.settings, [job.stop], self._deliver(job), [job.cancelled]
             )
         except Exception as err:  # a bad request fails alone
             result = err

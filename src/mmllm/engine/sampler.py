@@ -1,0 +1,51 @@
+"""Choosing the next token outside transformers: what the running batch, the ONNX and the llama.cpp
+backends decode with (greedy, or temperature/top-k/top-p sampling, repetition penalty, `ignore_eos`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmllm.engine.settings import GenerationSettings
+
+
+def sampling_rng(seed: int | None) -> np.random.Generator:
+    """The generator a seed names; any seed in SEED_RANGE (numpy itself takes no negative ones)."""
+    return np.random.default_rng(None if seed is None else seed % 2**64)
+
+
+def choose_tokens(
+    logits: np.ndarray,
+    settings: GenerationSettings,
+    rng: np.random.Generator,
+    stop_ids: list[int],
+    seen: list[list[int]] | None = None,
+) -> np.ndarray:
+    """(B, V) logits -> the next token per row: argmax, or a sample from the temperature/top-k/top-p
+    distribution (for backends that sample outside transformers). With `ignore_eos` the stop tokens
+    are never chosen, as transformers' `min_new_tokens` does; `seen` (each row's prompt and answer so
+    far) gets the repetition penalty, as transformers' `RepetitionPenaltyLogitsProcessor` gives it."""
+    if settings.ignore_eos or seen is not None:
+        logits = logits.copy()
+    if settings.ignore_eos:
+        logits[:, stop_ids] = -np.inf
+    for row, ids in enumerate(seen or ()):
+        tokens = np.unique([token for token in ids if token < logits.shape[1]])  # placeholders lie outside
+        scores = logits[row, tokens]
+        penalty = settings.repetition_penalty
+        logits[row, tokens] = np.where(scores < 0, scores * penalty, scores / penalty)
+    if not settings.sampling:
+        return logits.argmax(-1)
+    scaled = logits / settings.temperature
+    if settings.top_k:
+        kth = np.sort(scaled, axis=-1)[:, -settings.top_k][:, None]
+        scaled = np.where(scaled < kth, -np.inf, scaled)
+    probs = np.exp(scaled - scaled.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    if settings.top_p < 1:
+        order = np.argsort(-probs, axis=-1)
+        sorted_probs = np.take_along_axis(probs, order, -1)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < settings.top_p
+        probs = np.zeros_like(probs)
+        np.put_along_axis(probs, order, np.where(keep, sorted_probs, 0), -1)
+        probs /= probs.sum(-1, keepdims=True)
+    return np.array([rng.choice(len(p), p=p) for p in probs])
