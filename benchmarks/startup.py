@@ -22,9 +22,21 @@ from pathlib import Path
 from common import report
 
 MMLLM = [sys.executable, "-m", "mmllm"]
-COMMANDS = (
-    "ask caption info features train merge data eval serve ui transcribe export weights".split()
-)
+COMMANDS = [
+    "ask",
+    "caption",
+    "info",
+    "features",
+    "train",
+    "merge",
+    "data",
+    "eval",
+    "serve",
+    "ui",
+    "transcribe",
+    "export",
+    "weights",
+]
 QUESTION = ["ask", "sample:chelsea", "What animal is this?"]
 
 

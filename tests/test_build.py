@@ -104,7 +104,9 @@ def test_hub_only_language_model_offline_is_a_clear_error(monkeypatch):
         build_model(ModelConfig(lm="phi-3.5-mini-instruct"))
 
 
-def test_shipped_models_resolve_by_name_and_are_never_replaced_by_random_weights(parts, tmp_path, monkeypatch):
+def test_shipped_models_resolve_by_name_and_are_never_replaced_by_random_weights(
+    parts, tmp_path, monkeypatch
+):
     from mmllm.models import build
 
     model, processor = build_model(ModelConfig(lm=str(parts / "lm"), vision=str(parts / "clip")))
@@ -121,7 +123,7 @@ def test_shipped_models_resolve_by_name_and_are_never_replaced_by_random_weights
     # Nowhere to be found: the name, and `default`, are errors that say how to install them.
     monkeypatch.setattr(build, "shipped_model_roots", lambda: [tmp_path / "empty"])
     for name in ("mmllm-easyvqa", "default"):
-        with pytest.raises(MmllmError, match="pip install .*MMLLM_MODELS"):
+        with pytest.raises(MmllmError, match=r"pip install .*MMLLM_MODELS"):
             build.resolve_model_name(name)
 
 

