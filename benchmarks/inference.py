@@ -288,14 +288,19 @@ def main() -> None:
     )
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--quick", action="store_true", help="SmolLM2-135M, 4 tokens, one repetition (CI)")
+    parser.add_argument("--variants", default="", help=f"comma-separated, of {', '.join(VARIANTS)} (all)")
+    parser.add_argument(
+        "--quick", action="store_true", help="SmolLM2-135M, 4 tokens, one repetition, one row an engine (CI)"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)  # VARIANT:EXPORT_DIR, run in a fresh process
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
     if args.quick:
         args.model, args.tokens, args.reps = "smollm2-135m-instruct", 4, 1
+    # Quick runs drive each engine once (torch, torchao, ONNX Runtime, the llama.cpp backend, llama.cpp's own).
+    quick = "fp32,int8-weight-only,onnx-int8,llama.cpp-q8_0,llama.cpp-own-q8_0"
+    args.variants = args.variants or (quick if args.quick else ",".join(VARIANTS))
     if args.child:
         variant, export_dir = args.child.split(":", 1)
         result = measure(variant, args.model, args.tokens, args.reps, Path(export_dir))
