@@ -298,7 +298,7 @@ def main() -> None:
 
     if args.quick:
         args.model, args.tokens, args.reps = "smollm2-135m-instruct", 4, 1
-    # Quick runs drive each engine once (torch, torchao, ONNX Runtime, the llama.cpp backend, llama.cpp's own).
+    # Quick runs drive each engine once: torch, torchao, ONNX Runtime, our llama.cpp backend, llama.cpp's.
     quick = "fp32,int8-weight-only,onnx-int8,llama.cpp-q8_0,llama.cpp-own-q8_0"
     args.variants = args.variants or (quick if args.quick else ",".join(VARIANTS))
     if args.child:
