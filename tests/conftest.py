@@ -197,6 +197,56 @@ def check_streams_and_cancels(backend, image) -> None:
     assert done.finish_reason == "cancelled" and done.completion_tokens < 10
 
 
+def stop_lists(answer: str) -> list[list[str]]:
+    """Stop strings from inside a greedy answer, so they fire mid-answer: several characters (tokens)
+    long, at the very start (the answer is empty), one a prefix of another either way round (the
+    earliest match wins), two at once, one whose beginning ends the answer but never the rest (held
+    back, then handed on), one at the end."""
+    assert len(answer) >= 10, answer
+    mid = len(answer) // 2
+    return [
+        [answer[mid : mid + 3]],
+        [answer[:2]],
+        [answer[mid : mid + 2], answer[mid : mid + 5]],
+        [answer[mid : mid + 5], answer[mid : mid + 2]],
+        [answer[3:5], answer[mid + 1 : mid + 4]],
+        [answer[-3:] + "\x00never"],
+        [answer[-3:]],
+    ]
+
+
+def cut_at_stops(answer: str, stops: list[str]) -> tuple[str, bool]:
+    """`answer` cut before its earliest stop string, and whether one was there."""
+    found = [answer.find(stop) for stop in stops if stop in answer]
+    return (answer[: min(found)], True) if found else (answer, False)
+
+
+def check_streams_equal_answers(backend, conversations: list, pictures: list) -> None:
+    """For each of `stop_lists`, on every row: the pieces `on_delta` receives joined are the answer's
+    text, which is the greedy answer cut at its earliest stop string, and its finish reason says so;
+    `stream` gives the first row's text too."""
+    from mmllm.engine.settings import GenerationSettings
+
+    settings = GenerationSettings(max_new_tokens=16, ignore_eos=True)
+    reference = backend.complete(conversations, pictures, settings)
+    for stops in stop_lists(reference[0].text):
+        per_row = [stops] * len(conversations)
+        answers = backend.complete(conversations, pictures, settings, per_row)
+        deltas = [""] * len(conversations)
+
+        def collect(row: int, text: str, deltas=deltas) -> None:
+            assert text, "an empty piece"
+            deltas[row] += text
+
+        assert backend.complete(conversations, pictures, settings, per_row, collect) == answers, stops
+        assert deltas == [answer.text for answer in answers], stops
+        for full, answer in zip(reference, answers, strict=True):
+            text, stopped = cut_at_stops(full.text, stops)
+            assert (answer.text, answer.finish_reason) == (text, "stop" if stopped else "length"), stops
+        streamed = "".join(backend.stream(conversations[0], pictures[0], settings, stops))
+        assert streamed == answers[0].text, stops
+
+
 def make_tokenizer(kind: str) -> PreTrainedTokenizerFast:
     template, special, roles = TEMPLATES[kind]
     backend = Tokenizer(models.BPE())

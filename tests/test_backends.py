@@ -10,7 +10,13 @@ from dataclasses import replace
 import httpx
 import pytest
 
-from conftest import check_streams_and_cancels, easy_vqa_predictions, save_tiny, serving
+from conftest import (
+    check_streams_and_cancels,
+    check_streams_equal_answers,
+    easy_vqa_predictions,
+    save_tiny,
+    serving,
+)
 from mmllm.cli import main
 from mmllm.engine import load_backend
 from mmllm.engine.onnx import ONNX_CONFIG, OnnxBackend
@@ -63,6 +69,11 @@ def test_rows_end_alike_on_every_backend(backends, images):
 
 def test_onnx_streams_and_cancels(backends, images):
     check_streams_and_cancels(backends[1], images[0])
+
+
+def test_onnx_streams_equal_answers(backends, images):
+    conversations, pictures = rows(images)
+    check_streams_equal_answers(backends[1], conversations[:2], pictures[:2])
 
 
 def test_onnx_refuses_what_it_cannot_do(exported, tmp_path):

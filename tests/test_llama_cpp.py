@@ -14,6 +14,7 @@ from PIL import Image
 
 from conftest import (
     check_streams_and_cancels,
+    check_streams_equal_answers,
     easy_vqa_predictions,
     recipe,
     run_jobs,
@@ -158,7 +159,7 @@ def test_llama_cpps_own_engine_sees_and_answers_as_mmllm(tmp_path, train_steps, 
 
     answer = pipeline.complete([conversation], [[image]], GenerationSettings(max_new_tokens=8))[0]
     tokens = engine.greedy(chunks, 8, processor.stop_token_ids)
-    assert processor.tokenizer.decode(tokens, skip_special_tokens=True).strip() == answer.text
+    assert processor.tokenizer.decode(tokens, skip_special_tokens=True) == answer.text
 
 
 def test_ollama_modelfile_names_the_lm_then_the_mmproj(tmp_path):
@@ -211,6 +212,11 @@ def test_llama_cpp_rows_end_as_torch_rows_do(pair, images):
     alike = [b.complete(prompts, pictures, limits, stop=stop) for b in pair]
     assert alike[0] == alike[1]
     assert alike[1][0].finish_reason == "stop" and alike[1][2].completion_tokens == 3
+
+
+def test_llama_cpp_streams_equal_answers(pair, images):
+    prompts, pictures = conversations(images)
+    check_streams_equal_answers(pair[1], prompts[:2], pictures[:2])
 
 
 def test_rows_that_do_not_fit_the_cache_together_take_turns(pair, images, monkeypatch):

@@ -190,3 +190,24 @@ def test_repetition_penalty_matches_transformers_processor(penalty):
     sampled = GenerationSettings(temperature=1.0, repetition_penalty=penalty)
     tokens = choose_tokens(np.tile(row, (DRAWS, 1)), sampled, sampling_rng(1), [], seen=[ids] * DRAWS)
     np.testing.assert_allclose(frequencies(tokens, len(row)), softmax(penalised), atol=0.03)
+
+
+def test_a_top_k_past_the_vocabulary_keeps_every_token():
+    """top_k larger than the vocabulary (the API puts no upper bound on it) was an IndexError."""
+    for top_k in (len(LOGITS), len(LOGITS) + 1, 10**30):
+        tokens = draw(LOGITS, temperature=1.0, top_k=top_k)
+        np.testing.assert_allclose(frequencies(tokens, len(LOGITS)), softmax(LOGITS), atol=0.03)
+
+
+@pytest.mark.parametrize("penalty", [1e-300, 5e-324])
+def test_a_tiny_repetition_penalty_gives_no_nan(penalty):
+    """A penalty that is 0 in float32 made -inf * 0 = NaN (a stop token banned by ignore_eos, seen in
+    the prompt), and one that overflows positive logits to +inf made inf - inf = NaN when sampling: the
+    seen tokens whose logit is +inf share the draws; greedy decoding takes the first of them."""
+    logits = np.tile(LOGITS.astype(np.float32), (64, 1))
+    seen = [[0, 1, 3, 6]] * 64  # 0 and 1 have positive logits: divided by ~0, +inf; 3 (a stop id) is banned
+    for temperature in (0.0, 1.0):
+        settings = GenerationSettings(temperature=temperature, repetition_penalty=penalty, ignore_eos=True)
+        chosen = choose_tokens(logits, settings, sampling_rng(0), stop_ids=[3], seen=seen)
+        assert set(chosen.tolist()) <= {0, 1} and (temperature or set(chosen.tolist()) == {0})
+    assert set(chosen.tolist()) == {0, 1}  # sampled: both +inf tokens drawn

@@ -21,13 +21,13 @@ from conftest import save_tiny, serving
 
 KEY = "hostile-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-LONG = 4000  # tokens; the tiny model needs ~3 ms each, so a long answer takes seconds
+LONG = 12000  # tokens; the tiny model needs about 1 ms each: a long answer outlasts the 4 s timeout
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # A context long enough for the long answers below (answers end where the context does).
-    model = save_tiny(tmp_path_factory.mktemp("served"), lm_init_std=0.3, context=4096)
+    model = save_tiny(tmp_path_factory.mktemp("served"), lm_init_std=0.3, context=LONG + 256)
     limits = ("--max-body-mb", "1", "--max-tokens", str(LONG), "--timeout-s", "4", "--max-wait-ms", "5")
     with serving(model, "--api-key", KEY, *limits) as url:
         yield url
@@ -102,6 +102,40 @@ def test_tiny_temperature_decodes_greedily(server):
         assert response.json()["choices"][0]["message"]["content"] == greedy
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_tiny_top_p_keeps_the_top_token(server, stream):
+    """`temperature: 1, top_p: 1e-300` was a 500 ("Probabilities contain NaN"): a nucleus that small is
+    the likeliest token alone, as is OpenAI's `top_p: 0`, streamed or not."""
+    greedy = chat(server, user("What colour is it?")).json()["choices"][0]["message"]["content"]
+    for top_p in (1e-300, 5e-324, 0):
+        for temperature in (1, 2):
+            sampled = {"temperature": temperature, "top_p": top_p, "stream": stream}
+            response = chat(server, {**user("What colour is it?"), **sampled})
+            assert response.status_code == 200, response.text
+            if stream:
+                events = [line[6:] for line in response.text.split("\n\n") if line]
+                assert events[-1] == "[DONE]" and all('"error"' not in event for event in events)
+                chunks = [json.loads(event) for event in events[:-1]]
+                text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+            else:
+                text = response.json()["choices"][0]["message"]["content"]
+            assert text == greedy, (top_p, temperature)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"top_k": 10**30},  # more than the vocabulary: IndexError (500) before
+        {"repetition_penalty": 5e-324, "ignore_eos": True},  # -inf * 0 = NaN probabilities before
+        {"repetition_penalty": 1e-300, "top_k": 2**64},
+    ],
+)
+def test_extreme_sampling_extensions_answer(server, options):
+    for stream in (False, True):
+        response = chat(server, {**user("hi"), "temperature": 2, "seed": 1, "stream": stream, **options})
+        assert response.status_code == 200 and '"error"' not in response.text, response.text
+
+
 @pytest.mark.parametrize("seed", [2**64 + 1, 10**30, -(2**63) - 1])
 @pytest.mark.parametrize("stream", [False, True])
 def test_out_of_range_seeds_get_400_streamed_or_not(server, seed, stream):
@@ -156,7 +190,7 @@ def test_prompt_longer_than_the_limit_is_refused_without_tokenizing(server):
     assert "characters is longer than 4,096 tokens can be" in response.json()["error"]["message"]
     assert time.perf_counter() - start < 5
     tokens = chat(server, user("word " * 5000))  # few enough characters, too many tokens for the model
-    assert tokens.status_code == 400 and "tokens; the model's context holds 4,096" in tokens.text
+    assert tokens.status_code == 400 and f"tokens; the model's context holds {LONG + 256:,}" in tokens.text
 
 
 def test_health_answers_while_large_images_decode(server):
@@ -213,7 +247,7 @@ def test_a_dropped_stream_stops_generating(server):
         lines = response.iter_lines()
         assert next(lines).startswith("data:")  # the stream has begun; now the client goes away
     assert _wait_for(lambda: metric(server, "mmllm_cancelled_total") == cancelled + 1)
-    assert metric(server, "mmllm_generated_tokens_total") - tokens < LONG / 2
+    assert metric(server, "mmllm_generated_tokens_total") - tokens < 2000  # it stopped long before its end
     start = time.perf_counter()
     assert chat(server, user("hi")).status_code == 200
     assert time.perf_counter() - start < 3  # nothing left running ahead of it
@@ -242,7 +276,7 @@ def test_a_dropped_plain_request_stops_generating(server):
     with pytest.raises(httpx.ReadTimeout):
         chat(server, _long_request(stream=False), timeout=1.0)
     assert _wait_for(lambda: metric(server, "mmllm_cancelled_total") == cancelled + 1)
-    assert metric(server, "mmllm_generated_tokens_total") - tokens < LONG / 2
+    assert metric(server, "mmllm_generated_tokens_total") - tokens < 2000  # it stopped long before its end
     assert metric(server, "mmllm_requests_total", path="/v1/chat/completions", status="499") >= 1
 
 

@@ -52,11 +52,14 @@ def cmd_ask(args: argparse.Namespace) -> None:
     backend.check(settings)
     if args.stream:
         messages = [{"role": "user", "content": args.question}]
+        started = False  # the answer as generated, trimmed for the terminal (as below)
         for piece in backend.stream(messages, [image], settings):
+            piece = piece if started else piece.lstrip()
+            started = started or bool(piece)
             print(piece, end="", flush=True)
         print()
     else:
-        print(backend.ask(image, args.question, settings))
+        print(backend.ask(image, args.question, settings).strip())
 
 
 def cmd_caption(args: argparse.Namespace) -> None:
@@ -71,7 +74,7 @@ def cmd_caption(args: argparse.Namespace) -> None:
         for path, caption in zip(
             args.images[start:], backend.caption(chunk, settings, args.prompt), strict=False
         ):
-            print(f"{path}\t{caption}")
+            print(f"{path}\t{caption.strip()}")
 
 
 def cmd_info(args: argparse.Namespace) -> None:

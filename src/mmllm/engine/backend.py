@@ -176,8 +176,10 @@ class Backend:
         messages: list[Message],
         images: list[ImageInput] | None = None,
         settings: GenerationSettings | None = None,
+        stop: list[str] | None = None,
     ) -> Iterator[str]:
-        """Yield the answer to one conversation piece by piece as `complete` generates it."""
+        """Yield the answer to one conversation piece by piece as `complete` generates it (`stop`: its
+        stop strings): the pieces joined are `complete`'s text."""
         settings = settings or GenerationSettings()
         if settings.num_beams > 1:
             raise ValueError("streaming needs num_beams=1")
@@ -187,7 +189,11 @@ class Backend:
         def run() -> None:
             try:
                 self.complete(
-                    [messages], [images or []], settings, on_delta=lambda row, text: pieces.put(text)
+                    [messages],
+                    [images or []],
+                    settings,
+                    [stop or []],
+                    on_delta=lambda row, text: pieces.put(text),
                 )
             except BaseException as err:  # re-raised in the caller's thread below
                 failure.append(err)
@@ -196,12 +202,8 @@ class Backend:
 
         worker = threading.Thread(target=run, daemon=True)
         worker.start()
-        first = True
         while (piece := pieces.get()) is not None:
-            piece = piece.lstrip() if first else piece  # as `complete` strips the final text
-            first = first and not piece
-            if piece:
-                yield piece
+            yield piece
         worker.join()
         if failure:
             raise failure[0]

@@ -1,5 +1,6 @@
 """Per-row stopping: `RowTracker` follows each answer of a batch token by token, so an answer ends the
-same way (end of turn, stop string, token limit, client gone) whichever backend made it."""
+same way (end of turn, stop string, token limit, client gone) whichever backend made it, and its
+stream and its final text agree."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ if TYPE_CHECKING:
     from mmllm.processor import MultimodalProcessor
 
 OnDelta = Callable[[int, str], None]
-"""`on_delta(row, text)`: a row's new text, as it is decoded."""
+"""`on_delta(row, text)`: a row's new text, as it is decoded (never empty); a row's pieces joined are
+its `Completion.text`."""
 
 
 @dataclass
 class Completion:
     """One answer with the counts an API reports."""
 
-    text: str
+    text: str  # as generated (unstripped), cut before the stop string generated first
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of turn or a stop string), "length", or "cancelled" (client left)
@@ -34,6 +36,12 @@ class RowTracker:
 
     Each row's limit is its own settings' `max_new_tokens`, capped where its context ends (`room`,
     once a running batch knows it); every backend's decoding loop feeds the tracker.
+
+    Text is decoded incrementally (as vLLM and transformers' `TextStreamer` do): each step decodes the
+    row's last few tokens only, and text ending in half a multi-byte character waits for the rest.
+    Text that could be the beginning of a stop string is held back until it is known not to be; once
+    the row ends (any reason), what is held is handed on. So a row's pieces joined are its final text
+    exactly, streamed or not.
     """
 
     def __init__(
@@ -47,13 +55,22 @@ class RowTracker:
         self.tokenizer = processor.tokenizer
         self.stop_token_ids = processor.stop_token_ids
         self.stop_ids = set(self.stop_token_ids)
-        self.settings, self.stops, self.on_delta = settings, stops, on_delta
+        self.settings, self.on_delta = settings, on_delta
+        self.stops = [[s for s in row if s] for row in stops]  # an empty string stops nothing
         self.cancelled = cancelled or [threading.Event() for _ in settings]
         self.room: list[int | None] = [None] * len(settings)
         """Per row, the tokens its context holds after its prompt (None: not known, no cap)."""
-        self.ids: list[list[int]] = [[] for _ in settings]
+        rows = range(len(settings))
+        self.ids: list[list[int]] = [[] for _ in rows]
         self.text = [""] * len(settings)
+        """Per row, its text decoded so far (cut before a stop string once one is seen)."""
+        self.sent = [0] * len(settings)
+        """Per row, how much of its text went to `on_delta`: the rest is held back."""
         self.finish = [""] * len(settings)
+        self.closed = [False] * len(settings)
+        """Per row, whether it ended and all its text went out."""
+        self._prefix = [0] * len(settings)  # incremental decoding: the window decoded for context ...
+        self._read = [0] * len(settings)  # ... and where its text already decoded ends
 
     def limit(self, row: int) -> int:
         """The most tokens `row` generates: what its request asked for, capped where its context ends."""
@@ -74,28 +91,79 @@ class RowTracker:
         (rows already finished ignore theirs)."""
         for row, token in zip(rows or range(len(tokens)), tokens, strict=True):
             if self.cancelled[row].is_set() and not self.finish[row]:
-                self.finish[row] = "cancelled"  # the client went away: its row stops costing compute
+                self.end(row, "cancelled")  # the client went away: its row stops costing compute
             if self.finish[row]:
                 continue
             if token in self.stop_ids and not self.settings[row].ignore_eos:
-                self.finish[row] = "stop"
+                self.end(row, "stop")
                 continue
             self.ids[row].append(token)
-            text = self.tokenizer.decode(self.ids[row], skip_special_tokens=True)
-            cut = min((text.find(s) for s in self.stops[row] if s in text), default=-1)
-            if cut >= 0:
-                text, self.finish[row] = text[:cut], "stop"
-            elif len(self.ids[row]) >= self.limit(row):
-                self.finish[row] = "length"
-            if text.endswith("\ufffd") and not self.finish[row]:
-                continue  # half of a multi-byte character: wait for the rest
-            if len(text) > len(self.text[row]) and self.on_delta:
-                self.on_delta(row, text[len(self.text[row]) :])
-            self.text[row] = text
+            last = len(self.ids[row]) >= self.limit(row)
+            if self._advance(row, final=last):
+                self.finish[row], self.closed[row] = "stop", True
+            elif last:
+                self.finish[row], self.closed[row] = "length", True
+
+    def end(self, row: int, reason: str) -> None:
+        """End `row` for `reason` (kept if it already ended): the text it held back goes out, cut
+        before a stop string should the last characters complete one."""
+        if self.closed[row]:
+            return
+        self.finish[row] = self.finish[row] or reason
+        if self._advance(row, final=True) and self.finish[row] != "cancelled":
+            self.finish[row] = "stop"
+        self.closed[row] = True
 
     def completions(self, prompt_tokens: list[int]) -> list[Completion]:
-        finish = [f or "stop" for f in self.finish]
+        """Each row's answer; rows not ended yet end here ("stop")."""
+        for row in range(len(self.settings)):
+            self.end(row, "stop")
         return [
-            Completion(self.text[row].strip(), prompt_tokens[row], len(self.ids[row]), finish[row])
+            Completion(self.text[row], prompt_tokens[row], len(self.ids[row]), self.finish[row])
             for row in range(len(self.settings))
         ]
+
+    def _decode(self, row: int, final: bool) -> str:
+        """The row's text from its tokens since the last call: the last few tokens are decoded with
+        some before them for context (a tokenizer may drop or merge spaces at a window's start)."""
+        ids, prefix, read = self.ids[row], self._prefix[row], self._read[row]
+        if read == len(ids):
+            return ""
+        before = self.tokenizer.decode(ids[prefix:read], skip_special_tokens=True)
+        after = self.tokenizer.decode(ids[prefix:], skip_special_tokens=True)
+        if not final and (len(after) <= len(before) or after.endswith("\ufffd")):
+            return ""  # nothing yet, or half of a multi-byte character: wait for the rest
+        self._prefix[row], self._read[row] = read, len(ids)
+        return after[len(before) :]
+
+    def _advance(self, row: int, final: bool) -> bool:
+        """Decode the row's new tokens and hand on the text no stop string could begin with (all of it
+        when `final`), up to the first stop string; returns whether one was found."""
+        text = self.text[row] + self._decode(row, final)
+        sent, stops = self.sent[row], self.stops[row]
+        # Text handed on holds no stop string nor any stop string's beginning at its end, so a stop
+        # string can only start in what is held back.
+        found = [at for stop in stops if (at := text.find(stop, sent)) >= 0]
+        if found:
+            text = text[: min(found)]
+            end = len(text)
+        elif final:
+            end = len(text)
+        else:
+            end = len(text) - self._held(text, sent, stops)
+        self.text[row] = text
+        if end > sent:
+            self.sent[row] = end
+            if self.on_delta:
+                self.on_delta(row, text[sent:end])
+        return bool(found)
+
+    @staticmethod
+    def _held(text: str, sent: int, stops: list[str]) -> int:
+        """The length of the longest end of `text` (after `sent`) that begins some stop string."""
+        longest = min(len(text) - sent, max((len(stop) - 1 for stop in stops), default=0))
+        for size in range(longest, 0, -1):
+            tail = text[-size:]
+            if any(stop.startswith(tail) for stop in stops):
+                return size
+        return 0

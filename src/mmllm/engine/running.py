@@ -123,7 +123,7 @@ class RunningRows:
         """One step: read prompts, decode a token a row; returns the rows that finished."""
         for row in self.rows:
             if row.tracker.cancelled[row.index].is_set() and not row.finished:
-                row.tracker.finish[row.index] = "cancelled"  # gone before its first token: never decoded
+                row.tracker.end(row.index, "cancelled")  # gone before its first token: never decoded
         budget = max(1, self.step_tokens - sum(row.decoding for row in self.rows))
         for row in self.rows:
             if budget <= 0 or not row.reading:

@@ -30,16 +30,23 @@ def choose_tokens(
         logits[:, stop_ids] = -np.inf
     for row, ids in enumerate(seen or ()):
         tokens = np.unique([token for token in ids if token < logits.shape[1]])  # placeholders lie outside
-        scores = logits[row, tokens]
+        # In float64: a penalty as small as 1e-300 is 0 in float32, and -inf * 0 (a stop token that
+        # `ignore_eos` banned) is NaN. What overflows becomes +-inf, which the sampling below takes.
+        scores = logits[row, tokens].astype(np.float64)
         penalty = settings.repetition_penalty
-        logits[row, tokens] = np.where(scores < 0, scores * penalty, scores / penalty)
+        with np.errstate(over="ignore"):
+            logits[row, tokens] = np.where(scores < 0, scores * penalty, scores / penalty)
     if not settings.sampling:
         return logits.argmax(-1)
     scaled = logits / settings.temperature
-    if settings.top_k:
-        kth = np.sort(scaled, axis=-1)[:, -settings.top_k][:, None]
+    if top_k := min(settings.top_k, scaled.shape[-1]):  # a top_k past the vocabulary keeps it all
+        kth = np.sort(scaled, axis=-1)[:, -top_k][:, None]
         scaled = np.where(scaled < kth, -np.inf, scaled)
-    probs = np.exp(scaled - scaled.max(-1, keepdims=True))
+    # The likeliest token weighs 1; where a penalty overflowed to +inf, the +inf tokens share the mass
+    # (inf - inf would be NaN).
+    top = scaled.max(-1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        probs = np.where(scaled == top, 1.0, np.exp(scaled - top)).astype(scaled.dtype)
     probs /= probs.sum(-1, keepdims=True)
     if settings.top_p < 1:
         order = np.argsort(-probs, axis=-1)

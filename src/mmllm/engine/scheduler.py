@@ -85,7 +85,7 @@ class Scheduler(RequestQueue):
             self._take_new()
             for row in [row for row in self.waiting if row.tracker.cancelled[0].is_set()]:
                 self.waiting.remove(row)  # its client left while it waited
-                row.tracker.finish[0] = "cancelled"
+                row.tracker.end(0, "cancelled")
                 self._finish(row)
             while self.waiting and self.batch.room_for(self.waiting[0]):
                 self.batch.add(self.waiting.popleft())

@@ -118,7 +118,8 @@ def generate_predictions(
     torch.manual_seed(settings.seed or 0)
     with path.open("a") as sink, tqdm(total=len(todo), desc="eval", unit="sample") as bar:
         for sample, answer in zip(todo, _answers(backend, todo, settings, batch_size), strict=True):
-            sink.write(json.dumps({**_record(sample), "prediction": answer}) + "\n")
+            # Answers come as generated; a prediction is trimmed (scored, and compared across runs, so).
+            sink.write(json.dumps({**_record(sample), "prediction": answer.strip()}) + "\n")
             sink.flush()
             bar.update(1)
     return len(todo)

@@ -24,7 +24,7 @@ from mmllm.serve import openai_api, rest
 from mmllm.serve.config import ServeConfig
 from mmllm.serve.guard import UI_PATH, ErrorResponse, Guard
 from mmllm.serve.schemas import Health
-from mmllm.serve.server import ALIAS, ERRORS, ApiError, Server, ServerDep, validation_message
+from mmllm.serve.server import ALIAS, ERRORS, ApiError, Server, ServerDep, validation_error
 
 
 def with_limits(schema: dict[str, Any], cfg: ServeConfig) -> dict[str, Any]:
@@ -48,7 +48,8 @@ async def api_error(request: Request, err: ApiError) -> ErrorResponse:
 
 
 async def invalid(request: Request, err: RequestValidationError) -> ErrorResponse:
-    return ErrorResponse(400, validation_message(list(err.errors())))
+    error = validation_error(list(err.errors()))
+    return ErrorResponse(400, error.message, param=error.param)
 
 
 async def http_error(request: Request, err: StarletteHTTPException) -> ErrorResponse:

@@ -52,35 +52,48 @@ def _has_content(message: ChatMessage) -> bool:
 async def chat_inputs(
     server: Server, request: ChatCompletionRequest, settings: GenerationSettings
 ) -> tuple[list[Message], list[Image.Image]]:
-    texts, image_urls = [], []
-    for message in request.messages:
+    texts, image_urls = [], {}
+    for i, message in enumerate(request.messages):
         parts = [message.content] if isinstance(message.content, str) else message.content
-        for part in parts:
+        for j, part in enumerate(parts):
             if isinstance(part, str):
                 texts.append(part)
             elif part.type == "text":
                 texts.append(part.text)
             elif part.type == "image_url":
-                image_urls.append(part.image_url if isinstance(part.image_url, str) else part.image_url.url)
+                url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
+                image_urls[f"messages.{i}.content.{j}.image_url"] = url
     if not any(m.role == "user" and _has_content(m) for m in request.messages):
         raise ApiError(400, "messages need a non-empty user message", "messages")
-    server.check_request(texts, len(image_urls), settings)
-    images = [await server.image(url) for url in image_urls]
+    limit = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+    server.check_request(texts, len(image_urls), settings, limit)
+    images = []
+    for param, url in image_urls.items():
+        try:
+            images.append(await server.image(url))
+        except ApiError as err:
+            err.param = param  # which image of which message
+            raise
     conversation = []
-    for message in request.messages:
+    for i, message in enumerate(request.messages):
         if isinstance(message.content, str):
             text = message.content
         else:
             pieces = []
-            for part in message.content:
+            for j, part in enumerate(message.content):
                 if part.type == "text":
                     pieces.append(part.text)
                 elif part.type == "image_url":
                     pieces.append(server.backend.processor.image_token)
                 else:
-                    pieces.append(await server.offload(_speech_to_text, part.input_audio.data))
+                    try:
+                        pieces.append(await server.offload(_speech_to_text, part.input_audio.data))
+                    except ApiError as err:
+                        err.param = f"messages.{i}.content.{j}.input_audio"
+                        raise
             text = "\n".join(pieces)
-        conversation.append({"role": message.role, "content": text})
+        role = "system" if message.role == "developer" else message.role  # OpenAI's newer name for it
+        conversation.append({"role": role, "content": text})
     return conversation, images
 
 
@@ -95,11 +108,12 @@ async def chat_inputs(
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request, server: ServerDep):
     server.check_model(body.model)
+    if refused := body.unsupported():  # asked for what this server does not do: say so, never ignore it
+        raise ApiError(400, refused[1], refused[0], code="unsupported_parameter")
     settings = server.settings(**body.generation_options(server.default_max_new_tokens))
     conversation, images = await chat_inputs(server, body, settings)
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     prompt = await server.prepare(conversation, images)
-    job = server.enqueue(prompt, settings, stop, body.stream)
+    job = server.enqueue(prompt, settings, body.stop_strings(), bool(body.stream))
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
@@ -144,13 +158,8 @@ async def _events(
     deadline = time.monotonic() + timeout_s
     try:
         yield _chunk(completion_id, model, {"role": "assistant", "content": ""})
-        first = True
         while (piece := await asyncio.wait_for(job.deltas.get(), deadline - time.monotonic())) is not None:
-            # Answers are stripped of leading whitespace, as in the non-streamed form.
-            piece = piece.lstrip() if first else piece
-            first = first and not piece
-            if piece:
-                yield _chunk(completion_id, model, {"content": piece})
+            yield _chunk(completion_id, model, {"content": piece})  # joined: the non-streamed content
         done = await job.future
         yield _chunk(completion_id, model, {}, done.finish_reason)
         if usage:

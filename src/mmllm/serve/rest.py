@@ -11,7 +11,7 @@ from PIL import Image
 from mmllm.engine.settings import CAPTION_PROMPT, GenerationSettings
 from mmllm.serve.schemas import CaptionRequest, GenerateRequest, TextResponse
 from mmllm.serve.schemas import ErrorResponse as ErrorSchema
-from mmllm.serve.server import ERRORS, ApiError, Server, ServerDep, validation_message
+from mmllm.serve.server import ERRORS, ApiError, Server, ServerDep, validation_error
 
 router = APIRouter()
 
@@ -22,6 +22,7 @@ def body_schema(model: type, file_required: bool = False) -> dict:
     fields = {k: v for k, v in schema["properties"].items() if k != "image"}
     form = {
         "type": "object",
+        "additionalProperties": False,  # as in JSON: a field the server does not know is a 400
         "properties": {"file": {"type": "string", "format": "binary"}, **fields},
         "required": [
             *(["file"] if file_required else []),
@@ -58,13 +59,13 @@ async def form_or_json(server: Server, request: Request, model: type) -> tuple[A
         try:
             return model.model_validate(fields, strict=False), images  # form fields are all text
         except ValueError as err:
-            raise ApiError(400, f"invalid form: {validation_message(err.errors())}") from None
+            raise validation_error(err.errors(), "invalid form: ") from None
     if not kind.startswith("application/json"):
         raise ApiError(415, "send application/json or multipart/form-data")
     try:
         body = model.model_validate_json(await request.body())
     except ValueError as err:
-        raise ApiError(400, validation_message(err.errors())) from None
+        raise validation_error(err.errors()) from None
     images = [await server.image(body.image)] if body.image else []
     return body, images
 

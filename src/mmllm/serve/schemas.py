@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
@@ -22,28 +23,50 @@ def _valid_unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_valid_unicode)]
 
 
+# Unknown fields are refused, at every level (see `ChatCompletionRequest`).
+CLOSED = ConfigDict(extra="forbid")
+# A hint for OpenAI's prompt cache (this server keeps its own): accepted, without effect.
+CACHE_BREAKPOINT = Field(default=None, description="OpenAI's prompt-cache hint: accepted, without effect")
+
+
 class ImageURL(BaseModel):
+    model_config = CLOSED
+
     url: str = Field(description="data:image/...;base64,... (remote http(s) only when the server allows it)")
+    detail: Literal["auto", "low", "high", "original"] | None = Field(
+        default=None, description="accepted, without effect: every image is read at the model's resolution"
+    )
 
 
 class TextPart(BaseModel):
+    model_config = CLOSED
+
     type: Literal["text"]
     text: Text
+    prompt_cache_breakpoint: dict[str, Any] | None = CACHE_BREAKPOINT
 
 
 class ImagePart(BaseModel):
+    model_config = CLOSED
+
     type: Literal["image_url"]
     image_url: ImageURL | str
+    prompt_cache_breakpoint: dict[str, Any] | None = CACHE_BREAKPOINT
 
 
 class InputAudio(BaseModel):
+    model_config = CLOSED
+
     data: str = Field(description="base64-encoded audio")
-    format: str = "wav"
+    format: str = Field(default="wav", description="accepted, without effect: the audio's own header says")
 
 
 class AudioPart(BaseModel):
+    model_config = CLOSED
+
     type: Literal["input_audio"]
     input_audio: InputAudio
+    prompt_cache_breakpoint: dict[str, Any] | None = CACHE_BREAKPOINT
 
 
 # Tagged by `type`, so a bad part is reported against its own fields, not against every kind of part.
@@ -51,8 +74,13 @@ ContentPart = Annotated[TextPart | ImagePart | AudioPart, Field(discriminator="t
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
+    model_config = CLOSED
+
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="`developer` is OpenAI's newer name for `system`, and is read as one"
+    )
     content: Text | list[ContentPart]
+    name: str | None = Field(default=None, description="accepted, without effect: no template shows names")
 
     @field_validator("content", mode="before")
     @classmethod
@@ -99,18 +127,53 @@ USER_MESSAGE_WITH_CONTENT = {
 }
 
 
-# Strict: what the schema says is what passes (`"n": 1.0` or `"ignore_eos": 0` are refused, not coerced);
-# unknown fields are ignored, as OpenAI clients send many.
-STRICT = ConfigDict(extra="ignore", strict=True)
+# Strict: what the schema says is what passes (`"n": 1.0` or `"ignore_eos": 0` are refused, not coerced),
+# and a field the server does not know is a 400 naming it, not silently dropped: a client that asks
+# for something gets it or hears why not (docs/api.md, "Request fields").
+STRICT = ConfigDict(extra="forbid", strict=True)
 
 
 class StreamOptions(BaseModel):
     model_config = STRICT
 
     include_usage: bool = Field(default=False, description="end the stream with a chunk holding the usage")
+    include_obfuscation: bool | None = Field(
+        default=None, description="accepted, without effect: chunks carry no obfuscation padding"
+    )
+
+
+# The OpenAI fields this server accepts and that change nothing in the answer: bookkeeping for OpenAI's
+# own platform (storage, billing tiers, caching, abuse detection).
+METADATA_FIELDS = (
+    "metadata",
+    "prompt_cache_key",
+    "prompt_cache_options",
+    "prompt_cache_retention",
+    "safety_identifier",
+    "service_tier",
+    "store",
+    "user",
+)
+NO_EFFECT = "OpenAI metadata: accepted, without effect on the answer"
+NOT_YET = "not supported yet: only its no-op value passes, anything else is a 400 naming it"
+
+
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+
+
+def _unsupported(description: str) -> Any:
+    return Field(default=None, description=f"{NOT_YET} ({description})")
 
 
 class ChatCompletionRequest(BaseModel):
+    """OpenAI's chat-completions request, every field of it (as of `openai` 3.63's
+    `CompletionCreateParams`), plus the extensions `top_k`, `repetition_penalty`, `ignore_eos`.
+
+    Each field is honoured, accepted without effect (`METADATA_FIELDS`), or not supported yet: those
+    pass only with their no-op value (`logprobs: false`, `tools: []`, ...) and otherwise get a 400
+    naming them (`unsupported`). A field outside all of these is a 400 too.
+    """
+
     model_config = STRICT
 
     model: Text = Field(default="mmllm", description="a name from GET /v1/models")
@@ -119,12 +182,14 @@ class ChatCompletionRequest(BaseModel):
     )
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: Text | list[Text] | None = None
+    temperature: float | None = Field(default=0.0, ge=0.0, le=2.0, description="null: 0 (greedy)")
+    top_p: float | None = Field(
+        default=1.0, ge=0.0, le=1.0, description="null: 1; 0 (as OpenAI takes it): the likeliest token alone"
+    )
+    stop: Text | list[Text] | None = Field(default=None, description="empty strings stop nothing")
     seed: int | None = SEED
-    n: int = Field(default=1, ge=1, le=1)
-    stream: bool = False
+    n: int | None = Field(default=1, ge=1, description="choices per request: only 1 so far")
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     top_k: int = Field(
         default=0, ge=0, description="mmllm/vLLM extension: sample from the k likeliest (0: all)"
@@ -134,14 +199,96 @@ class ChatCompletionRequest(BaseModel):
     )
     ignore_eos: bool = Field(default=False, description="mmllm/vLLM extension: always generate max_tokens")
 
+    # Accepted, without effect on the answer.
+    metadata: dict[str, str] | None = Field(default=None, description=NO_EFFECT)
+    prompt_cache_key: str | None = Field(default=None, description=NO_EFFECT)
+    prompt_cache_options: dict[str, Any] | None = Field(default=None, description=NO_EFFECT)
+    prompt_cache_retention: str | None = Field(default=None, description=NO_EFFECT)
+    safety_identifier: str | None = Field(default=None, description=NO_EFFECT)
+    service_tier: str | None = Field(default=None, description=NO_EFFECT)
+    store: bool | None = Field(default=None, description=NO_EFFECT)
+    user: str | None = Field(default=None, description=NO_EFFECT)
+
+    # Not supported yet: their no-op values pass.
+    response_format: dict[str, Any] | None = _unsupported('{"type": "text"} passes')
+    tools: list[dict[str, Any]] | None = _unsupported("[] passes")
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = _unsupported(
+        '"none" passes, and "auto" without tools'
+    )
+    parallel_tool_calls: bool | None = _unsupported("passes without tools")
+    functions: list[dict[str, Any]] | None = _unsupported("[] passes")
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = _unsupported(
+        '"none" passes, and "auto" without functions'
+    )
+    logprobs: bool | None = _unsupported("false passes")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description=f"{NOT_YET} (0 passes)")
+    logit_bias: dict[str, int] | None = _unsupported("{} passes, as do biases of 0")
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0, description=f"{NOT_YET} (0 passes)")
+    frequency_penalty: float | None = Field(
+        default=None, ge=-2.0, le=2.0, description=f"{NOT_YET} (0 passes)"
+    )
+    modalities: list[Literal["text", "audio"]] | None = _unsupported('["text"] passes')
+    audio: dict[str, Any] | None = _unsupported("audio output; null passes")
+    prediction: dict[str, Any] | None = _unsupported("predicted outputs; null passes")
+    reasoning_effort: ReasoningEffort | None = _unsupported('"none" passes: the model does not reason')
+    verbosity: Literal["low", "medium", "high"] | None = _unsupported("null passes")
+    web_search_options: dict[str, Any] | None = _unsupported("null passes")
+    moderation: dict[str, Any] | None = _unsupported("null passes")
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """The first field asking for behaviour this server does not implement yet, and why, as
+        (field, message); None when every field is honoured or holds its no-op value."""
+        tools = bool(self.tools) or bool(self.functions)
+        fmt = (self.response_format or {}).get("type")
+        calling, penalty = "function calling", "0 passes; the extension repetition_penalty works"
+        checks = (
+            ("response_format", fmt is not None and fmt != "text", f"{fmt!r}; only 'text' is"),
+            ("tools", bool(self.tools), calling),
+            (
+                "tool_choice",
+                self.tool_choice not in (None, "none") and not (self.tool_choice == "auto" and not tools),
+                f"{calling}; 'none' passes",
+            ),
+            ("functions", bool(self.functions), calling),
+            (
+                "function_call",
+                self.function_call not in (None, "none") and not (self.function_call == "auto" and not tools),
+                f"{calling}; 'none' passes",
+            ),
+            ("logprobs", bool(self.logprobs), "false passes"),
+            ("top_logprobs", bool(self.top_logprobs), "0 passes"),
+            ("logit_bias", any((self.logit_bias or {}).values()), "biases of 0 pass"),
+            ("presence_penalty", bool(self.presence_penalty), penalty),
+            ("frequency_penalty", bool(self.frequency_penalty), penalty),
+            ("n", (self.n or 1) > 1, f"n = {self.n}: one choice per request"),
+            ("modalities", self.modalities not in (None, ["text"]), f"{self.modalities}; ['text'] passes"),
+            ("audio", self.audio is not None, "audio output"),
+            ("prediction", self.prediction is not None, "predicted outputs"),
+            ("reasoning_effort", self.reasoning_effort not in (None, "none"), "the model does not reason"),
+            ("verbosity", self.verbosity is not None, "null passes"),
+            ("web_search_options", self.web_search_options is not None, "web search"),
+            ("moderation", self.moderation is not None, "null passes"),
+        )
+        for field, asked, detail in checks:
+            if asked:
+                return field, f"`{field}` is not supported yet ({detail})"
+        return None
+
+    def stop_strings(self) -> list[str]:
+        """The stop strings, one list; an empty string stops nothing, so it is left out."""
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [stop for stop in stops if stop]
+
     def generation_options(self, default_max_new_tokens: int) -> dict[str, Any]:
         """The request's `GenerationSettings`: OpenAI's token limit (the newer `max_completion_tokens`,
         the older `max_tokens`, or, naming neither, `default_max_new_tokens`) becomes `max_new_tokens`
-        here, and only here."""
+        here, and only here; a null temperature or top_p is OpenAI's default."""
         return {
             "max_new_tokens": self.max_completion_tokens or self.max_tokens or default_max_new_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
+            "temperature": 0.0 if self.temperature is None else self.temperature,
+            # 0 keeps the likeliest token alone, as the smallest positive top_p does (lmms-eval's tasks
+            # send 0 with greedy decoding, where it changes nothing).
+            "top_p": 1.0 if self.top_p is None else self.top_p or math.ulp(0.0),
             "top_k": self.top_k,
             "repetition_penalty": self.repetition_penalty,
             "seed": self.seed,

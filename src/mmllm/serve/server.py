@@ -31,6 +31,8 @@ ALIAS = "mmllm"  # a model name every server answers to, whatever it serves
 # Text beyond this many characters per allowed prompt token is refused before tokenizing: no
 # tokenizer packs more into a token, and a 19 MB prompt took 17 s to tokenize only to be refused.
 CHARS_PER_TOKEN = 32
+# OpenAI's message fields this server does not declare (tool calls and their results, audio output).
+OPENAI_MESSAGE_FIELDS = ("tool_calls", "tool_call_id", "function_call", "audio", "refusal")
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorSchema, "description": description}
     for status, description in (
@@ -85,32 +87,45 @@ def image_from_bytes(data: bytes, cfg: ServeConfig, shortest_side: int | None, p
         raise ApiError(400, f"bad image: {err}", param) from None
 
 
-def validation_message(errors: list[dict[str, Any]]) -> str:
-    """The one error that names the real problem, at a path a client can read (`messages.0.content`).
+def validation_error(errors: list[dict[str, Any]], prefix: str = "") -> ApiError:
+    """The 400 for a body that fails validation: the one error that names the real problem, at a path
+    a client can read (`messages.0.content`), which is also the error's `param`.
 
     A union field reports a mismatch for every branch it could have been; the branch the input took
-    fails deeper, and that is the error to show.
+    fails deeper, and that is the error to show. A field the server does not know is refused by name.
     """
     if not errors:
-        return "invalid request body"
+        return ApiError(400, f"{prefix}invalid request body")
 
-    def rank(error: dict[str, Any]) -> tuple[bool, int]:
-        return not error["type"].endswith("_type"), len(error["loc"])
+    def rank(error: dict[str, Any]) -> tuple[bool, bool, int]:
+        # A field the server does not know explains the errors beside it (an assistant message with
+        # `tool_calls` has no content): it goes first.
+        return not error["type"].endswith("_type"), error["type"] == "extra_forbidden", len(error["loc"])
 
     best = max(errors, key=rank)
     if best["type"] == "json_invalid":
-        return f"invalid JSON body: {best.get('ctx', {}).get('error', best['msg'])}"
-    loc = [str(p) for p in best["loc"] if p != "body"]
-    # Drop pydantic's union branch names ("function-after[...]", "str", "ImageURL") and a tagged
-    # union's tag, which repeats the field it selects ("image_url", "image_url").
+        return ApiError(400, f"{prefix}invalid JSON body: {best.get('ctx', {}).get('error', best['msg'])}")
+    # Drop pydantic's union branch names ("function-after[...]", "str", "ImageURL") and a content
+    # part's tag, which names its `type`, not a field (`content.0.text.lang` is `content.0.lang`).
     kept: list[str] = []
-    for part in loc:
-        if "[" in part or part in ("str", "int", "float", "bool") or part[:1].isupper():
+    tag_next = False
+    for raw in best["loc"]:
+        part = str(raw)
+        if raw == "body" or "[" in part or part in ("str", "int", "float", "bool") or part[:1].isupper():
             continue
-        if not kept or kept[-1] != part:
-            kept.append(part)
+        if tag_next and part in ("text", "image_url", "input_audio"):
+            tag_next = False
+            continue
+        tag_next = isinstance(raw, int) and kept[-1:] == ["content"]
+        kept.append(part)
+    param = ".".join(kept) or None
+    if best["type"] == "extra_forbidden":
+        if kept and kept[-1] in OPENAI_MESSAGE_FIELDS:
+            return ApiError(400, f"{prefix}`{param}` is not supported yet", param)
+        known = "docs/api.md lists the fields this server knows"
+        return ApiError(400, f"{prefix}`{param}` is not a field of this API ({known})", param)
     message = best["msg"].removeprefix("Value error, ")
-    return f"{'.'.join(kept)}: {message}" if kept else message
+    return ApiError(400, f"{prefix}{param}: {message}" if param else f"{prefix}{message}", param)
 
 
 class Server:
@@ -150,17 +165,18 @@ class Server:
                 code="model_not_found",
             )
 
-    def check_request(self, texts: list[str], n_images: int, settings: GenerationSettings) -> None:
-        """The limits that need no decoding or tokenizing: checked first, on the event loop."""
+    def check_request(
+        self, texts: list[str], n_images: int, settings: GenerationSettings, limit: str = "max_tokens"
+    ) -> None:
+        """The limits that need no decoding or tokenizing: checked first, on the event loop. `limit`:
+        the request's name for `max_new_tokens`."""
         cfg = self.cfg
         if n_images > cfg.max_images:
             raise ApiError(
                 400, f"{n_images} images; this server accepts at most {cfg.max_images}", "messages"
             )
-        if (asked := settings.max_new_tokens) > cfg.max_tokens:  # the API calls it max_tokens
-            raise ApiError(
-                400, f"max_tokens {asked} exceeds this server's limit of {cfg.max_tokens}", "max_tokens"
-            )
+        if (asked := settings.max_new_tokens) > cfg.max_tokens:
+            raise ApiError(400, f"{limit} {asked} exceeds this server's limit of {cfg.max_tokens}", limit)
         characters = sum(map(len, texts))
         if characters > cfg.max_prompt_tokens * CHARS_PER_TOKEN:
             raise ApiError(
@@ -216,8 +232,10 @@ class Server:
         try:
             settings = GenerationSettings(**options)
             self.backend.check(settings)
-        except ValueError as err:
-            raise ApiError(400, str(err)) from None
+        except ValueError as err:  # "top_k must be ...": the message starts with the setting
+            name = str(err).split()[0]
+            param = "max_tokens" if name == "max_new_tokens" else name if name in options else None
+            raise ApiError(400, str(err), param) from None
         return settings
 
 
