@@ -711,6 +711,7 @@ def test_no_parameter_combination_gets_a_server_error(server):
         max_examples=150,
         deadline=20_000,
         database=None,
+        derandomize=True,  # the same 150 requests every run: CI's verdict does not depend on the draw
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     @given(bodies(True) | bodies(False))
