@@ -512,7 +512,11 @@ def test_langchain_chat_openai_invoke_stream_and_image(server):
 
     llm = ChatOpenAI(base_url=f"{server}/v1", api_key=KEY, model="mmllm", max_tokens=6)
     answer = llm.invoke("What colour is it?")
-    assert isinstance(answer.content, str) and answer.usage_metadata["output_tokens"] <= 6
+    plain = client(server).chat.completions.create(
+        model="mmllm", messages=[{"role": "user", "content": "What colour is it?"}], max_completion_tokens=6
+    )
+    assert answer.content == plain.choices[0].message.content  # the same greedy answer
+    assert answer.usage_metadata["output_tokens"] == plain.usage.completion_tokens <= 6
     assert "".join(chunk.content for chunk in llm.stream("What colour is it?")) == answer.content
     counted = ChatOpenAI(
         base_url=f"{server}/v1", api_key=KEY, model="mmllm", max_tokens=6, stream_usage=True, temperature=0
@@ -567,7 +571,13 @@ def test_lmms_eval_openai_model_payloads(server):
             if value is not None:
                 payload[parameter] = value
         response = openai.chat.completions.create(**payload)
-        assert isinstance(response.choices[0].message.content, str) and response.usage.prompt_tokens
+        greedy = not payload["temperature"]  # 0 or null; then top_p, even 0, changes nothing
+        reference = openai.chat.completions.create(
+            model="mmllm", messages=payload["messages"], max_tokens=payload["max_tokens"]
+        )
+        if greedy:
+            assert response.choices[0].message.content == reference.choices[0].message.content
+        assert response.usage.prompt_tokens == reference.usage.prompt_tokens
         # lmms_eval/models/simple/openai.py:450-471 (the simple model): text first, then the images.
         payload = {
             "model": "mmllm",
@@ -579,7 +589,8 @@ def test_lmms_eval_openai_model_payloads(server):
         payload["messages"][0]["content"].append(
             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}
         )
-        assert isinstance(openai.chat.completions.create(**payload).choices[0].message.content, str)
+        response = openai.chat.completions.create(**payload)
+        assert response.choices[0].finish_reason in ("stop", "length") and response.usage.prompt_tokens
 
 
 def _fields(valid: bool):

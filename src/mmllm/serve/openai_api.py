@@ -65,8 +65,7 @@ async def chat_inputs(
                 image_urls[f"messages.{i}.content.{j}.image_url"] = url
     if not any(m.role == "user" and _has_content(m) for m in request.messages):
         raise ApiError(400, "messages need a non-empty user message", "messages")
-    limit = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
-    server.check_request(texts, len(image_urls), settings, limit)
+    server.check_request(texts, len(image_urls), settings, request.limit_field)
     images = []
     for param, url in image_urls.items():
         try:

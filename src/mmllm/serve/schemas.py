@@ -279,12 +279,18 @@ class ChatCompletionRequest(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [stop for stop in stops if stop]
 
+    @property
+    def limit_field(self) -> str:
+        """Which of OpenAI's names carries the token limit: the newer `max_completion_tokens` when given,
+        else the older `max_tokens` (what errors about the limit name)."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
     def generation_options(self, default_max_new_tokens: int) -> dict[str, Any]:
-        """The request's `GenerationSettings`: OpenAI's token limit (the newer `max_completion_tokens`,
-        the older `max_tokens`, or, naming neither, `default_max_new_tokens`) becomes `max_new_tokens`
-        here, and only here; a null temperature or top_p is OpenAI's default."""
+        """The request's `GenerationSettings`: OpenAI's token limit (`limit_field`, or, naming neither,
+        `default_max_new_tokens`) becomes `max_new_tokens` here, and only here; a null temperature or
+        top_p is OpenAI's default."""
         return {
-            "max_new_tokens": self.max_completion_tokens or self.max_tokens or default_max_new_tokens,
+            "max_new_tokens": getattr(self, self.limit_field) or default_max_new_tokens,
             "temperature": 0.0 if self.temperature is None else self.temperature,
             # 0 keeps the likeliest token alone, as the smallest positive top_p does (lmms-eval's tasks
             # send 0 with greedy decoding, where it changes nothing).
