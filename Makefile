@@ -40,8 +40,9 @@ demo: install
 
 # A user without the checkout: a wheel built here, installed into a new virtual environment with a new
 # MMLLM_HOME and no MMLLM_MODELS, run from another directory; it answers with the shipped model.
+# Its ~6 GB (a CUDA build of torch) is removed afterwards, whether it answered or not.
 wheel-demo:
-	@set -e; fresh=$$(mktemp -d); \
+	@set -e; fresh=$$(mktemp -d); trap 'rm -rf "$$fresh"' EXIT; \
 	$(BIN)/pip wheel --quiet --no-deps . -w $$fresh/dist; \
 	ls -l $$fresh/dist; \
 	$(PYTHON) -m venv $$fresh/venv; \
