@@ -21,15 +21,15 @@ OUT = Path(__file__).resolve().parents[1] / "src/mmllm/models/imagenet_hierarchy
 TOO_GENERAL = {"entity", "physical entity", "abstraction", "object", "whole", "matter", "thing", "unit"}
 
 
-def read_nouns(data_noun: Path) -> dict[str, tuple[str, list[str]]]:
-    """offset -> (first lemma, hypernym offsets) for every noun synset."""
+def read_nouns(data_noun: Path) -> dict[str, tuple[list[str], list[str]]]:
+    """offset -> (lemmas, most common first; hypernym offsets) for every noun synset."""
     nouns = {}
     for line in data_noun.read_text(encoding="latin-1").splitlines():
         if line.startswith(" "):
             continue  # the licence header
         fields = line.split(" | ")[0].split()
         offset, words = fields[0], int(fields[3], 16)
-        lemma = fields[4].replace("_", " ")
+        lemmas = [fields[4 + 2 * i].replace("_", " ") for i in range(words)]
         pointers_at = 4 + 2 * words
         count = int(fields[pointers_at])
         parents = [
@@ -37,7 +37,7 @@ def read_nouns(data_noun: Path) -> dict[str, tuple[str, list[str]]]:
             for i in range(count)
             if fields[pointers_at + 1 + 4 * i] in ("@", "@i") and fields[pointers_at + 3 + 4 * i] == "n"
         ]
-        nouns[offset] = (lemma, parents)
+        nouns[offset] = (lemmas, parents)
     return nouns
 
 
@@ -51,9 +51,9 @@ def main(data_noun: str) -> None:
         offset = pending.pop()
         if offset in kept:
             continue
-        lemma, parents = nouns[offset]
-        parents = [p for p in parents if nouns[p][0] not in TOO_GENERAL]
-        kept[offset] = {"name": lemma, "parents": parents}
+        lemmas, parents = nouns[offset]
+        parents = [p for p in parents if nouns[p][0][0] not in TOO_GENERAL]
+        kept[offset] = {"words": lemmas, "parents": parents}
         pending.extend(parents)
     document = {
         "source": "WordNet 3.0 (Princeton University, WordNet licence), hypernyms of the ImageNet-1k synsets",

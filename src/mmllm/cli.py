@@ -302,8 +302,8 @@ def _answer_commands(commands: argparse._SubParsersAction) -> None:
     ask = _command(commands, "ask", cmd_ask, "answer a question about an image")
     ask.add_argument(
         "image",
-        help="image file, or sample:NAME: a photo scikit-image, matplotlib or gradio ships (chelsea, "
-        "grace_hopper, lion, …) or an easy-VQA image (easy-vqa-test-N)",
+        help="image file, or sample:NAME: a photo scikit-image, matplotlib, gradio or scikit-learn ships "
+        "(chelsea, grace_hopper, lion, flower, …) or an easy-VQA image (easy-vqa-test-N)",
     )
     ask.add_argument("question")
     ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")

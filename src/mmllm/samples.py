@@ -1,5 +1,6 @@
 """Images by name for `sample:NAME`: the photos that offline packages ship (scikit-image's `chelsea`,
-`astronaut`, …; matplotlib's `grace_hopper`; gradio's `lion`, `cheetah`, …) and easy-VQA's images
+`astronaut`, …; matplotlib's `grace_hopper`; gradio's `lion`, `cheetah`, …; scikit-learn's `china` and
+`flower`) and easy-VQA's images
 (`easy-vqa-test-17`, what the easy-VQA model was trained on)."""
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ PACKAGE_PHOTOS = {
     "cheetah": ("gradio", "media_assets/images/cheetah.jpg"),
     "bus": ("gradio", "media_assets/images/bus.png"),
     "tower": ("gradio", "media_assets/images/tower.jpg"),
+    "china": ("sklearn", "datasets/images/china.jpg"),
+    "flower": ("sklearn", "datasets/images/flower.jpg"),
 }
 PHOTOS = tuple(PACKAGE_PHOTOS)
 
@@ -67,7 +70,7 @@ def _package_file(package: str, relative: str) -> str:
     if path is None or not path.is_file():
         hint = (
             "pip install -e '.[samples]' in mmllm's checkout"
-            if package == "skimage"
+            if package in ("skimage", "sklearn")
             else f"pip install {package}"
         )
         raise MmllmError(f"this sample photo comes with the {package} package: {hint}")

@@ -1,11 +1,12 @@
 """Text-only training data for a model that reads images as words (the labels bridge).
 
 Each sample is a made-up classifier verdict (the bridge's own sentence for drawn class probabilities)
-with a question and the answer that verdict supports: the thing it is sure of, yes or no about what it
-is and is not, and "I can't tell from the image." where the verdict cannot say — the classifier is not
-sure, or the question asks what no class label tells (colours, counts, text, places, names, ...). No
-image is needed: the LM learns to answer from the words it will read in an image's place. A data recipe
-asks for it as `{format: label-qa, limit: 6000}`.
+with a question and the answer that verdict supports: what it shows, in the bridge's words ("Some kind of
+flower, perhaps a daisy."); "Yes." for the kinds and synonyms it is sure of, "Possibly." for its guess,
+"No." for what it rules out; and "I can't tell from the image." where the verdict cannot say — the
+classifier is not sure, or the question asks what no class label tells (colours, counts, text, places,
+names, ...). No image is needed: the LM learns to answer from the words it will read in an image's place.
+A data recipe asks for it as `{format: label-qa, limit: 6000}`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from functools import cache
 import numpy as np
 import torch
 
-from mmllm.models.labels import LabelBridge, Verdict
+from mmllm.models.labels import LabelBridge, Verdict, article
 
 DECLINE = "I can't tell from the image."
+POSSIBLY = "Possibly."
 WHAT = (
     "What is this?", "What is in the picture?", "What does this photo show?", "What is shown here?",
     "What can you see in the image?", "What is the main object in this photo?", "What is it?",
@@ -27,8 +29,9 @@ WHAT = (
 )  # fmt: skip
 WHAT_KIND = ("What {kind} is this?", "What kind of {kind} is this?", "What {kind} is in the photo?")
 PRESENCE = (
-    "Is there a {x}?", "Is there a {x} in the picture?", "Is this a {x}?", "Does the photo show a {x}?",
-    "Can you see a {x}?", "Is there a {x} in this image?", "Is it a {x}?", "Do you see a {x} here?",
+    "Is there {a} {x}?", "Is there {a} {x} in the picture?", "Is this {a} {x}?",
+    "Does the photo show {a} {x}?", "Can you see {a} {x}?", "Is there {a} {x} in this image?",
+    "Is it {a} {x}?", "Do you see {a} {x} here?", "Are there any {xs}?", "Does this image contain {a} {x}?",
 )  # fmt: skip
 UNANSWERABLE = (
     "What colour is the {x}?", "What color is it?", "What colour is the background?",
@@ -55,39 +58,65 @@ COMMON = (
     "bus", "truck", "phone", "book", "computer", "flower", "fish", "ball", "cup", "bottle", "shoe", "clock",
     "train", "cow", "sheep", "elephant", "pizza", "banana", "apple", "umbrella", "laptop", "television",
 )  # fmt: skip
-KINDS_ASKED = ("animal", "vehicle", "dog", "bird", "fish", "food", "instrument", "cat", "drink", "fruit")
+KINDS_ASKED = (
+    "animal", "vehicle", "dog", "bird", "fish", "food", "cat", "drink", "fruit", "building", "flower",
+)  # fmt: skip
 
 
 @cache
-def _families(bridge: LabelBridge) -> list[int]:
-    """Nodes with a few classes under them: what a classifier is often sure of as a whole."""
-    return [n for n, size in enumerate(bridge.sizes.tolist()) if 2 <= size <= 40]
+def _families(bridge: LabelBridge) -> tuple[list[int], list[int]]:
+    """Nodes with a few classes under them (what a classifier is often sure of as a whole), and the named
+    kinds with a few to a hundred."""
+    sizes = bridge.sizes.tolist()
+    return (
+        [n for n, size in enumerate(sizes) if 2 <= size <= 40],
+        [n for n in bridge.kinds if 2 <= sizes[n] <= 100],
+    )
 
 
 def _draw_probabilities(bridge: LabelBridge, rng: random.Random) -> torch.Tensor:
-    """Class probabilities like a classifier's: sure of one class, of a family, or of nothing."""
+    """Class probabilities like a classifier's: sure of one class, of a family or kind (often with one
+    member standing out), or of nothing."""
     classes = len(bridge.class_names)
     probabilities = torch.zeros(classes)
     scenario = rng.random()
-    if scenario < 0.5:  # one class
-        probabilities[rng.randrange(classes)] = rng.uniform(0.5, 0.98)
-    elif scenario < 0.8:  # a family: classes under one parent share the mass
-        node = rng.choice(_families(bridge))
+    if scenario < 0.4:  # one class
+        probabilities[rng.randrange(classes)] = rng.uniform(0.45, 0.98)
+    elif scenario < 0.85:  # a family or kind: classes under one node share the mass
+        node = rng.choice(_families(bridge)[scenario >= 0.6])
         family = np.flatnonzero(bridge.membership[node]).tolist()
-        total = rng.uniform(0.55, 0.97)
-        shares = torch.tensor([rng.random() + 0.1 for _ in family[: rng.randint(2, 4)]])
+        rng.shuffle(family)
+        total = rng.uniform(0.45, 0.97)
+        shares = torch.tensor([rng.random() ** 2 + 0.05 for _ in family[: rng.randint(2, 5)]])
         for member, share in zip(family, shares / shares.sum(), strict=False):
             probabilities[member] += total * float(share)
     for _ in range(rng.randint(2, 6)):  # the rest spread thinly (all of it when sure of nothing)
-        probabilities[rng.randrange(classes)] += rng.uniform(0.01, 0.3 if scenario >= 0.8 else 0.06)
+        probabilities[rng.randrange(classes)] += rng.uniform(0.01, 0.3 if scenario >= 0.85 else 0.06)
     return probabilities / max(1.0, float(probabilities.sum()))
 
 
-def _words_of(verdict: Verdict) -> set[str]:
-    """Every name the verdict supports, and the head word of each ("big cat" supports "cat"; "instrument
-    of execution" supports nothing more)."""
-    names = [n.lower() for n in (verdict.concept, *verdict.kinds) if n]
-    return set(names) | {n.split()[-1] for n in names if " of " not in n}
+def _plural(word: str) -> str:
+    return word + ("es" if word.endswith(("s", "x", "ch", "sh")) else "s")
+
+
+def _presence(word: str, rng: random.Random) -> str:
+    return rng.choice(PRESENCE).format(a=article(word), x=word, xs=_plural(word))
+
+
+@cache
+def _lemmas_above(bridge: LabelBridge, node: int) -> frozenset[str]:
+    """Every lemma of the node and of all it is a kind of, in lower case, with their head words: none of
+    them may be asked about as a thing the photo does not show."""
+    above = np.flatnonzero((bridge.membership >= bridge.membership[node]).all(1)).tolist()
+    lemmas = {w.lower() for n in above for w in bridge.words[n]}
+    return frozenset(lemmas | {w.split()[-1] for w in lemmas})
+
+
+@cache
+def _kinds_under(bridge: LabelBridge, node: int) -> list[str]:
+    """The vocabulary words of the named nodes under `node`."""
+    below = (bridge.membership <= bridge.membership[node]).all(1)
+    return sorted({word for n, word in bridge.kinds.items() if below[n] and n != node})
 
 
 def _unanswerable(subject: str, rng: random.Random) -> str:
@@ -106,42 +135,49 @@ def _unanswerable(subject: str, rng: random.Random) -> str:
 
 def _ruled_out(verdict: Verdict, bridge: LabelBridge, rng: random.Random) -> str:
     """Something the verdict rules out: often a near miss (a class under the same ancestor, as a car
-    is to a moped), else an everyday thing or any class."""
-    supported = _words_of(verdict)
+    is to a moped), else an everyday thing, a vocabulary word or any class."""
+    supported = _lemmas_above(bridge, verdict.node) | set(verdict.may_show)
     near = bridge.path_up(verdict.node)[1:4]
     while True:
-        if near and rng.random() < 0.5:
+        roll = rng.random()
+        if near and roll < 0.3:
             relatives = np.flatnonzero(bridge.membership[rng.choice(near)] - bridge.membership[verdict.node])
             other = bridge.class_names[int(rng.choice(relatives.tolist() or [0]))]
+        elif near and roll < 0.45:  # a sibling kind: a car, when the verdict is a moped
+            other = rng.choice(_kinds_under(bridge, rng.choice(near)) or [rng.choice(COMMON)])
+        elif roll < 0.6:
+            other = rng.choice(COMMON)
+        elif roll < 0.8:
+            other = rng.choice(sorted(bridge.kinds.values()))
         else:
-            other = rng.choice(COMMON) if rng.random() < 0.5 else rng.choice(bridge.class_names)
+            other = rng.choice(bridge.class_names)
         if not ({other.lower(), other.split()[-1].lower()} & supported):
             return other
 
 
 def _question(verdict: Verdict, bridge: LabelBridge, rng: random.Random) -> tuple[str, str]:
     """One question about the verdict and the answer it supports."""
-    subject = verdict.concept or rng.choice(["object", "thing", "animal", "car"])
+    subject = verdict.kind or rng.choice(["object", "thing", "animal", "car"])
     roll = rng.random()
     if roll < 0.22:  # unanswerable from labels, whatever the classifier says
         return _unanswerable(subject, rng), DECLINE
-    if verdict.concept is None:  # nothing it is sure of: nothing to answer
+    if verdict.answer is None:  # nothing it is sure of: nothing to answer
         if roll < 0.65:
             return rng.choice(WHAT), DECLINE
-        return rng.choice(PRESENCE).format(x=rng.choice(bridge.class_names)), DECLINE
-    supported = _words_of(verdict)
+        return _presence(rng.choice(bridge.class_names), rng), DECLINE
     if roll < 0.45:
-        kinds = [k for k in KINDS_ASKED if k in supported]
+        kinds = [k for k in KINDS_ASKED if k in verdict.shows]
         if kinds and rng.random() < 0.5:
-            return rng.choice(WHAT_KIND).format(kind=rng.choice(kinds)), f"{verdict.concept.capitalize()}."
-        return rng.choice(WHAT), f"{verdict.concept.capitalize()}."
+            return rng.choice(WHAT_KIND).format(kind=rng.choice(kinds)), verdict.answer
+        return rng.choice(WHAT), verdict.answer
     if roll < 0.5:
-        if {"clothing", "garment", "person"} & supported:
-            return rng.choice(PRESENCE).format(x=rng.choice(PEOPLE)), "Yes."
-        return rng.choice(PRESENCE).format(x=rng.choice(PEOPLE)), DECLINE
-    if rng.random() < 0.5:  # yes: the concept or something it is a kind of
-        return rng.choice(PRESENCE).format(x=rng.choice(sorted(supported))), "Yes."
-    return rng.choice(PRESENCE).format(x=_ruled_out(verdict, bridge, rng)), "No."
+        answer = "Yes." if {"clothing", "person"} & set(verdict.shows) else DECLINE
+        return _presence(rng.choice(PEOPLE), rng), answer
+    if roll < 0.65 and verdict.may_show:
+        return _presence(rng.choice(verdict.may_show), rng), POSSIBLY
+    if rng.random() < 0.5:  # yes: what it shows, or something that is a kind of
+        return _presence(rng.choice(verdict.shows), rng), "Yes."
+    return _presence(_ruled_out(verdict, bridge, rng), rng), "No."
 
 
 def label_qa_pairs(count: int, seed: int = 0) -> Iterator[tuple[str, str]]:

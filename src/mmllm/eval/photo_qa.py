@@ -2,7 +2,10 @@
 
 A record's `answers` are accepted answers or keywords (`yes`/`no` for presence questions); `decline` marks
 a question the model cannot honestly answer (colours, counts, text, ...), where declining is right. An
-answer is matched after VQA normalisation, as whole words anywhere in the prediction.
+answer is matched after VQA normalisation, as whole words anywhere in the prediction; a yes/no question
+answered "possibly" (or "perhaps", "maybe") is declined, neither right nor wrong. `question_type` `what`
+and `yes-no` mark naming and presence questions a classifier's labels can answer (`answerable_accuracy`);
+`decline` and others (`outside-imagenet`: a subject ImageNet-1k has no class for) are reported apart.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from mmllm.eval.vqa import normalize_answer
 
 DECLINE = "decline"
 # How a model says it cannot tell.
+HEDGES = ("possibly", "perhaps", "maybe")
+ANSWERABLE = ("what", "yes-no")
 DECLINED = re.compile(
     r"\b(can ?not|can't|cant|unable to|not able to|do not know|don't know|dont know|not sure|no way to)\b.*"
     r"|\bunknown\b|\bunclear\b"
@@ -35,6 +40,8 @@ def verdict(prediction: str, answers: list[str]) -> str:
     words = f" {normalize_answer(prediction)} "
     if answers[0] in ("yes", "no"):
         first = words.split()[:1]
+        if first and first[0] in HEDGES:
+            return "declined"
         return "right" if first == [answers[0]] else "wrong"
     return "right" if any(f" {normalize_answer(a)} " in words for a in answers) else "wrong"
 
@@ -54,10 +61,12 @@ def photo_qa_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
         truth = row["answers"][0] if row["answers"][0] in ("yes", "no", DECLINE) else "named thing"
         per_truth[truth].append(result)
     overall = _shares(verdicts)
+    answerable = [v for kind in ANSWERABLE for v in per_kind.get(kind, [])]
     return {
         "accuracy": overall["right"],
         "declined": overall["declined"],
         "confidently_wrong": overall["wrong"],
+        "answerable_accuracy": _shares(answerable)["right"] if answerable else 0.0,
         "per_question_type": {k: _shares(v) for k, v in sorted(per_kind.items())},
         "per_true_answer": {k: _shares(v) for k, v in sorted(per_truth.items())},
         "per_question": [

@@ -40,7 +40,7 @@ class ModelDesign:
     (`token_target_vocab_weight`)."""
     projector_labels_top_k: int = 3
     """Labels projector: how many of the classifier's top classes the LM reads."""
-    projector_labels_sure: float = 0.6
+    projector_labels_sure: float = 0.5
     """Labels projector: the summed probability at which the bridge names a class or a kind of thing
     (below it, the LM reads that the classifier is not sure)."""
 

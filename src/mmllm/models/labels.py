@@ -1,9 +1,14 @@
 """The labels bridge: an image reaches the LM as words — what an ImageNet classifier is sure it shows.
 
 A LENS-style bridge (Berrios et al. 2023): no projector to train, the LM reads the classifier's verdict
-as text. Class probabilities are summed up WordNet's hypernym tree, so the bridge names the most
-specific thing it is sure of ("tiger cat 36%, Egyptian cat 32%, tabby 21%" -> "a domestic cat, 89%")
-and says when it is sure of nothing, so the LM can decline instead of guessing.
+as text. Class probabilities are summed up WordNet's hypernym tree ("tiger cat 36%, Egyptian cat 32%,
+tabby 21%" -> domestic cat 89%), and the verdict names the most specific thing it is sure of **in the
+words people use**: the vocabulary of `photo_vocabulary.json` (the class names of COCO, LVIS and Open
+Images mapped onto the tree), so a lion photo is "Some kind of cat, perhaps a lion.", never
+"Placental.". One class standing out under that kind is offered as a guess; sure of nothing, the
+verdict says so and the LM declines.
+
+Every backend (torch, ONNX, llama.cpp) turns class probabilities into the LM's words here and only here.
 """
 
 from __future__ import annotations
@@ -16,72 +21,95 @@ from typing import Any
 
 import numpy as np
 
+from mmllm.models.design import ModelDesign
+
 HIERARCHY_FILE = Path(__file__).with_name("imagenet_hierarchy.json")
-MAX_KINDS = 8  # hypernyms named after the concept ("a kind of cat, feline, carnivore, ...")
-# WordNet nodes too abstract to tell anyone what a photo shows: being sure of one is being sure of nothing.
-ABSTRACT = frozenset(
-    [
-        "artifact",
-        "instrumentality",
-        "attribute",
-        "device",
-        "container",
-        "structure",
-        "covering",
-        "commodity",
-        "equipment",
-        "implement",
-        "substance",
-        "food",
-        "matter",
-        "part",
-        "relation",
-        "organism",
-        "conveyance",
-        "object",
-        "whole",
-    ]
-) | {"living thing", "causal agent", "physical object", "psychological feature"}
+VOCABULARY_FILE = Path(__file__).with_name("photo_vocabulary.json")
+# A class stands out, and is offered as a guess, at this share and this many times the runner-up's.
+GUESS_SHARE, GUESS_LEAD = 0.25, 1.5
+MAX_SYNONYMS = 2  # WordNet synonyms listed per kind ("car, auto, automobile")
 
 
 @dataclass(frozen=True)
 class Verdict:
     """What the bridge makes of one image's class probabilities."""
 
-    concept: str | None  # the most specific thing it is sure of, or None
-    node: int | None  # that concept's node in the tree
-    confidence: float  # the concept's summed probability
-    kinds: list[str]  # what the concept is a kind of, nearest first
+    answer: str | None  # what it shows, said to a person ("Some kind of flower, perhaps a daisy."), or None
+    kind: str | None  # the vocabulary word the answer names ("flower"), or None when sure of nothing
+    node: int | None  # the most specific node it is sure of (named or not)
+    confidence: float  # the named kind's summed probability
+    shows: list[str]  # what a presence question is answered "yes" for: the kinds it is sure of, synonyms
+    may_show: list[str]  # the guess and its kinds below the sure one: "possibly"
     guesses: list[tuple[str, float]]  # the top classes with their probabilities
 
 
 class LabelBridge:
     """ImageNet-1k class probabilities -> a sentence the LM reads in place of the image."""
 
-    def __init__(self, top_k: int = 3, min_probability: float = 0.05, sure: float = 0.6):
+    def __init__(
+        self,
+        top_k: int = ModelDesign.projector_labels_top_k,
+        min_probability: float = 0.05,
+        sure: float = ModelDesign.projector_labels_sure,
+    ):
         self.top_k, self.min_probability, self.sure = top_k, min_probability, sure
-        self.names, self.parents, self.membership, self.class_names = _tree()
+        self.words, self.parents, self.membership, self.classes = _tree()
+        self.vocabulary, self.kinds = _vocabulary()
         self.sizes = self.membership.sum(1)  # (nodes,) classes under each node
-        self.depths = [len(self.path_up(n)) for n in range(len(self.names))]
+        self.depths = [len(self.path_up(n)) for n in range(len(self.words))]
+        self.class_names = [self.name(c) for c in self.classes]
+
+    def name(self, node: int) -> str:
+        """A node's word: its vocabulary word if it has one, else WordNet's first lemma."""
+        return self.kinds.get(node, self.words[node][0])
 
     def verdict(self, probabilities: np.ndarray) -> Verdict:
-        """(classes,) probabilities (an array, or a CPU tensor) -> the concept it is sure of (if any) and
-        its top guesses."""
+        """(classes,) probabilities (an array, or a CPU tensor) -> what it is sure the image shows."""
         probabilities = np.asarray(probabilities, np.float32)
-        top = np.argsort(-probabilities, kind="stable")[: self.top_k]
+        order = np.argsort(-probabilities, kind="stable")
+        top = order[: self.top_k]
         guesses = [
             (self.class_names[i], float(probabilities[i]))
             for i in top.tolist()
             if probabilities[i] >= self.min_probability
         ] or [(self.class_names[int(top[0])], float(probabilities[top[0]]))]
         scores = self.membership @ probabilities  # (nodes,) summed over the classes under each node
-        sure = [n for n in np.flatnonzero(scores >= self.sure).tolist() if self.names[n] not in ABSTRACT]
-        if not sure:
-            return Verdict(None, None, 0.0, [], guesses)
-        # The most specific sure node: the fewest classes under it, then the deepest (a class before
-        # its one-class parent: "moped", not "minibike").
-        best = min(sure, key=lambda n: (float(self.sizes[n]), -self.depths[n]))
-        return Verdict(self.names[best], best, float(scores[best]), self._kinds(best), guesses)
+        sure = np.flatnonzero(scores >= self.sure).tolist()
+        named = [n for n in sure if n in self.kinds]
+        if not named:
+            return Verdict(None, None, None, 0.0, [], [], guesses)
+        kind = self._most_specific(named)
+        node = self._most_specific(sure)
+        first, second = float(probabilities[order[0]]), float(probabilities[order[1]])
+        best = self.classes[int(order[0])]
+        under_kind = bool(self.membership[kind, order[0]])
+        word, best_name = self.kinds[kind], self.class_names[int(order[0])]
+        # Every sure node holds the most specific one (two sets with over half the mass each overlap): it,
+        # the nodes up to the named kind ("house cat" above "Egyptian cat"), then the kinds above.
+        below_kind = [n for n in sure if self.sizes[n] < self.sizes[kind] and n not in named]
+        chain = [node, *sorted(below_kind + named, key=self.sizes.__getitem__)]
+        shows = [w for n in chain for w in self._words(n)]
+        may_show: list[str] = []
+        if node == best and best == kind:  # sure of one class, and it has a word of its own
+            answer = f"{word.capitalize()}."
+        elif node == best:  # sure of one class, named by its kind
+            answer = f"{best_name.capitalize()}, a kind of {word}."
+        elif under_kind and best_name != word and first >= max(GUESS_SHARE, GUESS_LEAD * second):
+            answer = f"Some kind of {word}, perhaps {article(best_name)} {best_name}."
+            # The guess and what it is a kind of, short of what is sure ("missile" may be a rocket).
+            maybe = [
+                n for n in self.kinds if self.membership[n, order[0]] and scores[n] < self.sure and n != best
+            ]
+            may_show = self._words(best) + [self.name(n) for n in sorted(maybe, key=self.sizes.__getitem__)]
+        else:
+            answer = f"Some kind of {word}."
+        shows = list(dict.fromkeys(shows))
+        may_show = [w for w in dict.fromkeys(may_show) if w not in shows]
+        return Verdict(answer, word, node, float(scores[kind]), shows, may_show, guesses)
+
+    def _most_specific(self, nodes: list[int]) -> int:
+        # The fewest classes under it, then the deepest (a class before its one-class parent).
+        return min(nodes, key=lambda n: (float(self.sizes[n]), -self.depths[n]))
 
     def path_up(self, node: int) -> list[int]:
         """The node's first-parent chain to the root, nearest first."""
@@ -91,8 +119,12 @@ class LabelBridge:
             chain.append(node)
         return chain
 
-    def _kinds(self, node: int) -> list[str]:
-        return [self.names[n] for n in self.path_up(node) if self.names[n] not in ABSTRACT][:MAX_KINDS]
+    def _words(self, node: int) -> list[str]:
+        """A node's word and a few synonyms a person might ask with: WordNet's lemmas in lower case (no
+        Latin names) of at most two words."""
+        first = self.name(node)
+        synonyms = [w for w in self.words[node] if w.islower() and len(w.split()) <= 2 and w != first]
+        return [first, *synonyms[:MAX_SYNONYMS]]
 
     def describe(self, probabilities: np.ndarray) -> str:
         """The sentence for one image."""
@@ -101,13 +133,18 @@ class LabelBridge:
     def sentence(self, verdict: Verdict) -> str:
         """The words a verdict reaches the LM as."""
         guesses = ", ".join(f"{name} {round(100 * p)}%" for name, p in verdict.guesses)
-        if verdict.concept is None:
+        if verdict.answer is None:
             return f"[Photo. An ImageNet classifier is not sure what it shows; weak guesses: {guesses}.]"
-        kinds = f" (a kind of {', '.join(verdict.kinds)})" if verdict.kinds else ""
+        may = f" May show: {', '.join(verdict.may_show)}." if verdict.may_show else ""
         return (
-            f"[Photo. An ImageNet classifier sees: {verdict.concept}{kinds}, "
-            f"{round(100 * verdict.confidence)}% sure; its top guesses: {guesses}.]"
+            f"[Photo. An ImageNet classifier, {round(100 * verdict.confidence)}% sure: {verdict.answer} "
+            f"Shows: {', '.join(verdict.shows)}.{may} Top guesses: {guesses}.]"
         )
+
+
+def article(noun: str) -> str:
+    """'a' or 'an', by the noun's first letter."""
+    return "an" if noun[:1].lower() in "aeiou" else "a"
 
 
 @cache
@@ -123,13 +160,13 @@ def describe_images(features: np.ndarray, settings: dict[str, Any]) -> list[str]
 
 
 @cache
-def _tree() -> tuple[list[str], list[list[int]], np.ndarray, list[str]]:
-    """Node names, parents (as indices), the (nodes, classes) 0/1 membership matrix, class names (a
-    class is also a node: its own WordNet synset)."""
+def _tree() -> tuple[list[list[str]], list[list[int]], np.ndarray, list[int]]:
+    """Each node's WordNet lemmas (most common first), its parents (as indices), the (nodes, classes) 0/1
+    membership matrix, and each class's node (a class is also a node: its own WordNet synset)."""
     document = json.loads(HIERARCHY_FILE.read_text())
     nodes = list(document["nodes"])
     index = {offset: i for i, offset in enumerate(nodes)}
-    names = [document["nodes"][n]["name"] for n in nodes]
+    words = [document["nodes"][n]["words"] for n in nodes]
     parents = [[index[p] for p in document["nodes"][n]["parents"]] for n in nodes]
     membership = np.zeros((len(nodes), len(document["classes"])), np.float32)
     for column, offset in enumerate(document["classes"]):
@@ -140,4 +177,12 @@ def _tree() -> tuple[list[str], list[list[int]], np.ndarray, list[str]]:
                 seen.add(node)
                 pending.extend(parents[node])
         membership[list(seen), column] = 1.0
-    return names, parents, membership, [names[index[offset]] for offset in document["classes"]]
+    return words, parents, membership, [index[offset] for offset in document["classes"]]
+
+
+@cache
+def _vocabulary() -> tuple[frozenset[str], dict[int, str]]:
+    """The vocabulary's words, and the word of each node it names."""
+    document = json.loads(VOCABULARY_FILE.read_text())
+    index = {offset: i for i, offset in enumerate(json.loads(HIERARCHY_FILE.read_text())["nodes"])}
+    return frozenset(document["words"]), {index[offset]: word for offset, word in document["nodes"].items()}
