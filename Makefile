@@ -68,6 +68,7 @@ bench-quick: install-dev
 	$(BIN)/python benchmarks/serve_load.py --quick
 	$(BIN)/python benchmarks/inference.py --quick
 	$(BIN)/python benchmarks/int8_gemv.py --quick
+	$(BIN)/python benchmarks/api_features.py --quick
 
 # What benchmarks/gpu.sh needs beyond torch, transformers, peft and accelerate, for a GPU machine
 # without internet: pure-Python transformers and huggingface_hub, Pillow for CPython 3.10-3.13.

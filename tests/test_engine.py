@@ -67,7 +67,17 @@ def test_requests_batch_together_by_setting_name_not_position():
     for field in fields(GenerationSettings):
         if field.name in PER_ROW:
             continue
-        changed = {"ignore_eos": True, "seed": 4, "num_beams": 2, "top_k": 7}.get(field.name, 0.5)
+        changed = {
+            "ignore_eos": True,
+            "seed": 4,
+            "num_beams": 2,
+            "top_k": 7,
+            "min_tokens": 3,
+            "logit_bias": {5: 1.0},
+            "stop_token_ids": (5,),
+            "logprobs": 2,
+            "grammar": "start: /x/",
+        }.get(field.name, 0.5)
         assert replace(settings, **{field.name: changed}).batch_key() != settings.batch_key(), field.name
 
 

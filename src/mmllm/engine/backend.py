@@ -7,16 +7,19 @@ of them runs on any backend (`--backend torch|onnx|llama.cpp`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from mmllm.conversation import Message
+from mmllm.engine.logits import LogitShaper
 from mmllm.engine.rows import Completion, OnDelta, RowTracker
 from mmllm.engine.settings import CAPTION_PROMPT, GenerationSettings
 from mmllm.images import ImageInput, load_image
@@ -90,17 +93,42 @@ class Backend:
 
     def check(self, settings: GenerationSettings) -> None:
         """Raise ValueError for settings this backend cannot decode with (before a request queues)."""
+        if settings.num_beams > 1 and (settings.shapes_logits or settings.min_p or settings.stop_token_ids):
+            raise ValueError(
+                "num_beams > 1 decodes through transformers' beam search, without logprobs, penalties, "
+                "logit_bias, grammars, min_p, min_tokens or stop_token_ids"
+            )
 
-    def prepare(self, conversation: list[Message], images: list[ImageInput] | None = None) -> Prompt:
+    logits_width: int
+    """The width of the LM's logits (its output vocabulary, which may be padded past the tokenizer's)."""
+
+    @functools.cached_property
+    def shaper(self) -> LogitShaper:
+        """What rows that bias, penalise, constrain or record their logits go through (`logits`)."""
+        return LogitShaper(self.processor, self.logits_width)
+
+    def prepare(
+        self,
+        conversation: list[dict[str, Any]],
+        images: list[ImageInput] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Prompt:
         """Check and encode one conversation on its own (images loaded once, resized, tokens counted).
 
         What fails here fails this request alone, before it joins a batch with anyone else's. A model
-        that reads images as words has them read here, so its prompt is text alone.
+        that reads images as words has them read here, so its prompt is text alone. `tools` (OpenAI's
+        function definitions) and a conversation with tool calls or results are rendered in the chat
+        template's own tool format (`tools.encode_with_tools`).
         """
+        from mmllm.engine.tools import encode_with_tools, has_tool_messages
+
         loaded = [load_image(image) for image in images or ()]
         pixels = self.processor.image_processor.arrays(loaded) if loaded else None
         words = self.image_words(pixels) if pixels is not None and self.reads_images_as_words else None
-        encoded = self.processor.encode_text(conversation, len(loaded), image_words=words)
+        if tools or has_tool_messages(conversation):
+            encoded = encode_with_tools(self.processor, conversation, len(loaded), words, tools or [])
+        else:
+            encoded = self.processor.encode_text(conversation, len(loaded), image_words=words)
         if len(encoded["input_ids"]) > self.context_length:
             raise ValueError(
                 f"the prompt is {len(encoded['input_ids']):,} tokens; the model's context holds "

@@ -48,6 +48,7 @@ class ExportedBackend(Backend):
 
     def check(self, settings: GenerationSettings) -> None:
         """Both engines decode with `choose_tokens`: greedy or sampled, one token a row a step."""
+        super().check(settings)
         if settings.num_beams > 1:
             raise ValueError(f"the {self.name} backend decodes greedily or by sampling (num_beams must be 1)")
         if settings.repetition_penalty != 1.0:

@@ -157,8 +157,12 @@ class LlamaCppBackend(ExportedBackend):
         """The context's sequences as a running batch: what the scheduler and `decode` both run on."""
         return LlamaCppSession(self)
 
+    @property
+    def logits_width(self) -> int:
+        return self.n_vocab
+
     def decode(self, prompts: list[Prompt], settings: GenerationSettings, rows: RowTracker) -> list[int]:
-        return decode_all(self.session, prompts, settings, rows)
+        return decode_all(self.session, prompts, settings, rows, self.shaper)
 
 
 class LlamaCppSession:

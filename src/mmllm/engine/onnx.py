@@ -56,6 +56,31 @@ class OnnxBackend(ExportedBackend):
             embeds[placeholders] = rows.reshape(-1, rows.shape[-1])
         return embeds, mask
 
+    @property
+    def logits_width(self) -> int:
+        return self.embeddings.shape[0]
+
+    def check(self, settings: GenerationSettings) -> None:
+        """Its batch decodes in one loop, without a running batch's per-row logit shaping."""
+        super().check(settings)
+        if settings.shapes_logits or settings.stop_token_ids:
+            asked = [
+                name
+                for name, value in (
+                    ("logprobs", settings.logprobs is not None),
+                    ("grammar", settings.grammar is not None),
+                    ("logit_bias", any((settings.logit_bias or {}).values())),
+                    ("presence_penalty", settings.presence_penalty),
+                    ("frequency_penalty", settings.frequency_penalty),
+                    ("min_tokens", settings.min_tokens),
+                    ("stop_token_ids", settings.stop_token_ids),
+                )
+                if value
+            ]
+            raise ValueError(
+                f"{asked[0]} is not supported by the onnx backend (the torch and llama.cpp ones have it)"
+            )
+
     def decode(self, prompts: list[Prompt], settings: GenerationSettings, rows: RowTracker) -> list[int]:
         rng = sampling_rng(settings.seed)
         embeds, mask = self.prompt_embeddings(prompts)

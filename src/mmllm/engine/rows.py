@@ -12,11 +12,18 @@ from typing import TYPE_CHECKING
 from mmllm.engine.settings import GenerationSettings
 
 if TYPE_CHECKING:
+    from mmllm.engine.logits import TokenLogprob
     from mmllm.processor import MultimodalProcessor
 
 OnDelta = Callable[[int, str], None]
 """`on_delta(row, text)`: a row's new text, as it is decoded (never empty); a row's pieces joined are
-its `Completion.text`."""
+its `Completion.text`. For a row that records log-probabilities each piece is a `Piece`."""
+
+
+class Piece(str):
+    """A piece of a row's text with the log-probabilities of the tokens it begins (`logprobs`)."""
+
+    logprobs: list[TokenLogprob]
 
 
 @dataclass
@@ -27,6 +34,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of turn or a stop string), "length", or "cancelled" (client left)
+    logprobs: list[TokenLogprob] | None = None
+    """Per token of `text` (where the row recorded them): each token whose text begins in the answer
+    returned, so a stop string's tokens, cut off, have none."""
 
 
 class RowTracker:
@@ -41,7 +51,8 @@ class RowTracker:
     row's last few tokens only, and text ending in half a multi-byte character waits for the rest.
     Text that could be the beginning of a stop string is held back until it is known not to be; once
     the row ends (any reason), what is held is handed on. So a row's pieces joined are its final text
-    exactly, streamed or not.
+    exactly, streamed or not. A row's token log-probabilities (when its settings record them) go out
+    with the piece that holds the beginning of each token's text, so they follow the same hold-back.
     """
 
     def __init__(
@@ -71,6 +82,11 @@ class RowTracker:
         """Per row, whether it ended and all its text went out."""
         self._prefix = [0] * len(settings)  # incremental decoding: the window decoded for context ...
         self._read = [0] * len(settings)  # ... and where its text already decoded ends
+        self.row_stop_ids = [self.stop_ids | set(row.stop_token_ids) for row in settings]
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in rows]
+        self._starts: list[list[int]] = [[] for _ in rows]  # where each token's text begins
+        self._handed = [0] * len(settings)  # log-probabilities already handed on with a piece
+        self._stopped = [False] * len(settings)  # whether a stop string cut the row's text
 
     def limit(self, row: int) -> int:
         """The most tokens `row` generates: what its request asked for, capped where its context ends."""
@@ -86,17 +102,22 @@ class RowTracker:
     def done(self) -> bool:
         return all(self.finish)
 
-    def step(self, tokens: list[int], rows: list[int] | None = None) -> None:
+    def step(
+        self, tokens: list[int], rows: list[int] | None = None, logprobs: list[TokenLogprob] | None = None
+    ) -> None:
         """One new token per row, or per row of `rows` when a backend decodes a batch's rows in groups
-        (rows already finished ignore theirs)."""
-        for row, token in zip(rows or range(len(tokens)), tokens, strict=True):
+        (rows already finished ignore theirs), with its log-probabilities where the row records them."""
+        for at, (row, token) in enumerate(zip(rows or range(len(tokens)), tokens, strict=True)):
             if self.cancelled[row].is_set() and not self.finish[row]:
                 self.end(row, "cancelled")  # the client went away: its row stops costing compute
             if self.finish[row]:
                 continue
-            if token in self.stop_ids and not self.settings[row].ignore_eos:
+            if token in self.row_stop_ids[row] and not self.settings[row].ignore_eos:
                 self.end(row, "stop")
                 continue
+            if logprobs is not None:
+                self.logprobs[row].append(logprobs[at])
+                self._starts[row].append(len(self.text[row]))
             self.ids[row].append(token)
             last = len(self.ids[row]) >= self.limit(row)
             if self._advance(row, final=last):
@@ -119,9 +140,24 @@ class RowTracker:
         for row in range(len(self.settings)):
             self.end(row, "stop")
         return [
-            Completion(self.text[row], prompt_tokens[row], len(self.ids[row]), self.finish[row])
+            Completion(
+                self.text[row],
+                prompt_tokens[row],
+                len(self.ids[row]),
+                self.finish[row],
+                self._kept_logprobs(row) if self.settings[row].logprobs is not None else None,
+            )
             for row in range(len(self.settings))
         ]
+
+    def _kept_logprobs(self, row: int) -> list[TokenLogprob]:
+        """The row's log-probabilities but those of tokens cut off with a stop string."""
+        if self._stopped[row]:
+            end = len(self.text[row])
+            return [
+                lp for lp, start in zip(self.logprobs[row], self._starts[row], strict=True) if start < end
+            ]
+        return self.logprobs[row]
 
     def _decode(self, row: int, final: bool) -> str:
         """The row's text from its tokens since the last call: the last few tokens are decoded with
@@ -152,11 +188,27 @@ class RowTracker:
         else:
             end = len(text) - self._held(text, sent, stops)
         self.text[row] = text
+        if found:
+            self._stopped[row] = True
         if end > sent:
             self.sent[row] = end
             if self.on_delta:
-                self.on_delta(row, text[sent:end])
+                self.on_delta(row, self._piece(row, text[sent:end], end))
         return bool(found)
+
+    def _piece(self, row: int, text: str, end: int) -> str:
+        """`text`, handed on up to `end`: with the log-probabilities of the tokens beginning before
+        `end` that no piece carried yet, where the row records them."""
+        if self.settings[row].logprobs is None:
+            return text
+        starts, handed = self._starts[row], self._handed[row]
+        upto = handed
+        while upto < len(starts) and starts[upto] < end:
+            upto += 1
+        piece = Piece(text)
+        piece.logprobs = self.logprobs[row][handed:upto]
+        self._handed[row] = upto
+        return piece
 
     @staticmethod
     def _held(text: str, sent: int, stops: list[str]) -> int:

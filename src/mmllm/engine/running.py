@@ -18,6 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from mmllm.engine.backend import Prompt
+from mmllm.engine.logits import LogitShaper, RowShape
 from mmllm.engine.rows import RowTracker
 from mmllm.engine.sampler import choose_tokens, sampling_rng
 from mmllm.engine.settings import GenerationSettings
@@ -66,6 +67,7 @@ class Row:
     read: int = 0  # prompt tokens read so far
     token: int = -1  # the last chosen token, appended at the next step
     failure: Exception | None = None
+    shape: RowShape | None = None  # what it does to its logits before sampling (None: nothing)
 
     @property
     def settings(self) -> GenerationSettings:
@@ -94,12 +96,20 @@ class Row:
 class RunningRows:
     """The rows of one `StepSession`; each `iterate` reads waiting prompts (first come, first served,
     within `step_tokens` less one per decoding row) and decodes one token for every row whose prompt is
-    read. What finished (a stop, its limit, its client gone, a failure) leaves at once."""
+    read. What finished (a stop, its limit, its client gone, a failure) leaves at once.
+
+    Rows whose settings change their logits (`GenerationSettings.shapes_logits`) have them shaped by
+    `shaper`, all of a step's together; the others go straight to the sampler."""
 
     def __init__(
-        self, session: StepSession, stop_ids: list[int], max_rows: int = 16, step_tokens: int = STEP_TOKENS
+        self,
+        session: StepSession,
+        stop_ids: list[int],
+        max_rows: int = 16,
+        step_tokens: int = STEP_TOKENS,
+        shaper: LogitShaper | None = None,
     ):
-        self.session, self.stop_ids = session, stop_ids
+        self.session, self.stop_ids, self.shaper = session, stop_ids, shaper
         self.max_rows, self.step_tokens = min(max_rows, session.max_rows), step_tokens
         self.rows: list[Row] = []
 
@@ -114,6 +124,10 @@ class RunningRows:
         returned finished by the next `iterate`."""
         row.tracker.room[row.index] = max(1, self.session.context - len(row.prompt.input_ids))
         try:
+            if row.settings.shapes_logits:
+                if self.shaper is None:
+                    raise ValueError("this backend cannot shape logits (logprobs, penalties, grammars)")
+                row.shape = self.shaper.state(row.settings)
             row.handle = self.session.start(row.prompt)
         except Exception as err:  # this row's images or prompt: it fails alone
             row.failure = err
@@ -125,6 +139,7 @@ class RunningRows:
             if row.tracker.cancelled[row.index].is_set() and not row.finished:
                 row.tracker.end(row.index, "cancelled")  # gone before its first token: never decoded
         budget = max(1, self.step_tokens - sum(row.decoding for row in self.rows))
+        prompts_read, first_logits = [], []
         for row in self.rows:
             if budget <= 0 or not row.reading:
                 continue
@@ -137,7 +152,11 @@ class RunningRows:
             budget -= end - row.read
             row.read = end
             if logits is not None:
-                self._choose(row, logits)
+                prompts_read.append(row)
+                first_logits.append(logits)
+        if prompts_read:
+            self._choose(prompts_read, np.stack(first_logits))
+            for row in prompts_read:
                 if row.on_first_token:
                     row.on_first_token()
         finished = self._release()  # the session steps every row it holds: the finished go first
@@ -149,8 +168,7 @@ class RunningRows:
                 for row in decoding:
                     row.failure = err
             else:
-                for row, row_logits in zip(decoding, logits, strict=True):
-                    self._choose(row, row_logits)
+                self._choose(decoding, logits)
         return finished + self._release()
 
     def fail_all(self, err: Exception) -> list[Row]:
@@ -167,22 +185,37 @@ class RunningRows:
             self.rows.remove(row)
         return finished
 
-    def _choose(self, row: Row, logits: np.ndarray) -> None:
-        seen = None
-        if row.settings.repetition_penalty != 1.0:
-            seen = [row.prompt.input_ids + row.tracker.ids[row.index]]
-        chosen = choose_tokens(logits[None], row.settings, row.rng, self.stop_ids, seen)
-        row.token = int(chosen[0])
-        row.tracker.step([row.token], [row.index])
+    def _choose(self, rows: list[Row], logits: np.ndarray) -> None:
+        """Each row's next token from its (V,) row of the (R, V) `logits`, handed to its tracker."""
+        shaped = [index for index, row in enumerate(rows) if row.shape is not None]
+        if shaped:
+            states = [rows[index].shape for index in shaped]
+            part = logits[shaped]  # a copy (the sessions' logits are this step's own arrays)
+            self.shaper.shape(states, part)
+            logits[shaped] = part
+        for index, row in enumerate(rows):
+            seen = None
+            if row.settings.repetition_penalty != 1.0:
+                seen = [row.prompt.input_ids + row.tracker.ids[row.index]]
+            row.token = int(choose_tokens(logits[index, None], row.settings, row.rng, self.stop_ids, seen)[0])
+        if shaped:
+            self.shaper.advance(states, [rows[index].token for index in shaped])
+        for row in rows:
+            logprob = row.shape.logprob if row.shape is not None else None
+            row.tracker.step([row.token], [row.index], None if logprob is None else [logprob])
 
 
 def decode_all(
-    session: StepSession, prompts: list[Prompt], settings: GenerationSettings, rows: RowTracker
+    session: StepSession,
+    prompts: list[Prompt],
+    settings: GenerationSettings,
+    rows: RowTracker,
+    shaper: LogitShaper | None = None,
 ) -> list[int]:
     """A backend's `decode` over its session: the batch's rows join as room frees up, in order, and
     each leaves when it is done; returns each prompt's token count."""
     rng = sampling_rng(settings.seed)
-    running = RunningRows(session, rows.stop_token_ids, max_rows=session.max_rows)
+    running = RunningRows(session, rows.stop_token_ids, max_rows=session.max_rows, shaper=shaper)
     waiting = deque(Row(prompt, rows, index, rng) for index, prompt in enumerate(prompts))
     try:
         while waiting or running.rows:

@@ -1,5 +1,6 @@
 """Choosing the next token outside transformers: what the running batch, the ONNX and the llama.cpp
-backends decode with (greedy, or temperature/top-k/top-p sampling, repetition penalty, `ignore_eos`)."""
+backends decode with (greedy, or temperature/top-k/min-p/top-p sampling, repetition penalty,
+`ignore_eos`); what a row does to its logits before (bias, penalties, grammars) is `logits.py`'s."""
 
 from __future__ import annotations
 
@@ -48,6 +49,9 @@ def choose_tokens(
     with np.errstate(invalid="ignore"):
         probs = np.where(scaled == top, 1.0, np.exp(scaled - top)).astype(scaled.dtype)
     probs /= probs.sum(-1, keepdims=True)
+    if settings.min_p > 0:  # as vLLM: relative to the likeliest token, after the temperature
+        probs = np.where(probs < settings.min_p * probs.max(-1, keepdims=True), 0, probs)
+        probs /= probs.sum(-1, keepdims=True)
     if settings.top_p < 1:
         order = np.argsort(-probs, axis=-1)
         sorted_probs = np.take_along_axis(probs, order, -1)

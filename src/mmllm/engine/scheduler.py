@@ -25,7 +25,9 @@ class Scheduler(RequestQueue):
     def __init__(self, backend: Backend, max_rows: int = 16, step_tokens: int = STEP_TOKENS):
         if backend.session is None:
             raise ValueError(f"the {backend.name} backend keeps no running batch: use the DynamicBatcher")
-        self.batch = RunningRows(backend.session, backend.processor.stop_token_ids, max_rows, step_tokens)
+        self.batch = RunningRows(
+            backend.session, backend.processor.stop_token_ids, max_rows, step_tokens, backend.shaper
+        )
         self.waiting: deque[Row] = deque()
         self.jobs_of: dict[int, Job] = {}  # id(row) -> its job
         self.closing = False

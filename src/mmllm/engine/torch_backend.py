@@ -247,9 +247,13 @@ class Pipeline(Backend):
             batch["image_features"] = self.image_features(torch.from_numpy(np.concatenate(pixels)))
         return batch
 
+    @property
+    def logits_width(self) -> int:
+        return self.model.config.text_config.vocab_size
+
     def decode(self, prompts: list[Prompt], settings: GenerationSettings, rows: RowTracker) -> list[int]:
         if settings.num_beams == 1:
-            return decode_all(self.session, prompts, settings, rows)
+            return decode_all(self.session, prompts, settings, rows, self.shaper)
         return self.decode_with_generate(prompts, settings, rows)  # beams cannot share steps
 
     @torch.inference_mode()

@@ -1,5 +1,6 @@
-"""The OpenAI-compatible routes: `POST /v1/chat/completions` (text, images, audio; SSE streaming) and
-`GET /v1/models`."""
+"""The OpenAI-compatible routes: `POST /v1/chat/completions` (text, images, audio; SSE streaming;
+structured outputs, tools, log-probabilities), `GET /v1/models`, and vLLM's `/tokenize` and
+`/detokenize`."""
 
 from __future__ import annotations
 
@@ -10,17 +11,30 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from PIL import Image
 
-from mmllm.conversation import Message
 from mmllm.engine.batcher import Job
+from mmllm.engine.logits import TokenLogprob, grammar_error
 from mmllm.engine.rows import Completion
 from mmllm.engine.settings import GenerationSettings
+from mmllm.engine.tools import ToolCallParser, json_grammar, tool_call_grammar
+from mmllm.engine.tools import parse as parse_tool_calls
 from mmllm.errors import MmllmError
-from mmllm.serve.schemas import ChatCompletion, ChatCompletionRequest, ChatMessage, ModelList
+from mmllm.serve.schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelList,
+    NamedToolChoice,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from mmllm.serve.schemas import ErrorResponse as ErrorSchema
 from mmllm.serve.server import ERRORS, ApiError, Server, ServerDep
 
@@ -44,17 +58,38 @@ def _speech_to_text(data: str) -> str:
 
 
 def _has_content(message: ChatMessage) -> bool:
+    if message.content is None:
+        return False
     if isinstance(message.content, str):
         return bool(message.content.strip())
     return any(part.type != "text" or part.text.strip() for part in message.content)
 
 
+def _tool_calls(message: ChatMessage, i: int) -> list[dict[str, Any]]:
+    """An assistant message's calls as chat templates take them: arguments as a JSON object."""
+    calls = []
+    for j, call in enumerate(message.tool_calls or ()):
+        try:
+            arguments = json.loads(call.function.arguments)
+        except json.JSONDecodeError as err:
+            param = f"messages.{i}.tool_calls.{j}.function.arguments"
+            raise ApiError(400, f"{param} is not JSON: {err}", param) from None
+        calls.append(
+            {
+                "id": call.id,
+                "type": "function",
+                "function": {"name": call.function.name, "arguments": arguments},
+            }
+        )
+    return calls
+
+
 async def chat_inputs(
-    server: Server, request: ChatCompletionRequest, settings: GenerationSettings
-) -> tuple[list[Message], list[Image.Image]]:
+    server: Server, messages: list[ChatMessage], settings: GenerationSettings, limit_field: str = "max_tokens"
+) -> tuple[list[dict[str, Any]], list[Image.Image]]:
     texts, image_urls = [], {}
-    for i, message in enumerate(request.messages):
-        parts = [message.content] if isinstance(message.content, str) else message.content
+    for i, message in enumerate(messages):
+        parts = [message.content] if isinstance(message.content, str) else message.content or []
         for j, part in enumerate(parts):
             if isinstance(part, str):
                 texts.append(part)
@@ -63,9 +98,9 @@ async def chat_inputs(
             elif part.type == "image_url":
                 url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
                 image_urls[f"messages.{i}.content.{j}.image_url"] = url
-    if not any(m.role == "user" and _has_content(m) for m in request.messages):
+    if not any(m.role == "user" and _has_content(m) for m in messages):
         raise ApiError(400, "messages need a non-empty user message", "messages")
-    server.check_request(texts, len(image_urls), settings, request.limit_field)
+    server.check_request(texts, len(image_urls), settings, limit_field)
     images = []
     for param, url in image_urls.items():
         try:
@@ -73,10 +108,10 @@ async def chat_inputs(
         except ApiError as err:
             err.param = param  # which image of which message
             raise
-    conversation = []
-    for i, message in enumerate(request.messages):
-        if isinstance(message.content, str):
-            text = message.content
+    conversation: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        if message.content is None or isinstance(message.content, str):
+            text = message.content or ""
         else:
             pieces = []
             for j, part in enumerate(message.content):
@@ -92,8 +127,59 @@ async def chat_inputs(
                         raise
             text = "\n".join(pieces)
         role = "system" if message.role == "developer" else message.role  # OpenAI's newer name for it
-        conversation.append({"role": role, "content": text})
+        turn: dict[str, Any] = {"role": role, "content": text}
+        if message.tool_calls:
+            turn["tool_calls"] = _tool_calls(message, i)
+        if message.tool_call_id is not None:
+            turn["tool_call_id"] = message.tool_call_id
+        conversation.append(turn)
     return conversation, images
+
+
+def _grammar(server: Server, body: ChatCompletionRequest) -> tuple[str, str]:
+    """The grammar a constrained request's answer must follow, and the field that asked for it; run
+    in a worker thread (the first grammar builds the vocabulary's llguidance tables)."""
+    fmt, choice = body.response_format, body.tool_choice
+    field = "response_format"
+    if body.forced_call:
+        field = "tool_choice"
+        shaper = server.backend.shaper
+        chosen = [
+            tool
+            for tool in body.tools
+            if not isinstance(choice, NamedToolChoice) or tool.function.name == choice.function.name
+        ]
+        parallel = choice == "required" and body.parallel_tool_calls is not False
+        functions = [tool.model_dump(exclude_none=True) for tool in chosen]
+        grammar = tool_call_grammar(functions, parallel, server.backend.processor, shaper.tokenizer)
+    elif fmt.type == "json_object":
+        grammar = json_grammar({"type": "object"})
+    else:
+        try:
+            grammar = json_grammar(fmt.json_schema.schema_ or {"type": "object"})
+        except ValueError as err:
+            raise ApiError(400, f"response_format.json_schema.schema: {err}", "response_format") from None
+    try:
+        error = grammar_error(grammar, server.backend.shaper.tokenizer)
+    except ValueError as err:  # llguidance is not installed
+        raise ApiError(400, f"{field}: {err}", field) from None
+    if error:
+        raise ApiError(400, f"{field}: the schema cannot be decoded to: {error}", field)
+    return grammar, field
+
+
+def _logprobs(server: Server, entries: list[TokenLogprob]) -> dict[str, Any]:
+    """Log-probability records in OpenAI's shape: each token's text and UTF-8 bytes."""
+
+    def described(token: int, logprob: float) -> dict[str, Any]:
+        raw = server.backend.shaper.token_bytes(token)
+        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
+    content = [
+        {**described(entry.token, entry.logprob), "top_logprobs": [described(t, lp) for t, lp in entry.top]}
+        for entry in entries
+    ]
+    return {"content": content, "refusal": None}
 
 
 @router.post(
@@ -109,22 +195,43 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, server
     server.check_model(body.model)
     if refused := body.unsupported():  # asked for what this server does not do: say so, never ignore it
         raise ApiError(400, refused[1], refused[0], code="unsupported_parameter")
-    settings = server.settings(**body.generation_options(server.default_max_new_tokens))
-    conversation, images = await chat_inputs(server, body, settings)
-    prompt = await server.prepare(conversation, images)
+    if contradiction := body.invalid():
+        raise ApiError(400, contradiction[1], contradiction[0])
+    try:
+        options = body.generation_options(server.default_max_new_tokens)
+    except ValueError as err:  # a logit_bias key that is not a token id
+        raise ApiError(400, str(err), "logit_bias") from None
+    settings = server.settings(**options)
+    calling = bool(body.tools) and body.tool_choice != "none"
+    if body.constrained:
+        grammar, field = await server.offload(_grammar, server, body)
+        settings = server.settings(field, **options, grammar=grammar)
+    if settings.logprobs is not None:
+        await server.offload(lambda: server.backend.shaper.tokenizer)  # built off the loop, once
+    conversation, images = await chat_inputs(server, body.messages, settings, body.limit_field)
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if calling else None
+    prompt = await server.prepare(conversation, images, tools)
+    try:
+        server.backend.shaper.check(settings)  # token ids out of the vocabulary: a 400, not a failed row
+    except ValueError as err:
+        raise ApiError(400, str(err), str(err).split()[0]) from None
     job = server.enqueue(prompt, settings, body.stop_strings(), bool(body.stream))
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        events = _events(job, server.cfg.timeout_s, completion_id, body.model, usage)
+        answer = _Answer(server, completion_id, body.model, calling)
+        events = _events(job, server.cfg.timeout_s, answer, usage)
         return StreamingResponse(events, media_type="text/event-stream")
     done = await server.result(job, request)
+    content, calls = parse_tool_calls(done.text) if calling else (done.text, [])
+    choice = {
+        "message": {"content": content, "tool_calls": calls or None},
+        "finish_reason": "tool_calls" if calls and done.finish_reason == "stop" else done.finish_reason,
+    }
+    if done.logprobs is not None:
+        choice["logprobs"] = await server.offload(_logprobs, server, done.logprobs)
     return ChatCompletion(
-        id=completion_id,
-        created=int(time.time()),
-        model=body.model,
-        choices=[{"message": {"content": done.text}, "finish_reason": done.finish_reason}],
-        usage=_usage(done),
+        id=completion_id, created=int(time.time()), model=body.model, choices=[choice], usage=_usage(done)
     )
 
 
@@ -136,33 +243,61 @@ def _usage(done: Completion) -> dict[str, int]:
     }
 
 
-def _chunk(completion_id: str, model: str, delta: dict | None, finish: str | None = None, **extra) -> str:
-    body = {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}],
-        **extra,
-    }
-    return f"data: {json.dumps(body)}\n\n"
+class _Answer:
+    """One streamed answer's chunks: text pieces become content deltas (or, for a request with tools,
+    content and tool-call deltas), each carrying the log-probabilities of the tokens it begins."""
+
+    def __init__(self, server: Server, completion_id: str, model: str, calling: bool):
+        self.server, self.completion_id, self.model = server, completion_id, model
+        self.parser = ToolCallParser() if calling else None
+        self.pending: list[TokenLogprob] = []  # records whose text is held back (by the parser)
+        self.sent = 0  # records sent
+
+    def chunk(self, delta: dict | None, finish: str | None = None, **extra) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        if delta is not None and self.pending:
+            choice["logprobs"] = _logprobs(self.server, self.pending)
+            self.sent += len(self.pending)
+            self.pending = []
+        body = {
+            "id": self.completion_id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [] if delta is None else [choice],
+            **extra,
+        }
+        return f"data: {json.dumps(body)}\n\n"
+
+    def pieces(self, piece: str) -> list[str]:
+        self.pending += getattr(piece, "logprobs", [])
+        deltas = self.parser.feed(piece) if self.parser else [{"content": piece}]
+        return [self.chunk(delta) for delta in deltas]
+
+    def end(self, done: Completion, usage: bool) -> list[str]:
+        """The last chunks: what the parser held, the finish reason (with records not sent yet)."""
+        chunks = [self.chunk(delta) for delta in (self.parser.finish() if self.parser else ())]
+        self.pending = (done.logprobs or [])[self.sent :]
+        calls = self.parser is not None and bool(self.parser.calls)
+        finish = "tool_calls" if calls and done.finish_reason == "stop" else done.finish_reason
+        chunks.append(self.chunk({}, finish))
+        if usage:
+            chunks.append(self.chunk(None, usage=_usage(done)))
+        return chunks
 
 
-async def _events(
-    job: Job, timeout_s: float, completion_id: str, model: str, usage: bool = False
-) -> AsyncIterator[str]:
-    """A streamed answer as server-sent events: the role, the text piece by piece, the finish reason,
-    (with `usage`) a chunk holding the token counts, then `[DONE]`; an error after the 200 has gone
-    out travels in-band."""
+async def _events(job: Job, timeout_s: float, answer: _Answer, usage: bool = False) -> AsyncIterator[str]:
+    """A streamed answer as server-sent events: the role, the text piece by piece (or its tool calls,
+    their arguments piece by piece), the finish reason, (with `usage`) a chunk holding the token
+    counts, then `[DONE]`; an error after the 200 has gone out travels in-band."""
     deadline = time.monotonic() + timeout_s
     try:
-        yield _chunk(completion_id, model, {"role": "assistant", "content": ""})
+        yield answer.chunk({"role": "assistant", "content": ""})
         while (piece := await asyncio.wait_for(job.deltas.get(), deadline - time.monotonic())) is not None:
-            yield _chunk(completion_id, model, {"content": piece})  # joined: the non-streamed content
-        done = await job.future
-        yield _chunk(completion_id, model, {}, done.finish_reason)
-        if usage:
-            yield _chunk(completion_id, model, None, usage=_usage(done))
+            for chunk in answer.pieces(piece):  # joined: the non-streamed content
+                yield chunk
+        for chunk in answer.end(await job.future, usage):
+            yield chunk
     except TimeoutError:
         error = {"message": f"generation took longer than {timeout_s:g} s", "type": "timeout"}
         yield f"data: {json.dumps({'error': error})}\n\n"
@@ -171,6 +306,41 @@ async def _events(
     finally:
         job.cancel()  # the client left (the response is cancelled) or the answer is complete
     yield "data: [DONE]\n\n"
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses={**ERRORS, 404: {"model": ErrorSchema}})
+async def tokenize(body: TokenizeRequest, server: ServerDep):
+    """vLLM's `/tokenize`: a prompt's tokens, or a conversation's as the chat endpoint builds them."""
+    server.check_model(body.model)
+    tokenizer = server.backend.processor.tokenizer
+    if body.prompt is not None:
+        server.check_request([body.prompt], 0, GenerationSettings(max_new_tokens=1))
+        encoded = await server.offload(
+            lambda: tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)
+        )
+        ids = encoded["input_ids"]
+    else:
+        conversation, images = await chat_inputs(server, body.messages, GenerationSettings(max_new_tokens=1))
+        tools = [tool.model_dump(exclude_none=True) for tool in body.tools or ()]
+        ids = (await server.prepare(conversation, images, tools)).input_ids
+    strings = tokenizer.convert_ids_to_tokens(ids) if body.return_token_strs else None
+    return TokenizeResponse(
+        count=len(ids), max_model_len=server.backend.context_length, tokens=ids, token_strs=strings
+    )
+
+
+@router.post(
+    "/detokenize", response_model=DetokenizeResponse, responses={**ERRORS, 404: {"model": ErrorSchema}}
+)
+async def detokenize(body: DetokenizeRequest, server: ServerDep):
+    """vLLM's `/detokenize`: token ids back to text (special tokens included)."""
+    server.check_model(body.model)
+    tokenizer = server.backend.processor.tokenizer
+    if unknown := [token for token in body.tokens if token >= len(tokenizer)]:
+        raise ApiError(
+            400, f"tokens: {unknown[0]} is not in the vocabulary (0 to {len(tokenizer) - 1})", "tokens"
+        )
+    return DetokenizeResponse(prompt=await server.offload(tokenizer.decode, body.tokens))
 
 
 @router.get("/v1/models", response_model=ModelList, responses={401: ERRORS[401]})

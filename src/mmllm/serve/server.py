@@ -15,7 +15,6 @@ from typing import Annotated, Any, TypeVar
 from fastapi import Depends, Request
 from PIL import Image
 
-from mmllm.conversation import Message
 from mmllm.engine.backend import Prompt
 from mmllm.engine.batcher import Job, RequestQueue
 from mmllm.engine.rows import Completion
@@ -31,8 +30,8 @@ ALIAS = "mmllm"  # a model name every server answers to, whatever it serves
 # Text beyond this many characters per allowed prompt token is refused before tokenizing: no
 # tokenizer packs more into a token, and a 19 MB prompt took 17 s to tokenize only to be refused.
 CHARS_PER_TOKEN = 32
-# OpenAI's message fields this server does not declare (tool calls and their results, audio output).
-OPENAI_MESSAGE_FIELDS = ("tool_calls", "tool_call_id", "function_call", "audio", "refusal")
+# OpenAI's message fields this server does not declare (legacy function calls, audio output, refusals).
+OPENAI_MESSAGE_FIELDS = ("function_call", "audio", "refusal")
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorSchema, "description": description}
     for status, description in (
@@ -185,10 +184,16 @@ class Server:
                 "messages",
             )
 
-    async def prepare(self, conversation: list[Message], images: list[Image.Image]) -> Prompt:
-        """Tokenize and preprocess one request on its own, off the event loop."""
+    async def prepare(
+        self,
+        conversation: list[dict[str, Any]],
+        images: list[Image.Image],
+        tools: list[dict[str, Any]] | None = None,
+    ) -> Prompt:
+        """Tokenize and preprocess one request on its own (with the tools its prompt shows), off the
+        event loop."""
         try:
-            prompt = await self.offload(self.backend.prepare, conversation, images)
+            prompt = await self.offload(self.backend.prepare, conversation, images, tools)
         except (MmllmError, ValueError) as err:
             raise ApiError(400, str(err), "messages") from None
         if len(prompt.input_ids) > self.cfg.max_prompt_tokens:
@@ -228,13 +233,16 @@ class Server:
         """A chat request that names no token limit gets as many as this server allows, up to 256."""
         return min(256, self.cfg.max_tokens)
 
-    def settings(self, **options: Any) -> GenerationSettings:
+    def settings(self, grammar_field: str = "response_format", **options: Any) -> GenerationSettings:
+        """The request's settings, checked, and checked against the backend; `grammar_field`: the
+        request field a grammar came from (`response_format` or `tools`)."""
         try:
             settings = GenerationSettings(**options)
             self.backend.check(settings)
         except ValueError as err:  # "top_k must be ...": the message starts with the setting
             name = str(err).split()[0]
-            param = "max_tokens" if name == "max_new_tokens" else name if name in options else None
+            names = {"max_new_tokens": "max_tokens", "grammar": grammar_field}
+            param = names.get(name, name if name in options else None)
             raise ApiError(400, str(err), param) from None
         return settings
 
