@@ -177,13 +177,6 @@ def test_non_finite_steps_are_skipped_and_reported(tiny_dir, tmp_path):
     assert torch.equal(model.projector[2].weight, poisoned.projector[2].weight)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the CPU-only error")
-def test_qlora_without_cuda_is_a_clear_error(tiny_dir, tmp_path):
-    cfg = load_config(TrainConfig, None, base=recipe(tiny_dir, tmp_path, **{"parts.language_model": "qlora"}))
-    with pytest.raises(MmllmError, match="QLoRA needs a CUDA GPU"):
-        train(cfg)
-
-
 def _write_recipe(tiny_dir, out, path, **overrides) -> Path:
     path.write_text(yaml.safe_dump(recipe(tiny_dir, out, **overrides)))
     return path

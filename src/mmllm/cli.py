@@ -510,6 +510,10 @@ def _configure_logging(verbose: bool, progress_bars: bool) -> None:
     # Through the environment, read when transformers first loads: importing it here would cost every
     # command, `--version` and `weights list` included, a second or more.
     os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    # bitsandbytes (the qlora extra), imported by peft, asks the hub's `kernels` for a CPU kernel on every
+    # start on CPUs with AVX512-BF16; both warn when it is not there, and bitsandbytes' own kernels run.
+    for noisy in ("bitsandbytes", "kernels"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     if not progress_bars:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if "transformers" in sys.modules:  # already loaded (the library's own callers, tests)

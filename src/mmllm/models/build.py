@@ -95,16 +95,17 @@ def _source(name_or_path: str) -> Path | ModelConfig:
 
 
 def load_model(
-    name_or_path: str, dtype: torch.dtype | None = None
+    name_or_path: str, dtype: torch.dtype | None = None, quantization_config: Any = None
 ) -> tuple[MultimodalLM, MultimodalProcessor]:
     """Load what a user names: a saved mmllm model, a ModelConfig YAML, `default`, or a bare LM.
 
     A YAML recipe or a bare LM builds a new model, whose projector (and vision tower, offline) is untrained.
+    `quantization_config` loads the language model 4-bit (QLoRA training: `models/nf4.py`).
     """
     source = _source(name_or_path)
     if isinstance(source, ModelConfig):
-        return build_model(source, dtype)
-    model = MultimodalLM.from_pretrained(source, dtype=dtype)
+        return build_model(source, dtype, quantization_config)
+    model = MultimodalLM.from_pretrained(source, dtype=dtype, lm_quantization=quantization_config)
     return model.eval(), MultimodalProcessor.from_pretrained(source)
 
 

@@ -74,6 +74,8 @@ class MultimodalConfig(PreTrainedConfig, ModelDesign):
         draw: a checkpoint that leaves the frozen untrained tower out rebuilds it and checks it is the same.
     saved_parts: the parts whose weights the checkpoint's safetensors hold (all when None).
     adapter: subfolder holding a PEFT LoRA adapter for the language model, applied on load.
+    base_quantization: how QLoRA quantised the language model's linear layers while the adapter trained
+        (`models/nf4.py`); loading rounds the base weights through the same NF4 before the adapter goes on.
     trained_parts: the parts carrying learned weights (loaded pretrained or trained by us); a part
         not listed is randomly initialised, and the CLI says so.
     """
@@ -95,6 +97,7 @@ class MultimodalConfig(PreTrainedConfig, ModelDesign):
     vision_untrained_digest: str | None = None
     saved_parts: list[str] | None = None
     adapter: str | None = None
+    base_quantization: dict | None = None
     trained_parts: list[str] | None = None
     tie_word_embeddings: bool = False
     mmllm_version: str | None = None

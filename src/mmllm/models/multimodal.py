@@ -292,7 +292,8 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         if self.has_lora:
             self.language_model = self.language_model.merge_and_unload()
             self.config.text_config = self.language_model.config
-            self.config.adapter = None
+            # A QLoRA base was rounded through NF4 as it loaded: the merged weights hold that rounding.
+            self.config.adapter = self.config.base_quantization = None
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, parts: list[str] | None = None, **kwargs):
         """Save the whole model, or only `parts` (e.g. the trained projector) with references to the bases.
@@ -331,14 +332,24 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
             save_file({}, str(weights), metadata={"format": "pt"})
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *args: Any,
+        lm_quantization: Any = None,
+        **kwargs: Any,
+    ):
+        """`lm_quantization`: a BitsAndBytesConfig that loads the language model 4-bit from the base it
+        refers to (QLoRA training); a model that stores its LM's weights ignores it."""
         config = kwargs.get("config")
         if not isinstance(config, MultimodalConfig):
             config = MultimodalConfig.from_pretrained(pretrained_model_name_or_path, **_hub_kwargs(kwargs))
         if not config.saved_parts or set(config.saved_parts) == set(PARTS):
             model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         else:
-            model = cls._from_saved_parts(pretrained_model_name_or_path, config, kwargs.get("dtype"), kwargs)
+            model = cls._from_saved_parts(
+                pretrained_model_name_or_path, config, kwargs.get("dtype"), kwargs, lm_quantization
+            )
         if config.adapter:
             from peft import PeftModel
 
@@ -351,13 +362,26 @@ class MultimodalLM(PreTrainedModel, GenerationMixin):
         return model
 
     @classmethod
-    def _from_saved_parts(cls, path: str | os.PathLike, config: MultimodalConfig, dtype, kwargs: dict):
+    def _from_saved_parts(
+        cls, path: str | os.PathLike, config: MultimodalConfig, dtype, kwargs: dict, lm_quantization: Any
+    ):
         from mmllm.models.language import load_language_model
 
         saved = set(config.saved_parts)
         language_model = vision_tower = None
         if "language_model" not in saved:
-            language_model = load_language_model(config.text_model_name_or_path, dtype=dtype)
+            # A QLoRA adapter was trained against its base's NF4 rounding (unless this load is QLoRA's own,
+            # 4-bit): round the weights in the dtype they were quantised from; the model takes `dtype` last.
+            rounded = config.base_quantization if lm_quantization is None else None
+            language_model = load_language_model(
+                config.text_model_name_or_path,
+                getattr(torch, rounded["dtype"]) if rounded else dtype,
+                quantization_config=lm_quantization,
+            )
+            if rounded:
+                from mmllm.models.nf4 import round_through_nf4_
+
+                round_through_nf4_(language_model, rounded)
         if "vision_tower" not in saved and config.vision_model_name_or_path:
             vision_tower, _ = load_vision_tower(config.vision_model_name_or_path, config.vision_feature_mode)
         elif "vision_tower" not in saved:

@@ -23,7 +23,8 @@ class PartsConfig:
     projector: Literal["frozen", "full"] = "full"
     """The projector nearly always trains."""
     language_model: Literal["frozen", "full", "lora", "qlora"] = "frozen"
-    """`lora`: PEFT LoRA on the LM's own modules; `qlora`: 4-bit NF4 base + LoRA (CUDA + bitsandbytes)."""
+    """`lora`: PEFT LoRA on the LM's own modules; `qlora`: the same over a 4-bit NF4 LM (bitsandbytes: CPU
+    or CUDA; the LM must be loaded by name, not stored in `init_from`)."""
 
 
 @dataclass

@@ -27,6 +27,7 @@ from mmllm.data.loading import LoadReport, build_dataloader, processor_for
 from mmllm.errors import MmllmError
 from mmllm.models.build import build_model, load_model
 from mmllm.models.multimodal import MultimodalLM
+from mmllm.models.nf4 import nf4_layers
 from mmllm.processor import MultimodalProcessor
 from mmllm.train.checkpoint import (
     TrainState,
@@ -93,9 +94,9 @@ def _accelerator(cfg: TrainConfig):
 
 def _model(cfg: TrainConfig, resume_from: Path | None) -> tuple[MultimodalLM, MultimodalProcessor]:
     """The model to train, with exactly the recipe's parts trainable (and a checkpoint's weights)."""
-    quantization = qlora_quantization_config() if cfg.parts.language_model == "qlora" else None
+    quantization = qlora_quantization_config(cfg.precision) if cfg.parts.language_model == "qlora" else None
     if cfg.init_from:
-        model, processor = load_model(cfg.init_from)
+        model, processor = load_model(cfg.init_from, quantization_config=quantization)
     else:
         model, processor = build_model(cfg.model, quantization_config=quantization)
     processor = processor_for(cfg.data, processor)  # saved with the model: it answers as it was trained
@@ -109,6 +110,19 @@ def _model(cfg: TrainConfig, resume_from: Path | None) -> tuple[MultimodalLM, Mu
     if cfg.compile:
         _compile_layers(model)
     return model, processor
+
+
+def _check_4bit(model: MultimodalLM, precision: str, main: bool) -> None:
+    """Raise unless the LM's linear layers are QLoRA's NF4 (`nf4.nf4_layers`); say so at the start."""
+    layers = nf4_layers(model.language_model)
+    if main:
+        log.info(
+            "QLoRA: %d linear layers of the LM in 4-bit NF4 (double quantisation), matmuls in %s; "
+            "in full precision: %s",
+            len(layers),
+            precision,
+            ", ".join(model.config.base_quantization["full_precision"]) or "none",
+        )
 
 
 def _compile_layers(model: MultimodalLM) -> None:
@@ -298,9 +312,13 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, cosine_schedule(total, cfg.optim.warmup_ratio, cfg.optim.min_lr_ratio)
     )
+    if cfg.parts.language_model == "qlora" and accelerator.is_fsdp2:
+        raise MmllmError("QLoRA with FSDP is out of scope (docs/training.md): launch it without FSDP")
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     if main and accelerator.is_fsdp2:
         log.info("FSDP2: %s", held_parameters(model))
+    if cfg.parts.language_model == "qlora":
+        _check_4bit(accelerator.unwrap_model(model), cfg.precision, main)
     trainer = _Trainer(cfg, accelerator, model, optimizer, scheduler, processor.stop_token_ids)
     state = TrainState()
     if resume_from:
@@ -335,6 +353,8 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
             progress.held_out(state.step, evaluator(model))
             model.train()
         if state.step % cfg.save_every == 0 or state.step == end:
+            if cfg.parts.language_model == "qlora":  # the base that the adapter trains against is still 4-bit
+                _check_4bit(accelerator.unwrap_model(model), cfg.precision, main=False)
             states = whole_states(accelerator, model, optimizer)
             if main:
                 state.data_counts = dict(report.counts)

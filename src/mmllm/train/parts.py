@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from mmllm.errors import MmllmError
+from mmllm.models import nf4
 from mmllm.models.configuration import PARTS
 from mmllm.models.multimodal import MultimodalLM
 from mmllm.train.config import LoraSettings, OptimConfig, PartsConfig
@@ -12,25 +13,17 @@ from mmllm.train.config import LoraSettings, OptimConfig, PartsConfig
 NO_DECAY = ("bias", "norm", "ln_", "layernorm", "embeddings.position")
 
 
-def qlora_quantization_config():
-    """4-bit NF4 with double quantisation and fp16 compute (QLoRA), or a clear reason it cannot run here."""
-    if not torch.cuda.is_available():
-        raise MmllmError(
-            "QLoRA needs a CUDA GPU (bitsandbytes 4-bit kernels); on this machine use "
-            "parts.language_model=lora, which trains the same adapters on an unquantised model"
-        )
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise MmllmError("QLoRA needs bitsandbytes: pip install bitsandbytes") from None
-    from transformers import BitsAndBytesConfig
+COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float16,
-    )
+
+def qlora_quantization_config(precision: str):
+    """QLoRA's 4-bit NF4 base (`models/nf4.py`), its matmuls in the recipe's precision."""
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise MmllmError(
+            "QLoRA with precision fp16 needs a CUDA GPU: on a CPU, accelerate runs an fp16 recipe with no "
+            "autocast or loss scaler, so the 4-bit layers would compute in unscaled fp16; use precision=bf16"
+        )
+    return nf4.quantization_config(COMPUTE_DTYPES[precision])
 
 
 def lora_targets(language_model: torch.nn.Module, wanted: list[str]) -> list[str]:
@@ -54,6 +47,8 @@ def lora_targets(language_model: torch.nn.Module, wanted: list[str]) -> list[str
 def setup_parts(model: MultimodalLM, parts: PartsConfig, lora: LoraSettings) -> None:
     """Freeze everything, then unfreeze (or give adapters to) exactly the parts the recipe trains."""
     model.requires_grad_(False)
+    if parts.language_model == "qlora":  # before adapters go on: what a QLoRA adapter trains against
+        model.config.base_quantization = nf4.prepare_for_training(model.language_model)
     # A part that trains no longer equals its base weights: drop the reference so it gets saved.
     if parts.vision_tower == "full":
         model.vision_tower.requires_grad_(True)
@@ -62,12 +57,13 @@ def setup_parts(model: MultimodalLM, parts: PartsConfig, lora: LoraSettings) -> 
         model.projector.requires_grad_(True)
     if parts.language_model == "full":
         model.language_model.requires_grad_(True)
-        model.config.text_model_name_or_path = None
+        # Saved as trained, so no rounding of a QLoRA base on loading either.
+        model.config.text_model_name_or_path = model.config.base_quantization = None
     elif parts.language_model in ("lora", "qlora") and not model.has_lora:
-        from peft import LoraConfig, prepare_model_for_kbit_training
+        # Not peft's prepare_model_for_kbit_training: it freezes what is frozen already, upcasts half
+        # precision weights (ours load in fp32) and turns gradient checkpointing on whatever the recipe says.
+        from peft import LoraConfig
 
-        if parts.language_model == "qlora":
-            model.language_model = prepare_model_for_kbit_training(model.language_model)
         model.add_lora(
             LoraConfig(
                 r=lora.r,
@@ -116,11 +112,17 @@ def parameter_groups(model: MultimodalLM, optim: OptimConfig) -> list[dict]:
     ]
 
 
+def _weights(parameter: torch.nn.Parameter) -> int:
+    """How many weights a parameter holds: a 4-bit one packs two a byte (its quant_state has the shape)."""
+    state = getattr(parameter, "quant_state", None)
+    return state.shape.numel() if state is not None else parameter.numel()
+
+
 def parameter_table(model: MultimodalLM) -> str:
     """Trainable vs total parameters per part, printed at the start of a run."""
     lines = [f"{'part':<16}{'trainable':>14}{'total':>16}"]
     for part in PARTS:
         params = list(getattr(model, part).parameters())
         trainable = sum(p.numel() for p in params if p.requires_grad)
-        lines.append(f"{part:<16}{trainable:>14,}{sum(p.numel() for p in params):>16,}")
+        lines.append(f"{part:<16}{trainable:>14,}{sum(_weights(p) for p in params):>16,}")
     return "\n".join(lines)
