@@ -151,6 +151,20 @@ def lora_model_dir(tmp_path_factory):
     return folder
 
 
+# The CLI with a library that warns while it reads the image.
+NOISY_CLI = """
+import sys, warnings
+from PIL import Image
+open_image = Image.open
+def warning_open(*args, **kwargs):
+    warnings.warn("a library's warning", UserWarning)
+    return open_image(*args, **kwargs)
+Image.open = warning_open
+from mmllm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_ask_prints_no_third_party_warnings(lora_model_dir, images, stream):
     """stderr holds mmllm's own lines only; `--debug` lets the third-party warnings through."""
@@ -164,5 +178,9 @@ def test_ask_prints_no_third_party_warnings(lora_model_dir, images, stream):
     assert expected.strip() and result.stdout.strip() == expected.strip()  # the answer, on stdout alone
     foreign = [line for line in result.stderr.splitlines() if not line.startswith("mmllm: ")]
     assert foreign == [], result.stderr
-    debug = subprocess.run([*command[:3], "--debug", *command[3:]], capture_output=True, text=True)
-    assert debug.returncode == 0 and "Warning" in debug.stderr  # peft's deprecated-attribute warning
+    # A library warning on the way (reading the image), shown with `--debug` only.
+    noisy = [sys.executable, "-c", NOISY_CLI, *command[3:]]
+    quiet = subprocess.run(noisy, capture_output=True, text=True, timeout=300)
+    debug = subprocess.run([*noisy[:3], "--debug", *noisy[3:]], capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == debug.returncode == 0, quiet.stderr + debug.stderr
+    assert "a library's warning" not in quiet.stderr and "a library's warning" in debug.stderr
