@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from mmllm.engine.torch_backend import DTYPES
 from mmllm.errors import MmllmError
 from mmllm.models import nf4
 from mmllm.models.configuration import PARTS
@@ -13,9 +14,6 @@ from mmllm.train.config import LoraSettings, OptimConfig, PartsConfig
 NO_DECAY = ("bias", "norm", "ln_", "layernorm", "embeddings.position")
 
 
-COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def qlora_quantization_config(precision: str):
     """QLoRA's 4-bit NF4 base (`models/nf4.py`), its matmuls in the recipe's precision."""
     if precision == "fp16" and not torch.cuda.is_available():
@@ -23,7 +21,7 @@ def qlora_quantization_config(precision: str):
             "QLoRA with precision fp16 needs a CUDA GPU: on a CPU, accelerate runs an fp16 recipe with no "
             "autocast or loss scaler, so the 4-bit layers would compute in unscaled fp16; use precision=bf16"
         )
-    return nf4.quantization_config(COMPUTE_DTYPES[precision])
+    return nf4.quantization_config(DTYPES[precision])
 
 
 def lora_targets(language_model: torch.nn.Module, wanted: list[str]) -> list[str]:
