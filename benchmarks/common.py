@@ -85,15 +85,19 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def report(name: str, rows: list[dict[str, Any]], settings: dict[str, Any], out: Path = RESULTS) -> None:
-    """Print the table and write `OUT/NAME.json` (and `.md`; OUT: `results/` by default)."""
+def report(
+    name: str, rows: list[dict[str, Any]], settings: dict[str, Any], out: Path = RESULTS, notes: str = ""
+) -> None:
+    """Print the table and write `OUT/NAME.json` (and `.md`, with `notes` under the table; OUT:
+    `results/` by default)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = table(rows)
     print(text)
     payload = {"benchmark": name, "machine": machine(), "settings": settings, "rows": rows}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
-    (out / f"{name}.md").write_text(f"# {name}\n\n{json.dumps(payload['machine'])}\n\n{text}\n")
+    tail = f"\n{notes}\n" if notes else ""
+    (out / f"{name}.md").write_text(f"# {name}\n\n{json.dumps(payload['machine'])}\n\n{text}\n{tail}")
 
 
 # Real architectures, for random-weight runs (speed does not depend on weight values, and no

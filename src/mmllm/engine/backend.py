@@ -32,6 +32,8 @@ class Prompt:
 
     input_ids: list[int]
     pixel_values: np.ndarray | None  # (I, 3, S, S), or None without images
+    salt: str = ""
+    """Whose prompt it is (the server's tenant): the prefix cache shares KV between equal salts only."""
 
 
 class FeatureLRU:

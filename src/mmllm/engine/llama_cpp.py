@@ -5,7 +5,9 @@ the one projection path), so every design runs here, whether or not llama.cpp ha
 The prompt reaches llama.cpp as it is: text runs as token batches, each image's rows as an embedding
 batch (`llama_batch.embd`) at the positions of its placeholder tokens. Each row of a batch is one
 sequence in a unified KV cache (`LlamaCppSession`): rows join as room frees up and leave when done,
-in batch decoding and under the server's scheduler alike. Greedy or sampled decoding; no beams.
+in batch decoding and under the server's scheduler alike. Greedy or sampled decoding; no beams. A row
+that ends may leave its sequence behind for the prefix cache, in the same KV cache: running rows win
+it back whenever they need the room.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import ctypes
 import functools
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from mmllm.engine.backend import Prompt
 from mmllm.engine.exported import ExportedBackend, onnx_session, read_export_settings
+from mmllm.engine.prefix_cache import PrefixCache
 from mmllm.engine.rows import RowTracker
 from mmllm.engine.running import decode_all
 from mmllm.engine.settings import GenerationSettings
@@ -31,6 +35,8 @@ LLAMA_CPP_FORMAT = 1
 PREFERRED = ("q4_k_m", "q8_0", "f16", "f32")  # what `--dtype auto` picks: the smallest file first
 CONTEXT_TOKENS = 4096  # the KV cache all rows of a batch share (Qwen2.5-0.5B: 12 KB a token in f16)
 MAX_ROWS = 16
+KEPT = 16  # sequences the prefix cache may keep beside the running rows
+F16_BYTES = 2  # llama.cpp's KV cache holds f16 keys and values
 CHUNK = 512  # tokens or image rows per llama_decode call while reading a prompt
 GGML_LOG_ERROR = 4  # ggml.h: NONE, DEBUG, INFO, WARN, ERROR, CONT
 _LOG_CALLBACK: list = []
@@ -93,10 +99,10 @@ class LlamaCppBackend(ExportedBackend):
         self.n_ctx = min(settings["context_length"], CONTEXT_TOKENS)
         params = llama_cpp.llama_context_default_params()
         params.n_ctx, params.n_batch, params.n_ubatch = self.n_ctx, CHUNK, CHUNK
-        params.n_seq_max, params.kv_unified, params.no_perf = MAX_ROWS, True, True
-        # Logits of at most one position a row: by default llama.cpp sizes its output buffers for a
-        # whole batch of them (Qwen2.5: 512 x 151,936 floats, 311 MB, twice).
-        params.n_outputs_max = MAX_ROWS
+        params.n_seq_max, params.kv_unified, params.no_perf = MAX_ROWS + KEPT, True, True
+        # Logits of at most one position a sequence (llama.cpp asks for that many): by default it sizes
+        # its output buffers for a whole batch of them (Qwen2.5: 512 x 151,936 floats, 311 MB, twice).
+        params.n_outputs_max = params.n_seq_max
         params.n_threads = params.n_threads_batch = threads
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
@@ -105,7 +111,8 @@ class LlamaCppBackend(ExportedBackend):
         self.width = llama_cpp.llama_model_n_embd(self.model)
         self.tokens = llama_cpp.llama_batch_init(CHUNK, 0, 1)
         self.rows = llama_cpp.llama_batch_init(CHUNK, self.width, 1)
-        self.lock = threading.Lock()  # one context: one decode at a time
+        # One context: one decode at a time. Re-entrant: a decode short of room evicts kept prefixes.
+        self.lock = threading.RLock()
 
     @classmethod
     def load(cls, path: str | Path, dtype: str = "auto", threads: int | None = None) -> LlamaCppBackend:
@@ -134,9 +141,12 @@ class LlamaCppBackend(ExportedBackend):
     def context_length(self) -> int:
         return self.n_ctx
 
-    def _run(self, batch, count: int) -> None:
+    def _run(self, batch, count: int, make_room: Callable[[], bool] = lambda: False) -> None:
+        """Decode `count` entries of `batch`; while the KV cache has no room for them (llama_decode
+        returns 1 and changes nothing), `make_room()` frees some, until it cannot."""
         batch.n_tokens = count
-        status = self.llama_cpp.llama_decode(self.ctx, batch)
+        while (status := self.llama_cpp.llama_decode(self.ctx, batch)) == 1 and make_room():
+            pass
         if status != 0:
             raise RuntimeError(f"llama.cpp could not decode the batch (llama_decode returned {status})")
 
@@ -168,7 +178,12 @@ class LlamaCppBackend(ExportedBackend):
 class LlamaCppSession:
     """The rows of a running batch as llama.cpp sequences in the one unified KV cache: a row reads its
     prompt (text runs as token batches, image runs as row batches) into its own sequence, steps add one
-    token to each row in one batch, and a row that stops has its sequence removed from the cache."""
+    token to each row in one batch, and a row that stops has its sequence removed from the cache.
+
+    With a prefix cache, a row that stops hands its cells to a kept sequence (one of `KEPT` more ids)
+    first, and a row that starts alike shares the kept cells it matches (`llama_memory_seq_cp` adds a
+    sequence id to cells, it copies nothing). Kept sequences use the cells running rows are promised
+    (`kv_tokens`): a decode that finds no room evicts them, least recently used first."""
 
     max_rows = MAX_ROWS
 
@@ -176,6 +191,12 @@ class LlamaCppSession:
         self.backend, self.llama_cpp = backend, backend.llama_cpp
         self.kv_tokens = self.context = backend.n_ctx
         self.free = list(range(MAX_ROWS))
+        self.kept_free = list(range(MAX_ROWS, MAX_ROWS + KEPT))
+        self.prefix_cache = PrefixCache(max_entries=KEPT, release=self._release)
+        model, api = backend.model, self.llama_cpp
+        head_dim = backend.width // api.llama_model_n_head(model)
+        kv_width = api.llama_model_n_head_kv(model) * head_dim
+        self.token_bytes = 2 * api.llama_model_n_layer(model) * kv_width * F16_BYTES  # keys and values
         self.prompts: dict[int, tuple[list[int], np.ndarray | None]] = {}  # ids, (P, D) image rows
         self.positions: dict[int, int] = {}
         self.memory = self.llama_cpp.llama_get_memory(backend.ctx)
@@ -185,7 +206,7 @@ class LlamaCppSession:
     def rows_held(self) -> int:
         return MAX_ROWS - len(self.free)
 
-    def start(self, prompt: Prompt) -> int:
+    def start(self, prompt: Prompt) -> tuple[int, int]:
         if not self.free:
             raise RuntimeError(f"all {MAX_ROWS} llama.cpp sequences are in use")
         rows = None
@@ -193,8 +214,12 @@ class LlamaCppSession:
             rows = self.backend.image_rows(prompt.pixel_values)  # (I, N, D)
             rows = rows.reshape(-1, rows.shape[-1])  # one per placeholder, in order
         sequence = self.free.pop(0)
-        self.prompts[sequence], self.positions[sequence] = (prompt.input_ids, rows), 0
-        return sequence
+        kept, length = self.prefix_cache.begin(sequence, prompt, self.backend.settings["image_token_id"])
+        if kept is not None:
+            with self.backend.lock:
+                self.llama_cpp.llama_memory_seq_cp(self.memory, kept, sequence, 0, length)
+        self.prompts[sequence], self.positions[sequence] = (prompt.input_ids, rows), length
+        return sequence, length
 
     def read(self, handle: int, end: int) -> np.ndarray | None:
         ids, rows = self.prompts[handle]
@@ -216,7 +241,7 @@ class LlamaCppSession:
                     if image:
                         part = np.ascontiguousarray(values[chunk - low : top - low], np.float32)
                         ctypes.memmove(batch.embd, part.ctypes.data, part.nbytes)
-                    self.backend._run(batch, top - chunk)
+                    self.backend._run(batch, top - chunk, self.prefix_cache.evict_oldest)
                     if start + top == len(ids):
                         logits = self.backend._logits(top - chunk - 1).copy()
         self.positions[handle] = end
@@ -229,11 +254,28 @@ class LlamaCppSession:
                 batch.token[index] = token
                 self.backend._fill(batch, index, self.positions[handle], handle, True)
                 self.positions[handle] += 1
-            self.backend._run(batch, len(handles))
+            self.backend._run(batch, len(handles), self.prefix_cache.evict_oldest)
+            self.prefix_cache.append(handles, tokens)
             return np.stack([self.backend._logits(index) for index in range(len(handles))])
 
     def stop(self, handle: int) -> None:
+        ids, position = self.prompts.pop(handle)[0], self.positions.pop(handle)
         with self.backend.lock:
+            if position < len(ids):
+                self.prefix_cache.forget(handle)
+            else:
+                keep = functools.partial(self._keep, handle, position)
+                self.prefix_cache.end(handle, position, self.token_bytes, keep)
             self.llama_cpp.llama_memory_seq_rm(self.memory, handle, -1, -1)
-        del self.prompts[handle], self.positions[handle]
         self.free.append(handle)
+
+    def _keep(self, handle: int, length: int) -> int:
+        """A kept sequence sharing the row's first `length` cells."""
+        kept = self.kept_free.pop()
+        self.llama_cpp.llama_memory_seq_cp(self.memory, handle, kept, 0, length)
+        return kept
+
+    def _release(self, kept: int) -> None:
+        with self.backend.lock:
+            self.llama_cpp.llama_memory_seq_rm(self.memory, kept, -1, -1)
+        self.kept_free.append(kept)

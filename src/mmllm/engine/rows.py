@@ -37,6 +37,8 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None
     """Per token of `text` (where the row recorded them): each token whose text begins in the answer
     returned, so a stop string's tokens, cut off, have none."""
+    cached_tokens: int | None = None
+    """Prompt tokens read from the prefix cache (None: the prefix cache was off)."""
 
 
 class RowTracker:
@@ -71,6 +73,8 @@ class RowTracker:
         self.cancelled = cancelled or [threading.Event() for _ in settings]
         self.room: list[int | None] = [None] * len(settings)
         """Per row, the tokens its context holds after its prompt (None: not known, no cap)."""
+        self.cached: list[int | None] = [None] * len(settings)
+        """Per row, its prompt tokens the prefix cache held (None: no prefix cache looked)."""
         rows = range(len(settings))
         self.ids: list[list[int]] = [[] for _ in rows]
         self.text = [""] * len(settings)
@@ -146,6 +150,7 @@ class RowTracker:
                 len(self.ids[row]),
                 self.finish[row],
                 self._kept_logprobs(row) if self.settings[row].logprobs is not None else None,
+                self.cached[row],
             )
             for row in range(len(self.settings))
         ]

@@ -19,6 +19,7 @@ import numpy as np
 
 from mmllm.engine.backend import Prompt
 from mmllm.engine.logits import LogitShaper, RowShape
+from mmllm.engine.prefix_cache import PrefixCache
 from mmllm.engine.rows import RowTracker
 from mmllm.engine.sampler import choose_tokens, sampling_rng
 from mmllm.engine.settings import GenerationSettings
@@ -40,8 +41,12 @@ class StepSession(Protocol):
     def rows_held(self) -> int:
         """Rows started and not stopped yet."""
 
-    def start(self, prompt: Prompt) -> int:
-        """Take a row for `prompt` (its images become rows here); nothing is read yet."""
+    prefix_cache: PrefixCache
+    """Finished rows' KV kept for later prompts that start alike (off until given a budget)."""
+
+    def start(self, prompt: Prompt) -> tuple[int, int]:
+        """Take a row for `prompt` (its images become rows here); returns its handle and how many of
+        its prompt's tokens it holds already (from the prefix cache): reading starts there."""
 
     def read(self, handle: int, end: int) -> np.ndarray | None:
         """Read the row's prompt up to position `end` (a chunk); the (V,) logits after its last token
@@ -51,7 +56,7 @@ class StepSession(Protocol):
         """Append one token to each of these rows (every row whose prompt is read); (R, V) logits."""
 
     def stop(self, handle: int) -> None:
-        """Free the row and its cache."""
+        """Free the row; its cache goes to the prefix cache where there is one and it read its prompt."""
 
 
 @dataclass(eq=False)
@@ -128,7 +133,9 @@ class RunningRows:
                 if self.shaper is None:
                     raise ValueError("this backend cannot shape logits (logprobs, penalties, grammars)")
                 row.shape = self.shaper.state(row.settings)
-            row.handle = self.session.start(row.prompt)
+            row.handle, row.read = self.session.start(row.prompt)
+            if self.session.prefix_cache.enabled:
+                row.tracker.cached[row.index] = row.read
         except Exception as err:  # this row's images or prompt: it fails alone
             row.failure = err
         self.rows.append(row)

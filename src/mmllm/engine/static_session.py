@@ -14,6 +14,7 @@ they attend to it (their outputs are dropped).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from mmllm.engine.backend import Prompt
+from mmllm.engine.prefix_cache import PrefixCache
 from mmllm.models.language import cache_keyword
 from mmllm.models.multimodal import MultimodalLM
 
@@ -41,6 +43,19 @@ def buckets(first: int, growth: int, last: int) -> tuple[int, ...]:
 
 def bucket(n: int, sizes: tuple[int, ...]) -> int:
     return next(size for size in sizes if size >= n)
+
+
+def kv_bytes(keys: list[torch.Tensor]) -> int:
+    """The bytes one token takes in all layers' keys and values, from their (..., H, L, d) keys."""
+    return sum(2 * layer.shape[-3] * layer.shape[-1] * layer.element_size() for layer in keys)
+
+
+def row_columns(
+    keys: list[torch.Tensor], values: list[torch.Tensor], row: int, columns: slice
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A copy of one row's `columns` of every layer's (B, H, L, d) keys and values: a prefix cache
+    entry, (H, C, d) a layer (copied: the batch's buffers are reused or cut)."""
+    return [k[row, :, columns].clone() for k in keys], [v[row, :, columns].clone() for v in values]
 
 
 class SlotCache:
@@ -108,6 +123,7 @@ class StaticSession:
         self.slot_of: dict[int, int] = {}
         self.next_position: dict[int, int] = {}
         self.issued = 0
+        self.prefix_cache = PrefixCache()
         self.decode_pass, self.prefill_pass = self._decode, self._prefill
         if compiler is not None:
             cuda = self.model.device.type == "cuda"
@@ -187,7 +203,7 @@ class StaticSession:
         return len(self.slot_of)
 
     @torch.inference_mode()
-    def start(self, prompt: Prompt) -> int:
+    def start(self, prompt: Prompt) -> tuple[int, int]:
         if self.kv is None:
             self.kv = self._allocate()
         embeds = self.embed_prompt(prompt)
@@ -195,9 +211,13 @@ class StaticSession:
         if not free:
             raise RuntimeError(f"all {self.max_rows} rows of the static cache are taken")
         self.issued += 1
+        kept, length = self.prefix_cache.begin(self.issued, prompt, self.model.config.image_token_id)
+        if kept:
+            for buffer, tensor in zip(self.kv.keys + self.kv.values, kept[0] + kept[1], strict=True):
+                buffer[free[0], :, :length] = tensor[:, :length]  # in place: the graphs read these addresses
         self.prompts[self.issued], self.slot_of[self.issued] = embeds, free[0]
-        self.next_position[self.issued] = 0
-        return self.issued
+        self.next_position[self.issued] = length
+        return self.issued, length
 
     @torch.inference_mode()
     def read(self, handle: int, end: int) -> np.ndarray | None:
@@ -238,9 +258,16 @@ class StaticSession:
         logits = self.decode_pass(batch_tokens.to(device), batch_positions.to(device), width)  # (B, V)
         for handle in handles:
             self.next_position[handle] += 1
+        self.prefix_cache.append(handles, tokens)
         return logits[slots].float().cpu().numpy()
 
     def stop(self, handle: int) -> None:
-        self.prompts.pop(handle, None)
-        self.slot_of.pop(handle, None)
-        self.next_position.pop(handle, None)
+        slot, length = self.slot_of.pop(handle, None), self.next_position.pop(handle, 0)
+        if self.prompts.pop(handle, None) is not None or slot is None:
+            self.prefix_cache.forget(handle)
+            return
+        # A row at the context's end wrote its last column, where rows outside a step write too.
+        length = min(length, self.context - 1)
+        keys, values = self.kv.keys, self.kv.values
+        kept = functools.partial(row_columns, keys, values, slot, slice(0, length))
+        self.prefix_cache.end(handle, length, kv_bytes(keys), kept)

@@ -12,10 +12,11 @@ import torch
 from transformers import DynamicCache
 
 from mmllm.engine.backend import Backend, Prompt
+from mmllm.engine.prefix_cache import PrefixCache
 from mmllm.engine.rows import RowTracker
 from mmllm.engine.running import decode_all
 from mmllm.engine.settings import GenerationSettings
-from mmllm.engine.static_session import StaticSession
+from mmllm.engine.static_session import StaticSession, kv_bytes, row_columns
 from mmllm.errors import MmllmError
 from mmllm.images import ImageInput
 from mmllm.models.build import load_model, untrained_parts
@@ -48,7 +49,8 @@ class TorchSession:
     A row reads its prompt alone, in chunks, into a cache of its own, then joins the batch: the shorter
     of its cache and the batch's is padded on the left, and the (B, L) mask hides the padding. Each row
     keeps its own positions, so it computes what it would alone. A row that stops leaves the batch, and
-    columns only padding holds are cut off.
+    columns only padding holds are cut off; its columns go to the prefix cache first (when it has a
+    budget), and a later row starts from the longest prefix there instead of an empty cache.
     """
 
     max_rows = 256
@@ -65,16 +67,22 @@ class TorchSession:
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # (B, L)
         self.positions = torch.zeros(0, dtype=torch.long)  # (B,) each row's next position
         self.issued = 0
+        self.prefix_cache = PrefixCache()
 
     @property
     def rows_held(self) -> int:
         return len(self.reading) + len(self.handles)
 
     @torch.inference_mode()
-    def start(self, prompt: Prompt) -> int:
+    def start(self, prompt: Prompt) -> tuple[int, int]:
         self.issued += 1
-        self.reading[self.issued] = (self.pipeline.embed_prompt(prompt), DynamicCache())
-        return self.issued
+        embeds = self.pipeline.embed_prompt(prompt)
+        kept, length = self.prefix_cache.begin(self.issued, prompt, self.model.config.image_token_id)
+        layers = (
+            [(k[None, :, :length], v[None, :, :length]) for k, v in zip(*kept, strict=True)] if kept else None
+        )
+        self.reading[self.issued] = (embeds, DynamicCache(layers))  # its update copies what it is given
+        return self.issued, length
 
     @torch.inference_mode()
     def read(self, handle: int, end: int) -> np.ndarray | None:
@@ -131,11 +139,18 @@ class TorchSession:
             logits_to_keep=1,
         ).logits[:, -1]  # (B, V)
         self.positions += 1
+        self.prefix_cache.append(handles, tokens)
         return logits[[order[h] for h in handles]].float().cpu().numpy()
 
     def stop(self, handle: int) -> None:
         if self.reading.pop(handle, None) is not None:
+            self.prefix_cache.forget(handle)
             return
+        row = self.handles.index(handle)
+        keys, values = [t.keys for t in self.cache.layers], [t.values for t in self.cache.layers]
+        length = int(self.positions[row])  # its last columns: padding is on the left
+        kept = functools.partial(row_columns, keys, values, row, slice(-length, None))
+        self.prefix_cache.end(handle, length, kv_bytes(keys), kept)
         keep = [index for index, h in enumerate(self.handles) if h != handle]
         self.handles.remove(handle)
         if not self.handles:

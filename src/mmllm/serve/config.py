@@ -31,6 +31,11 @@ class ServeConfig:
     max_step_tokens: int = 512
     """Prompt tokens read and tokens decoded in one step, all requests together (continuous): a long
     prompt is read in chunks, between the steps of the answers already running."""
+    prefix_cache_mb: float = 512.0
+    """Memory for the prefix cache (torch and llama.cpp backends; 0: off): the KV of answered requests,
+    prompt and answer, kept so a request that starts alike (the next turn of a conversation, images
+    included) reads only what is new; least recently used first out, running requests first in. Shared
+    only between requests with the same API key (Authorization header) and `cache_salt`."""
     max_wait_ms: float = 10.0
     """How long a request waits for others to share its batch (batch)."""
     max_body_mb: float = 20.0
@@ -69,8 +74,9 @@ class ServeConfig:
         for name in (*limits, "max_tokens", "timeout_s"):
             if not getattr(self, name) > 0:  # NaN fails too
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be 0 or more, not {self.max_wait_ms}")
+        for name in ("max_wait_ms", "prefix_cache_mb"):
+            if not getattr(self, name) >= 0:  # NaN fails too
+                raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")
         if self.api_key == "":
             raise ValueError("api_key is empty: give a key, or leave the option out for no key")
 

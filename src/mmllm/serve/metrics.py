@@ -1,5 +1,5 @@
 """Prometheus metrics of the server: requests, latency, time to first token, generated tokens, batch
-sizes, queue depth, requests running."""
+sizes, queue depth, requests running, the prefix cache (its hit rate is hits / queries)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,20 @@ class Metrics(Events):
         )
         self.queue_depth = Gauge("mmllm_queue_depth", "Requests waiting for a batch", registry=self.registry)
         self.running = Gauge("mmllm_running_requests", "Requests decoding now", registry=self.registry)
+        self.prefix_cache_queries = Counter(
+            "mmllm_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (requests answered while it is on)",
+            registry=self.registry,
+        )
+        self.prefix_cache_hits = Counter(
+            "mmllm_prefix_cache_hits", "Prompt tokens found in the prefix cache", registry=self.registry
+        )
+        self.prefix_cache_bytes = Gauge(
+            "mmllm_prefix_cache_bytes", "Memory the prefix cache's entries hold", registry=self.registry
+        )
+        self.prefix_cache_entries = Gauge(
+            "mmllm_prefix_cache_entries", "Finished requests the prefix cache keeps", registry=self.registry
+        )
 
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         self.requests.labels(path, str(status)).inc()
@@ -52,6 +66,9 @@ class Metrics(Events):
     def finished(self, result: Completion | BaseException) -> None:
         if isinstance(result, Completion):
             self.generated_tokens.inc(result.completion_tokens)
+            if result.cached_tokens is not None:
+                self.prefix_cache_queries.inc(result.prompt_tokens)
+                self.prefix_cache_hits.inc(result.cached_tokens)
             if result.finish_reason == "cancelled":
                 self.cancelled.inc()
 

@@ -36,7 +36,7 @@ from mmllm.serve.schemas import (
     TokenizeResponse,
 )
 from mmllm.serve.schemas import ErrorResponse as ErrorSchema
-from mmllm.serve.server import ERRORS, ApiError, Server, ServerDep
+from mmllm.serve.server import ERRORS, ApiError, Server, ServerDep, cache_salt
 
 router = APIRouter()
 
@@ -210,7 +210,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, server
         await server.offload(lambda: server.backend.shaper.tokenizer)  # built off the loop, once
     conversation, images = await chat_inputs(server, body.messages, settings, body.limit_field)
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if calling else None
-    prompt = await server.prepare(conversation, images, tools)
+    prompt = await server.prepare(conversation, images, tools, cache_salt(request, body.cache_salt))
     try:
         server.backend.shaper.check(settings)  # token ids out of the vocabulary: a 400, not a failed row
     except ValueError as err:
@@ -235,11 +235,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, server
     )
 
 
-def _usage(done: Completion) -> dict[str, int]:
+def _usage(done: Completion) -> dict[str, Any]:
     return {
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": done.completion_tokens,
         "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.cached_tokens or 0},
     }
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from mmllm.engine.settings import CAPTION_PROMPT, GenerationSettings
 from mmllm.serve.schemas import CaptionRequest, GenerateRequest, TextResponse
 from mmllm.serve.schemas import ErrorResponse as ErrorSchema
-from mmllm.serve.server import ERRORS, ApiError, Server, ServerDep, validation_error
+from mmllm.serve.server import ERRORS, ApiError, Server, ServerDep, cache_salt, validation_error
 
 router = APIRouter()
 
@@ -74,7 +74,9 @@ async def answer(
     server: Server, request: Request, prompt_text: str, images: list, settings: GenerationSettings
 ) -> TextResponse:
     server.check_request([prompt_text], len(images), settings)
-    prompt = await server.prepare([{"role": "user", "content": prompt_text}], images)
+    prompt = await server.prepare(
+        [{"role": "user", "content": prompt_text}], images, salt=cache_salt(request)
+    )
     job = server.enqueue(prompt, settings, [], False)
     done = await server.result(job, request)
     return TextResponse(

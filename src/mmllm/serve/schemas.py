@@ -310,6 +310,11 @@ class ChatCompletionRequest(BaseModel):
         default=1.0, gt=0.0, le=100.0, description="mmllm/vLLM extension: penalise repeated tokens (1: off)"
     )
     ignore_eos: bool = Field(default=False, description="mmllm/vLLM extension: always generate max_tokens")
+    cache_salt: Text | None = Field(
+        default=None,
+        description="vLLM extension: the prefix cache shares KV only between requests with the same salt "
+        "(and API key)",
+    )
 
     # Accepted, without effect on the answer.
     metadata: dict[str, str] | None = Field(default=None, description=NO_EFFECT)
@@ -518,10 +523,15 @@ class Choice(BaseModel):
     logprobs: ChoiceLogprobs | None = None
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens read from the prefix cache, not computed again")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class ChatCompletion(BaseModel):
