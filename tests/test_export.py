@@ -17,30 +17,61 @@ from mmllm.models.timm_vision import describe_architecture
 QUESTION = [{"role": "user", "content": "<image>\nWhat shape is it?"}]
 
 
-@pytest.mark.parametrize("use_cls", [False, True])
-def test_llava_hf_export_gives_the_same_logits_and_prompt(tmp_path, images, use_cls):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+# The standard multimodal message transformers' processors and vLLM's chat take.
+STANDARD_QUESTION = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is it?"}]}
+]
+# The llava-hf layout of the hub's checkpoints (llava-hf/llava-1.5-7b-hf): what vLLM's loader reads.
+HUB_LAYOUT = (
+    "vision_tower.vision_model.",
+    "multi_modal_projector.",
+    "language_model.model.",
+    "language_model.lm_head.",
+)
+
+
+@pytest.mark.parametrize(("kind", "use_cls"), [("qwen2", False), ("qwen2", True), ("llama", False)])
+def test_llava_hf_export_gives_the_same_logits_and_prompt(tmp_path, images, kind, use_cls):
+    from jinja2 import TemplateError
+    from PIL import Image
+    from safetensors import safe_open
+    from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
     from mmllm.export.llava_hf import export_llava_hf
 
     model, processor = make_tiny(
-        "qwen2", feature_mode="patch", projector="mlp_gelu", lm_init_std=0.3, vision_use_cls=use_cls
+        kind, feature_mode="patch", projector="mlp_gelu", lm_init_std=0.3, vision_use_cls=use_cls
     )
     source = tmp_path / "mmllm"
     model.save_pretrained(source)
     processor.save_pretrained(source)
-    batch = processor([QUESTION], [[images[0]]])
+    # mmllm places the image before the question itself.
+    batch = processor([[{"role": "user", "content": "What shape is it?"}]], [[images[0]]])
     with torch.no_grad():
         expected = model(**batch).logits
 
-    export_llava_hf(str(source), tmp_path / "llava")
-    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava").eval()
+    export = export_llava_hf(str(source), tmp_path / "llava")
+    with safe_open(export / "model.safetensors", "pt") as weights:
+        keys = list(weights.keys())
+    assert all(key.startswith(HUB_LAYOUT) for key in keys), keys
+    assert any(key.startswith("vision_tower.vision_model.") for key in keys)
+    assert not any(key.startswith("vision_tower.embeddings.") for key in keys)
+    tied = kind == "qwen2"  # the fixture's Qwen2 ties its head to the embeddings; the hub stores it once
+    assert ("language_model.lm_head.weight" in keys) != tied
+    llava, loading = LlavaForConditionalGeneration.from_pretrained(export, output_loading_info=True)
+    assert not loading["missing_keys"] and not loading["unexpected_keys"], loading
+    llava.eval()
+
     # PIL's resize, as ours: with torchvision present transformers picks a torchvision resize that
     # antialiases differently (a few pixels off by ~0.015), a difference of theirs, not of the export.
-    llava_processor = AutoProcessor.from_pretrained(tmp_path / "llava", use_fast=False)
-    from PIL import Image
-
-    text = processor.render(QUESTION, add_generation_prompt=True)
+    llava_processor = AutoProcessor.from_pretrained(export, use_fast=False)
+    text = llava_processor.apply_chat_template(STANDARD_QUESTION, add_generation_prompt=True)
+    assert text == processor.render(QUESTION, add_generation_prompt=True)
+    assert llava_processor.apply_chat_template(QUESTION, add_generation_prompt=True) == text
+    assert AutoTokenizer.from_pretrained(export).chat_template == llava_processor.chat_template
+    video = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What is it?"}]}]
+    with pytest.raises(TemplateError, match="reads text and image parts, not video"):
+        llava_processor.apply_chat_template(video)
     inputs = llava_processor(text=text, images=Image.open(images[0]), return_tensors="pt")
     assert inputs["input_ids"].tolist() == batch["input_ids"].tolist()  # Llava expands <image> as we do
     torch.testing.assert_close(inputs["pixel_values"], batch["pixel_values"], atol=1e-5, rtol=0)

@@ -160,7 +160,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
         backend=args.backend,
     )
-    headline = {k: v for k, v in report["metrics"].items() if not isinstance(v, dict)}
+    headline = {k: v for k, v in report["metrics"].items() if isinstance(v, int | float)}
     print(
         f"{args.task}: {report['samples']} samples, "
         + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in headline.items())
@@ -225,6 +225,10 @@ def cmd_export(args: argparse.Namespace) -> None:
         from mmllm.export.llava_hf import export_llava_hf
 
         out = export_llava_hf(args.model, args.out)
+    elif args.format == "vllm":
+        from mmllm.export.vllm import export_vllm
+
+        out = export_vllm(args.model, args.out)
     else:
         raise MmllmError(f"export {args.format} is not available")
     print(f"{args.format}: wrote {out}")
@@ -440,9 +444,10 @@ def _export_and_weights_commands(commands: argparse._SubParsersAction) -> None:
     export = _command(commands, "export", cmd_export, "export a model for other runtimes", model=False)
     export.add_argument(
         "format",
-        choices=("int8", "onnx", "llava-hf", "gguf"),
-        help="int8 (torchao), onnx (vision + KV-cache decoder graphs), llava-hf (transformers Llava) "
-        "or gguf (for llama.cpp / Ollama / --backend llama.cpp: the LM, its mmproj where llama.cpp has "
+        choices=("int8", "onnx", "llava-hf", "gguf", "vllm"),
+        help="int8 (torchao), onnx (vision + KV-cache decoder graphs), llava-hf (transformers Llava), "
+        "vllm (one folder for `vllm serve` with mmllm's plugin, any design) or gguf (for llama.cpp / "
+        "Ollama / --backend llama.cpp: the LM, its mmproj where llama.cpp has "
         "the design's graph, a Modelfile)",
     )
     export.add_argument("model", help=MODEL_HELP)

@@ -1,1 +1,1 @@
-"""Exports for other engines: transformers' Llava (vLLM/SGLang), INT8 for CPU, ONNX, GGUF."""
+"""Exports for other engines: transformers' Llava (the hub's llava-hf layout), INT8 for CPU, ONNX, GGUF."""
