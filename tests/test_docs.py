@@ -46,7 +46,12 @@ PROGRAMS = ("mmllm", "python", "make", "docker", "torchrun", "accelerate", "vllm
 
 QWEN = "needs Qwen2.5-0.5B's weights (the default stack's LM); its COCO data layout is checked below"
 SERVER = "serves until stopped (tests/test_serve*.py, tests/test_ui.py and tests/test_llama_cpp.py start it)"
+LMMS_EVAL = "lmms-eval (.venv-lmms) against a live server: tests/test_lmms_eval.py runs it on a slice"
 NOT_RUN = {
+    "python scripts/lmms_eval_compare.py --model mmllm-easyvqa --task easy-vqa --data easy-vqa:test "
+    "--limit 500 --out models/mmllm-easyvqa/eval/lmms-eval": LMMS_EVAL,
+    "python scripts/lmms_eval_compare.py --model mmllm-photo --task photo-qa "
+    "--data jsonl:data/photo-qa/questions.jsonl --out models/mmllm-photo/eval/lmms-eval": LMMS_EVAL,
     "mmllm train configs/stage1_align.yaml": QWEN,
     "mmllm features --model configs/models/default.yaml --data configs/data/coco-llava-mix.yaml "
     "--out cache/clip-b32": QWEN,
@@ -71,7 +76,8 @@ OTHER_PROGRAMS = {
     "docker": "no Docker daemon on the project's machines",
     "torchrun": "8 GPU processes (test_train.py launches 2 CPU processes over gloo with torchrun's module)",
     "accelerate": "GPU processes (test_train.py launches the FSDP config on 2 CPU processes over gloo)",
-    "vllm": "vLLM needs a GPU and is not installed",
+    "vllm": "serves until stopped, from vLLM's own environment (tests/test_vllm.py starts vLLM's OpenAI "
+    "server on an export)",
     "cp": "copies stage 4's run, which the six trainings above make",
     "curl": "needs a live server (tests/test_serve.py and tests/test_serve_hostile.py send these requests)",
     "IMG=": "the curl example's shell variable",

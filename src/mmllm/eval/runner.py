@@ -52,7 +52,8 @@ def task_samples(task: str, cfg: DataConfig) -> list[Sample]:
     return [sample for spec in specs for sample in read(spec, cfg)]
 
 
-def _record(sample: Sample) -> dict[str, Any]:
+def question_record(sample: Sample) -> dict[str, Any]:
+    """What a prediction line keeps of its sample: id, the question as text, what it is scored against."""
     meta = sample.meta
     prompt = next(m["content"] for m in sample.conversation if m["role"] == "user")
     record = {"id": sample.id, "question": prompt.replace("<image>", "").strip()}
@@ -119,7 +120,7 @@ def generate_predictions(
     with path.open("a") as sink, tqdm(total=len(todo), desc="eval", unit="sample") as bar:
         for sample, answer in zip(todo, _answers(backend, todo, settings, batch_size), strict=True):
             # Answers come as generated; a prediction is trimmed (scored, and compared across runs, so).
-            sink.write(json.dumps({**_record(sample), "prediction": answer.strip()}) + "\n")
+            sink.write(json.dumps({**question_record(sample), "prediction": answer.strip()}) + "\n")
             sink.flush()
             bar.update(1)
     return len(todo)
@@ -195,7 +196,7 @@ def check_task_data(task: str, samples: list[Sample]) -> None:
         missing = [s.id for s in samples if not any(m["role"] == "assistant" for m in s.conversation)]
         what = "an assistant answer to score"
     else:
-        missing = [s.id for s in samples if not any(key in _record(s) for key in NEEDS[task])]
+        missing = [s.id for s in samples if not any(key in question_record(s) for key in NEEDS[task])]
         what = " or ".join(NEEDS[task])
     if missing:
         hint = {
