@@ -38,6 +38,7 @@ from mmllm.engine.torch_backend import Pipeline
 from mmllm.models.build import ModelConfig, build_model
 from mmllm.serve.app import create_app
 from mmllm.serve.config import ServeConfig
+from mmllm.serve.launch import free_port
 
 QUESTIONS = [
     "What do you see in this picture?",
@@ -63,13 +64,9 @@ class LiveServer:
     """`create_app` over `pipeline` under uvicorn on a free port, in a thread, for the block."""
 
     def __init__(self, pipeline: Pipeline, cfg: ServeConfig):
-        import socket
-
         import uvicorn
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         config = uvicorn.Config(create_app(pipeline, cfg), port=port, log_level="warning")
         self.server, self.url = uvicorn.Server(config), f"http://127.0.0.1:{port}"
 

@@ -22,7 +22,6 @@ import io
 import json
 import logging
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,15 +34,10 @@ from common import report
 from PIL import Image
 
 from mmllm.samples import sample
+from mmllm.serve.launch import free_port, wait_until_up
 
 PHOTOS = ("chelsea", "astronaut", "coffee", "motorcycle", "rocket", "grace_hopper")
 HEAD_OF_LINE_TOKENS = 300
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(model: str, backend: str, scheduler: str, clients: int) -> tuple[str, subprocess.Popen]:
@@ -57,18 +51,12 @@ def start(model: str, backend: str, scheduler: str, clients: int) -> tuple[str, 
     log = tempfile.TemporaryFile()  # noqa: SIM115 (the server's log, read if it fails to start)
     process = subprocess.Popen(command, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            raise SystemExit(f"the server did not start:\n{log.read().decode()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return url, process
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit("the server did not answer /health within 600 s")
+    try:
+        wait_until_up(process, f"{url}/health", timeout=600)
+    except RuntimeError as err:
+        log.seek(0)
+        raise SystemExit(f"{err}:\n{log.read().decode()[-3000:]}") from None
+    return url, process
 
 
 def data_uri(name: str) -> str:

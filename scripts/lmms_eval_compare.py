@@ -20,18 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import yaml
 
 from mmllm.data.config import data_config_from_arg
 from mmllm.eval.lmms import export_lmms_data
 from mmllm.eval.runner import metrics_from_predictions
+from mmllm.serve.launch import free_port, wait_until_up
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ROOT / "lmms_eval_tasks"
@@ -46,28 +44,16 @@ RUNS = (  # name, lmms-eval task suffix, --force_simple, what differs from `mmll
 )
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def serve(model: str, log: Path) -> tuple[str, subprocess.Popen]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "mmllm.cli", "serve", "--model", model, "--port", str(port)]
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"mmllm serve exited with {process.returncode}; see {log}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return url, process
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    process.kill()
-    raise SystemExit(f"mmllm serve did not answer /health in 300 s; see {log}")
+    try:
+        wait_until_up(process, f"{url}/health", timeout=300)
+    except RuntimeError as err:
+        raise SystemExit(f"mmllm serve: {err}; see {log}") from None
+    return url, process
 
 
 def run_lmms(python: str, url: str, model: str, tasks: list[str], simple: bool, out: Path) -> Path:

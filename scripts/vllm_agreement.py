@@ -25,14 +25,10 @@ from mmllm.engine.torch_backend import Pipeline
 from mmllm.export.vllm import export_vllm
 from mmllm.images import load_image
 from mmllm.samples import easy_vqa_package
+from mmllm.vllm_plugin.offline import ENGINE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-VLLM_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-}
 MAX_TOKENS = 32
 BATCH = 16
 
@@ -106,7 +102,7 @@ def compare(name: str, questions: list[tuple[str, str]], work: Path) -> dict:
         )
     )
     command = [str(VLLM_PYTHON), "-m", "mmllm.vllm_plugin.offline", str(spec), str(out)]
-    subprocess.run(command, env=os.environ | VLLM_ENV, check=True)
+    subprocess.run(command, env=os.environ | ENGINE_ENV, check=True)
     [result] = json.loads(out.read_text())
     if "error" in result:
         raise SystemExit(f"{name}: vLLM failed: {result['error']}")

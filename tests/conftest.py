@@ -5,14 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -21,6 +18,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, Phi3Config, PreTrainedTo
 from mmllm import MultimodalConfig, MultimodalLM, MultimodalProcessor
 from mmllm.images import ImageProcessor
 from mmllm.models.build import image_processor_for
+from mmllm.serve.launch import free_port, wait_until_up
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -74,25 +72,14 @@ CORPUS = [
 ] * 20
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now (for live server tests)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(command: list[str], url: str) -> subprocess.Popen:
     """Start a server command and wait until `url` answers 200; fail with its output if it never does."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300  # importing gradio is slow on a busy 2-core machine
-    while time.time() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            time.sleep(0.3)
-    process.kill()
-    pytest.fail(f"{' '.join(command[2:5])} did not start: " + process.stdout.read())
+    try:
+        wait_until_up(process, url, timeout=300)  # importing gradio is slow on a busy 2-core machine
+    except RuntimeError as err:
+        pytest.fail(f"{' '.join(command[2:5])}: {err}: " + process.stdout.read())
+    return process
 
 
 def engine_python(venv: str, make_target: str) -> str:

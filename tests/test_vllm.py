@@ -21,17 +21,10 @@ from mmllm.engine.torch_backend import Pipeline
 from mmllm.errors import MmllmError
 from mmllm.export.vllm import check_language_model, export_vllm
 from mmllm.models.timm_vision import describe_architecture
+from mmllm.vllm_plugin.offline import ENGINE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-# The engine in the test process (no engine-core subprocess to start), 1 GiB of KV cache (its default
-# takes most of the machine's memory), and both cores (by default it keeps one for its front end).
-VLLM_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-    "HF_HUB_OFFLINE": "1",
-}
 ENGINE = {"dtype": "float32", "max_model_len": 512}
 # fp32 in both engines; vLLM's CPU kernels (fused QKV, its own attention) sum in another order.
 LOGPROB_TOLERANCE = 2e-3
@@ -81,7 +74,7 @@ def run_vllm(models: list[dict], tmp: Path, engine: dict = ENGINE) -> list[dict]
     spec, out = tmp / "spec.json", tmp / "answers.json"
     spec.write_text(json.dumps({"engine": engine, "models": models}))
     command = [str(VLLM_PYTHON), "-m", "mmllm.vllm_plugin.offline", str(spec), str(out)]
-    done = subprocess.run(command, env=os.environ | VLLM_ENV, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, env=os.environ | ENGINE_ENV, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     return json.loads(out.read_text())
 
@@ -195,7 +188,8 @@ def test_openai_server_streams_the_photo_model(tmp_path, monkeypatch):
     port = free_port()
     command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(out)]
     command += ["--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager"]
-    for key, value in VLLM_ENV.items():  # the server as a user starts it: its engine core in its own process
+    # The server as a user starts it: its engine core in a process of its own.
+    for key, value in ENGINE_ENV.items():
         if key != "VLLM_ENABLE_V1_MULTIPROCESSING":
             monkeypatch.setenv(key, value)
     server = start_server(command, f"http://127.0.0.1:{port}/health")

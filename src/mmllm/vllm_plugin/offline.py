@@ -15,6 +15,16 @@ import json
 import sys
 from typing import Any
 
+# For a caller that starts this module: the engine in this process (no engine-core subprocess), 1 GiB of
+# KV cache (vLLM's CPU default takes most of the machine's memory), both cores (by default vLLM keeps one
+# for its front end), and no hub.
+ENGINE_ENV = {
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+    "HF_HUB_OFFLINE": "1",
+}
+
 
 def answer(path: str, requests: list[dict], max_tokens: int, logprobs: int, engine: dict) -> list[dict]:
     from PIL import Image

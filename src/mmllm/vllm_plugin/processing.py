@@ -76,7 +76,7 @@ class MmllmProcessingInfo(BaseProcessingInfo):
             tokenizer.encode(words, add_special_tokens=False)
             for words in describe_images(features, config.labels_bridge)
         ]
-        if longest := max(map(len, ids)) > MAX_WORD_TOKENS:
+        if (longest := max(map(len, ids))) > MAX_WORD_TOKENS:
             raise ValueError(f"an image reads as {longest} tokens; the plugin allows {MAX_WORD_TOKENS}")
         return [torch.tensor(row) for row in ids]
 
