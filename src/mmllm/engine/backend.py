@@ -36,6 +36,11 @@ class Prompt:
     """Whose prompt it is (the server's tenant): the prefix cache shares KV between equal salts only."""
 
 
+def image_digest(image: np.ndarray) -> bytes:
+    """A (3, S, S) image's content hash: the key of its vision results and of its cached prefixes."""
+    return hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest()
+
+
 class FeatureLRU:
     """Vision results of recently seen images, keyed by pixel content: a follow-up question is free.
 
@@ -47,13 +52,13 @@ class FeatureLRU:
         self.capacity, self.entries = capacity, OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, key: str):
+    def get(self, key: bytes):
         with self.lock:
             if key in self.entries:
                 self.entries.move_to_end(key)
             return self.entries.get(key)
 
-    def put(self, key: str, value) -> None:
+    def put(self, key: bytes, value) -> None:
         with self.lock:
             self.entries[key] = value
             self.entries.move_to_end(key)
@@ -63,7 +68,7 @@ class FeatureLRU:
     def through(self, pixels: np.ndarray, compute: Callable[[list[int]], list]) -> list:
         """Per image of (I, 3, S, S) `pixels`: the cached result, or `compute(indices)` of the missing
         ones in one call (a batch larger than the cache still gets all its results)."""
-        keys = [hashlib.sha256(np.ascontiguousarray(row).tobytes()).hexdigest() for row in pixels]
+        keys = [image_digest(row) for row in pixels]
         found = {key: self.get(key) for key in keys}
         missing = [i for i, key in enumerate(keys) if found[key] is None]
         if missing:

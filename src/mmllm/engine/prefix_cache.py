@@ -12,7 +12,6 @@ What an entry holds (tensors, a llama.cpp sequence) is its session's business (`
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from mmllm.engine.backend import Prompt
+from mmllm.engine.backend import Prompt, image_digest
 
 PLACEHOLDER_BITS = 16  # an image's placeholder index within its key (images have far fewer rows)
 Payload = Any
@@ -37,8 +36,7 @@ def prompt_keys(prompt: Prompt, image_token_id: int) -> np.ndarray:
     if per_image >= 2**PLACEHOLDER_BITS:
         raise ValueError(f"an image of {per_image} rows is more than the prefix cache keys")
     digests = [  # 47 bits of each image's hash, so hash and index fit in an int64
-        int.from_bytes(hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest()[:8], "little") % 2**47
-        for image in prompt.pixel_values
+        int.from_bytes(image_digest(image)[:8], "little") % 2**47 for image in prompt.pixel_values
     ]
     index = np.arange(len(placeholders))
     image_hash = np.asarray(digests, np.int64)[index // per_image]

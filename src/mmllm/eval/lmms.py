@@ -17,8 +17,8 @@ from mmllm.errors import MmllmError
 from mmllm.eval.runner import check_task_data, question_record, task_samples
 from mmllm.images import load_image
 
-# The tasks whose questions lmms-eval can score: one image, one question, short reference answers.
-LMMS_TASKS = ("easy-vqa", "vqav2", "photo-qa")
+# The tasks lmms_eval_tasks/ has a task for: one image, one question, short reference answers.
+LMMS_TASKS = ("easy-vqa", "photo-qa")
 
 
 def export_lmms_data(task: str, data: DataConfig, out: str | Path) -> Path:
