@@ -402,6 +402,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1:8,4:16,16:64", help="clients:requests, comma-separated")
     parser.add_argument("--agreement", type=int, default=16, help="questions for the bf16 pair's answers")
     parser.add_argument("--mixed", type=int, default=30, help="mixed-row requests at c = 16")
+    parser.add_argument("--servers", default="", help="only the servers whose names contain one of these")
     parser.add_argument("--quick", action="store_true", help="mmllm-easyvqa; torch bf16 and vLLM; c = 1, 4")
     args = parser.parse_args()
     if args.quick:
@@ -413,6 +414,8 @@ def main() -> None:
     models = args.models.split(",")
     for index, model in enumerate(models):
         chosen = [s for s in servers(args.quick) if index < s.get("models", len(models))]
+        if args.servers:
+            chosen = [s for s in chosen if any(part in s["name"] for part in args.servers.split(","))]
         needs = {
             "vllm" if s["engine"] == "vllm" else "gguf" if s.get("backend") == "llama.cpp" else ""
             for s in chosen

@@ -171,15 +171,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
     from mmllm.engine.scheduler import request_queue
     from mmllm.serve.app import create_app
     from mmllm.serve.config import ServeConfig
+    from mmllm.serve.launch import serve_from_main_thread
 
     cfg = from_namespace(ServeConfig, args)
     backend = _backend(args)
-    requests = request_queue(backend, cfg.scheduler, cfg.max_batch_size, cfg.max_wait_ms, cfg.max_step_tokens)
+    requests = request_queue(
+        backend, cfg.scheduler, cfg.max_batch_size, cfg.max_wait_ms, cfg.max_step_tokens, thread=False
+    )
     app = create_app(backend, cfg, model_name=args.model, requests=requests)  # the API's and the page's
     if cfg.ui:
         from mmllm.ui import mount_ui
@@ -187,7 +188,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         app = mount_ui(app, requests, args.model, cfg.api_key)
     pages = "OpenAPI docs at /docs" + (", chat page at /ui" if cfg.ui else "")
     print(f"serving {args.model} on http://{cfg.host}:{cfg.port} ({pages})", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
+    serve_from_main_thread(app, requests, cfg.host, cfg.port)
 
 
 def cmd_ui(args: argparse.Namespace) -> None:

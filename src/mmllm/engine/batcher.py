@@ -77,11 +77,13 @@ class RequestQueue:
     """Requests in, answers out, in a thread of its own that runs the model: what the server, the chat
     page and `mmllm eval` submit to. `DynamicBatcher` and the continuous `Scheduler` are the two kinds."""
 
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, thread: bool = True):
+        """`thread`: answer in a thread of its own from now on; else the caller runs `serve`."""
         self.backend = backend
         self.events = Events()
         self.jobs: queue.Queue[Job] = queue.Queue()
-        threading.Thread(target=self._serve, daemon=True, name=f"mmllm-{type(self).__name__}").start()
+        if thread:
+            threading.Thread(target=self.serve, daemon=True, name=f"mmllm-{type(self).__name__}").start()
 
     @property
     def depth(self) -> int:
@@ -176,7 +178,8 @@ class RequestQueue:
 
         return on_delta
 
-    def _serve(self) -> None:
+    def serve(self) -> None:
+        """Answer jobs in this thread until the queue is closed."""
         with contextlib.suppress(Closed):
             self._run()
 
@@ -189,11 +192,13 @@ class DynamicBatcher(RequestQueue):
     """Requests that arrive together (within `max_wait_ms`) and share decoding settings run as one
     `complete_prompts` call, to its end: the queue for backends without a running batch."""
 
-    def __init__(self, backend: Backend, max_batch_size: int = 8, max_wait_ms: float = 10):
+    def __init__(
+        self, backend: Backend, max_batch_size: int = 8, max_wait_ms: float = 10, thread: bool = True
+    ):
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000
         self.held: list[Job] = []  # jobs whose settings did not match the batch being formed
         self.generate_calls = 0
-        super().__init__(backend)
+        super().__init__(backend, thread)
 
     @property
     def depth(self) -> int:

@@ -25,7 +25,7 @@ from mmllm.engine.backend import Prompt
 from mmllm.engine.exported import ExportedBackend, onnx_session, read_export_settings
 from mmllm.engine.prefix_cache import PrefixCache
 from mmllm.engine.rows import RowTracker
-from mmllm.engine.running import decode_all
+from mmllm.engine.running import decode_all, read_each
 from mmllm.engine.settings import GenerationSettings
 from mmllm.errors import MmllmError
 from mmllm.processor import MultimodalProcessor
@@ -221,7 +221,10 @@ class LlamaCppSession:
         self.prompts[sequence], self.positions[sequence] = (prompt.input_ids, rows), length
         return sequence, length
 
-    def read(self, handle: int, end: int) -> np.ndarray | None:
+    def read(self, chunks: list[tuple[int, int]]) -> list[np.ndarray | Exception | None]:
+        return read_each(self._read, chunks)
+
+    def _read(self, handle: int, end: int) -> np.ndarray | None:
         ids, rows = self.prompts[handle]
         image_token = self.backend.settings["image_token_id"]
         start = self.positions[handle]

@@ -48,9 +48,10 @@ class StepSession(Protocol):
         """Take a row for `prompt` (its images become rows here); returns its handle and how many of
         its prompt's tokens it holds already (from the prefix cache): reading starts there."""
 
-    def read(self, handle: int, end: int) -> np.ndarray | None:
-        """Read the row's prompt up to position `end` (a chunk); the (V,) logits after its last token
-        once the whole prompt is read, else None."""
+    def read(self, chunks: list[tuple[int, int]]) -> list[np.ndarray | Exception | None]:
+        """Each (handle, end): that row reads its prompt up to position `end` (a chunk). Per chunk: the
+        (V,) logits after the prompt's last token once the whole prompt is read, else None; or the
+        failure that ended this row alone."""
 
     def step(self, handles: list[int], tokens: list[int]) -> np.ndarray:
         """Append one token to each of these rows (every row whose prompt is read); (R, V) logits."""
@@ -146,21 +147,25 @@ class RunningRows:
             if row.tracker.cancelled[row.index].is_set() and not row.finished:
                 row.tracker.end(row.index, "cancelled")  # gone before its first token: never decoded
         budget = max(1, self.step_tokens - sum(row.decoding for row in self.rows))
-        prompts_read, first_logits = [], []
+        readers, chunks = [], []
         for row in self.rows:
             if budget <= 0 or not row.reading:
                 continue
             end = min(len(row.prompt.input_ids), row.read + budget)
-            try:
-                logits = self.session.read(row.handle, end)
-            except Exception as err:
-                row.failure = err
-                continue
             budget -= end - row.read
+            readers.append(row)
+            chunks.append((row.handle, end))
+        prompts_read, first_logits = [], []
+        for row, (_, end), outcome in zip(
+            readers, chunks, self.session.read(chunks) if chunks else [], strict=True
+        ):
+            if isinstance(outcome, Exception):
+                row.failure = outcome
+                continue
             row.read = end
-            if logits is not None:
+            if outcome is not None:
                 prompts_read.append(row)
-                first_logits.append(logits)
+                first_logits.append(outcome)
         if prompts_read:
             self._choose(prompts_read, np.stack(first_logits))
             for row in prompts_read:
@@ -236,3 +241,14 @@ def decode_all(
             if row.handle >= 0:
                 session.stop(row.handle)
     return [len(prompt.input_ids) for prompt in prompts]
+
+
+def read_each(read_one: Callable[[int, int], np.ndarray | None], chunks: list[tuple[int, int]]) -> list:
+    """`StepSession.read` for an engine that reads one row's chunk a pass: `read_one(handle, end)`."""
+    outcomes = []
+    for handle, end in chunks:
+        try:
+            outcomes.append(read_one(handle, end))
+        except Exception as err:  # this row's prompt: it fails alone
+            outcomes.append(err)
+    return outcomes

@@ -22,7 +22,9 @@ from mmllm.engine.sampler import sampling_rng
 
 
 class Scheduler(RequestQueue):
-    def __init__(self, backend: Backend, max_rows: int = 16, step_tokens: int = STEP_TOKENS):
+    def __init__(
+        self, backend: Backend, max_rows: int = 16, step_tokens: int = STEP_TOKENS, thread: bool = True
+    ):
         if backend.session is None:
             raise ValueError(f"the {backend.name} backend keeps no running batch: use the DynamicBatcher")
         self.batch = RunningRows(
@@ -31,7 +33,7 @@ class Scheduler(RequestQueue):
         self.waiting: deque[Row] = deque()
         self.jobs_of: dict[int, Job] = {}  # id(row) -> its job
         self.closing = False
-        super().__init__(backend)
+        super().__init__(backend, thread)
 
     @property
     def depth(self) -> int:
@@ -115,9 +117,11 @@ def request_queue(
     max_rows: int = 16,
     max_wait_ms: float = 10,
     step_tokens: int = STEP_TOKENS,
+    thread: bool = True,
 ) -> RequestQueue:
     """The queue a server or page answers through: the continuous `Scheduler` where the backend keeps a
-    running batch (the torch and llama.cpp backends), else (or with scheduler="batch") the batcher."""
+    running batch (the torch and llama.cpp backends), else (or with scheduler="batch") the batcher.
+    `thread`: it answers in a thread of its own; else the caller runs its `serve`."""
     if scheduler == "continuous" and backend.session is not None:
-        return Scheduler(backend, max_rows, step_tokens)
-    return DynamicBatcher(backend, max_rows, max_wait_ms)
+        return Scheduler(backend, max_rows, step_tokens, thread)
+    return DynamicBatcher(backend, max_rows, max_wait_ms, thread)

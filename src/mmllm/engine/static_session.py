@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from mmllm.engine.backend import Prompt
 from mmllm.engine.prefix_cache import PrefixCache
+from mmllm.engine.running import read_each
 from mmllm.models.language import cache_keyword
 from mmllm.models.multimodal import MultimodalLM
 
@@ -219,8 +220,11 @@ class StaticSession:
         self.next_position[self.issued] = length
         return self.issued, length
 
+    def read(self, chunks: list[tuple[int, int]]) -> list[np.ndarray | Exception | None]:
+        return read_each(self._read, chunks)
+
     @torch.inference_mode()
-    def read(self, handle: int, end: int) -> np.ndarray | None:
+    def _read(self, handle: int, end: int) -> np.ndarray | None:
         embeds, device = self.prompts[handle], self.model.device
         slot = torch.tensor([self.slot_of[handle]], device=device)
         logits = None

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers import DynamicCache
+from transformers import Cache
+from transformers.cache_utils import DynamicLayer
 
 from mmllm.engine.backend import Backend, Prompt
 from mmllm.engine.prefix_cache import PrefixCache
@@ -19,9 +21,11 @@ from mmllm.engine.settings import GenerationSettings
 from mmllm.engine.static_session import StaticSession, kv_bytes, row_columns
 from mmllm.errors import MmllmError
 from mmllm.images import ImageInput
+from mmllm.models.attention import use_grouped_attention
 from mmllm.models.build import load_model, untrained_parts
 from mmllm.models.language import cache_keyword
 from mmllm.models.multimodal import MultimodalLM
+from mmllm.models.packed_linear import pack_linears
 from mmllm.processor import MultimodalProcessor
 
 log = logging.getLogger("mmllm")
@@ -43,14 +47,69 @@ def pad_left(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim)
 
 
-class TorchSession:
-    """Rows decoding together over one left-padded KV cache (a `DynamicCache` of (B, H, L, d) layers).
+class SlackLayer(DynamicLayer):
+    """A `DynamicLayer` that grows into spare columns: a decoding step writes its one column in place
+    instead of copying the whole cache (`torch.cat`) every token, every layer.
 
-    A row reads its prompt alone, in chunks, into a cache of its own, then joins the batch: the shorter
-    of its cache and the batch's is padded on the left, and the (B, L) mask hides the padding. Each row
-    keeps its own positions, so it computes what it would alone. A row that stops leaves the batch, and
-    columns only padding holds are cut off; its columns go to the prefix cache first (when it has a
-    budget), and a later row starts from the longest prefix there instead of an empty cache.
+    `keys` and `values` are views of the first columns of (B, H, capacity, d) buffers; keys set to any
+    other tensor (a batch joined or cut) move into new buffers at the next `update`."""
+
+    slack = 64  # spare columns a new buffer gets: a copy every 64 steps instead of every step
+    room: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        length = self.keys.shape[-2] if self.keys.numel() else 0
+        end = length + key_states.shape[-2]
+        room = self.room
+        if (
+            room is None
+            or room[0].data_ptr() != self.keys.data_ptr()
+            or room[0].shape[:2] != key_states.shape[:2]
+            or room[0].shape[2] < end
+        ):
+            shape = (*key_states.shape[:2], end + self.slack, key_states.shape[-1])
+            room = self.room = key_states.new_empty(shape), value_states.new_empty(shape)
+            if length:
+                room[0][:, :, :length], room[1][:, :, :length] = self.keys, self.values
+        room[0][:, :, length:end], room[1][:, :, length:end] = key_states, value_states
+        self.keys, self.values = room[0][:, :, :end], room[1][:, :, :end]
+        return self.keys, self.values
+
+
+def slack_cache(layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> Cache:
+    """A KV cache of `SlackLayer`s, holding `layers`' (B, H, L, d) keys and values where given."""
+    if not layers:
+        return Cache(layer_class_to_replicate=SlackLayer)
+    cache = Cache(layers=[SlackLayer() for _ in layers])
+    for layer, (keys, values) in zip(cache.layers, layers, strict=True):
+        layer.update(keys, values)
+    return cache
+
+
+@dataclass
+class Reading:
+    """A row still reading its prompt."""
+
+    prompt: Prompt
+    length: int = 0  # prompt tokens read (or taken from the prefix cache): C
+    past: tuple[list[torch.Tensor], list[torch.Tensor]] | None = (
+        None  # their keys, values: (1, H, C, d) a layer
+    )
+    embeds: torch.Tensor | None = None  # (1, P, D), made at its first read (its images with others')
+
+
+class TorchSession:
+    """Rows decoding together over one left-padded KV cache (`SlackLayer`s of (B, H, L, d)).
+
+    Rows that read in the same step read together: their images go through the vision tower in one
+    pass, and their prompt chunks through the LM in one padded pass, each row at its own positions
+    (its past right-aligned in the first columns, its chunk in the last). A row done reading joins
+    the batch: the shorter of its cache and the batch's is padded on the left, and the (B, L) mask
+    hides the padding. A row that stops leaves the batch, and columns only padding holds are cut off;
+    its columns go to the prefix cache first (when it has a budget), and a later row starts from the
+    longest prefix there instead of an empty cache.
     """
 
     max_rows = 256
@@ -61,9 +120,9 @@ class TorchSession:
         self.lm = self.model.language_model
         self.cache_argument = cache_keyword(self.lm)
         self.context = pipeline.context_length
-        self.reading: dict[int, tuple[torch.Tensor, DynamicCache]] = {}  # (1, P, D) prompt, its cache
+        self.reading: dict[int, Reading] = {}
         self.handles: list[int] = []  # the batch's rows, in cache order
-        self.cache: DynamicCache | None = None
+        self.cache: Cache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # (B, L)
         self.positions = torch.zeros(0, dtype=torch.long)  # (B,) each row's next position
         self.issued = 0
@@ -73,53 +132,109 @@ class TorchSession:
     def rows_held(self) -> int:
         return len(self.reading) + len(self.handles)
 
-    @torch.inference_mode()
     def start(self, prompt: Prompt) -> tuple[int, int]:
         self.issued += 1
-        embeds = self.pipeline.embed_prompt(prompt)
         kept, length = self.prefix_cache.begin(self.issued, prompt, self.model.config.image_token_id)
-        layers = (
-            [(k[None, :, :length], v[None, :, :length]) for k, v in zip(*kept, strict=True)] if kept else None
+        past = (
+            ([k[None, :, :length] for k in kept[0]], [v[None, :, :length] for v in kept[1]]) if kept else None
         )
-        self.reading[self.issued] = (embeds, DynamicCache(layers))  # its update copies what it is given
+        self.reading[self.issued] = Reading(prompt, length, past)
         return self.issued, length
 
     @torch.inference_mode()
-    def read(self, handle: int, end: int) -> np.ndarray | None:
-        embeds, cache = self.reading[handle]
-        start = cache.get_seq_length()
-        positions = torch.arange(start, end, device=embeds.device)[None]  # (1, C)
+    def read(self, chunks: list[tuple[int, int]]) -> list[np.ndarray | Exception | None]:
+        """Each (handle, end): that row reads its prompt up to `end`. Together where they can; when
+        the shared pass fails, every row reads alone, so a row's failure stays its own."""
+        try:
+            new = [handle for handle, _ in chunks if self.reading[handle].embeds is None]
+            embeds = self.pipeline.embed_prompts([self.reading[handle].prompt for handle in new])
+            for handle, prompt_embeds in zip(new, embeds, strict=True):
+                self.reading[handle].embeds = prompt_embeds
+            return self._read_together(chunks)
+        except Exception as err:
+            if len(chunks) == 1:
+                return [err]
+            return [self.read([chunk])[0] for chunk in chunks]
+
+    def _read_together(self, chunks: list[tuple[int, int]]) -> list[np.ndarray | None]:
+        device = self.model.device
+        rows = [self.reading[handle] for handle, _ in chunks]
+        past = [row.length for row in rows]
+        new = [end - row.length for (_, end), row in zip(chunks, rows, strict=True)]
+        width, chunk = max(past), max(new)
+        mask = torch.zeros(len(rows), width + chunk, dtype=torch.long, device=device)  # (R, C + N)
+        positions = torch.zeros(len(rows), chunk, dtype=torch.long, device=device)  # (R, N)
+        embeds = rows[0].embeds.new_zeros(len(rows), chunk, rows[0].embeds.shape[-1])  # (R, N, D)
+        for i, (row, start, count) in enumerate(zip(rows, past, new, strict=True)):
+            mask[i, width - start : width] = 1
+            mask[i, width + chunk - count :] = 1
+            positions[i, chunk - count :] = torch.arange(start, start + count, device=device)
+            embeds[i, chunk - count :] = row.embeds[0, start : start + count]
+        layers = None
+        if width:  # (R, H, C, d) a layer: each row's past right-aligned, zeros before it
+            keys, values = next(row.past for row in rows if row.length)
+            shape = (len(rows), keys[0].shape[1], width, keys[0].shape[3])
+            layers = [(k.new_zeros(shape), v.new_zeros(shape)) for k, v in zip(keys, values, strict=True)]
+            for i, row in enumerate(rows):
+                if not row.length:
+                    continue
+                for (k, v), row_k, row_v in zip(layers, *row.past, strict=True):
+                    k[i, :, width - row.length :], v[i, :, width - row.length :] = row_k[0], row_v[0]
+        cache = slack_cache(layers)
         logits = self.lm(
-            inputs_embeds=embeds[:, start:end],
+            inputs_embeds=embeds,
+            attention_mask=mask,
             position_ids=positions,
             **{self.cache_argument: cache},
             use_cache=True,
             logits_to_keep=1,
-        ).logits
-        if end < embeds.shape[1]:
-            return None
-        del self.reading[handle]
-        self._join(handle, cache, end)
-        return logits[0, -1].float().cpu().numpy()
+        ).logits[:, -1]  # (R, V)
+        keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+        for i, (start, count) in enumerate(zip(past, new, strict=True)):
+            if start and count < chunk:  # a gap between its past and its chunk: close it
+                for part in keys + values:
+                    end = width + chunk - count
+                    part[i, :, end - start : end] = part[i, :, width - start : width].clone()
+        done = []
+        for i, ((handle, end), row) in enumerate(zip(chunks, rows, strict=True)):
+            if end == row.embeds.shape[1]:
+                done.append(i)
+                del self.reading[handle]
+            else:
+                row.length, row.past = (
+                    end,
+                    ([k[i : i + 1, :, -end:] for k in keys], [v[i : i + 1, :, -end:] for v in values]),
+                )
+        if done:
+            lengths = [past[i] + new[i] for i in done]
+            self._join(
+                [chunks[i][0] for i in done], [k[done] for k in keys], [v[done] for v in values], lengths
+            )
+        out = logits.float().cpu().numpy()
+        return [out[i] if i in done else None for i in range(len(chunks))]
 
-    def _join(self, handle: int, cache: DynamicCache, length: int) -> None:
+    def _join(
+        self, handles: list[int], keys: list[torch.Tensor], values: list[torch.Tensor], lengths: list[int]
+    ) -> None:
+        """Rows done reading join the batch: (R, H, L, d) keys and values a layer, each row's `length`
+        columns right-aligned."""
         device = self.model.device
-        width = self.mask.shape[1]
+        length = keys[0].shape[2]
+        columns = torch.arange(length, device=device)
+        rows_mask = (columns >= length - torch.tensor(lengths, device=device)[:, None]).long()  # (R, L)
         if self.cache is None:
-            self.cache, width = cache, length
-            self.mask = torch.ones(0, length, dtype=torch.long, device=device)
-            self.positions = self.positions.to(device)
+            self.cache = slack_cache(list(zip(keys, values, strict=True)))
+            self.mask = rows_mask
+            self.positions = torch.tensor(lengths, device=device)
         else:
+            width = self.mask.shape[1]
             grow, short = max(0, length - width), max(0, width - length)
-            for mine, theirs in zip(self.cache.layers, cache.layers, strict=True):
-                mine.keys = torch.cat([pad_left(mine.keys, grow, 2), pad_left(theirs.keys, short, 2)])
-                mine.values = torch.cat([pad_left(mine.values, grow, 2), pad_left(theirs.values, short, 2)])
-            self.mask = pad_left(self.mask, grow, 1)
-            width += grow
-        row_mask = pad_left(torch.ones(1, length, dtype=torch.long, device=device), width - length, 1)
-        self.mask = torch.cat([self.mask, row_mask])
-        self.positions = torch.cat([self.positions, torch.tensor([length], device=device)])
-        self.handles.append(handle)
+            for layer, k, v in zip(self.cache.layers, keys, values, strict=True):
+                layer.keys = torch.cat([pad_left(layer.keys, grow, 2), pad_left(k, short, 2)])
+                layer.values = torch.cat([pad_left(layer.values, grow, 2), pad_left(v, short, 2)])
+            self.mask = torch.cat([pad_left(self.mask, grow, 1), pad_left(rows_mask, short, 1)])
+            self.positions = torch.cat([self.positions, torch.tensor(lengths, device=device)])
+        self.handles.extend(handles)
 
     @torch.inference_mode()
     def step(self, handles: list[int], tokens: list[int]) -> np.ndarray:
@@ -165,7 +280,8 @@ class TorchSession:
 
 class Pipeline(Backend):
     """`compiler`: decode over a static KV cache, each pass compiled by this `torch.compile` backend
-    ("inductor"; `StaticSession`); None: over a growing `DynamicCache`, eagerly (`TorchSession`)."""
+    ("inductor"; `StaticSession`); None: over a KV cache that grows into spare columns, eagerly
+    (`TorchSession`)."""
 
     name = "torch"
 
@@ -210,6 +326,9 @@ class Pipeline(Backend):
 
             quantize_int8(model)
         compiled = compile == "on" or (compile == "auto" and device.type == "cuda")
+        if device.type == "cpu" and not compiled:  # (compiled, inductor packs the weights itself)
+            use_grouped_attention(model.language_model)
+            pack_linears(model)
         return cls(model.to(device), processor, compiler="inductor" if compiled else None)
 
     @property
@@ -246,13 +365,23 @@ class Pipeline(Backend):
 
         return torch.stack(self.features.through(pixels.numpy(), compute))  # keyed by what the tower sees
 
+    def embed_prompts(self, prompts: list[Prompt]) -> list[torch.Tensor]:
+        """Each prompt's (1, P, D) LM input embeddings, its images' projected rows at their
+        placeholders; the images of all of them through the vision tower in one pass."""
+        pixels = [prompt.pixel_values for prompt in prompts if prompt.pixel_values is not None]
+        features = self.image_features(torch.from_numpy(np.concatenate(pixels))) if pixels else None
+        embeds, taken = [], 0
+        for prompt in prompts:
+            images = 0 if prompt.pixel_values is None else len(prompt.pixel_values)
+            ids = torch.tensor([prompt.input_ids], device=self.model.device)
+            own = features[taken : taken + images] if images else None
+            embeds.append(self.model.embed_inputs(ids, image_features=own))
+            taken += images
+        return embeds
+
     def embed_prompt(self, prompt: Prompt) -> torch.Tensor:
-        """A prompt's (1, P, D) LM input embeddings, its images' projected rows at their placeholders."""
-        ids = torch.tensor([prompt.input_ids], device=self.model.device)
-        features = None
-        if prompt.pixel_values is not None:
-            features = self.image_features(torch.from_numpy(prompt.pixel_values))
-        return self.model.embed_inputs(ids, image_features=features)
+        """A prompt's (1, P, D) LM input embeddings (`embed_prompts`)."""
+        return self.embed_prompts([prompt])[0]
 
     def _inputs(self, prompts: list[Prompt]) -> dict:
         padded = self.processor.pad([{"input_ids": prompt.input_ids} for prompt in prompts])

@@ -39,7 +39,7 @@ class Projector(nn.Sequential):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self[0].weight.dtype
+        return next(self.parameters()).dtype  # not a weight's: a packed linear (CPU inference) has none
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return super().forward(features.to(self.dtype))
