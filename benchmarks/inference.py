@@ -187,14 +187,17 @@ def measure(variant: str, model_name: str, tokens: int, reps: int, export_dir: P
         import torch
         from transformers.generation.streamers import BaseStreamer
 
-        from mmllm.engine.torch_backend import Pipeline
+        from mmllm.engine.torch_backend import Pipeline, prepare_for_cpu_decoding
 
-        pipeline = Pipeline.load(model_name, device="cpu", dtype="bf16" if variant == "bf16" else "fp32")
+        dtype = "bf16" if variant == "bf16" else "fp32"
+        pipeline = Pipeline.load(model_name, device="cpu", dtype=dtype, cpu_kernels=False)
         if variant.startswith("int8"):
             from mmllm.models.int8 import quantize_int8
 
             quantize_int8(pipeline.model, variant.removeprefix("int8-"))
         size = weight_bytes(pipeline.model)
+        if variant != "transformers":  # the torch backend as `Pipeline.load` gives it
+            prepare_for_cpu_decoding(pipeline.model)
         if variant == "transformers":  # the processor's tensors straight into generate: no cache, no streamer
             model, processor = pipeline.model, pipeline.processor
 

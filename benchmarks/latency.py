@@ -13,6 +13,7 @@ speed is the same).
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import statistics
 import tempfile
@@ -25,7 +26,7 @@ from common import RANDOM_LMS, RESULTS, lm_weights, mfu, peak_flops, random_lm, 
 from PIL import Image
 
 from mmllm.engine.settings import GenerationSettings
-from mmllm.engine.torch_backend import DTYPES, Pipeline
+from mmllm.engine.torch_backend import DTYPES, Pipeline, prepare_for_cpu_decoding
 from mmllm.models.build import ModelConfig, build_model
 
 QUESTION = "Look at the picture carefully and tell me which objects and colours you can see in it."
@@ -44,6 +45,14 @@ def plain_inputs(model, processor, messages: list[dict], image: Image.Image) -> 
     features = model.get_image_features(processor.image_processor([image]))
     encoded = processor.encode_text(messages, 1, image_words=model.image_words(features))
     return {"input_ids": torch.tensor([encoded["input_ids"]])}
+
+
+def pipeline(model, processor, mode: str) -> Pipeline:
+    """The torch backend in `mode`; eager on a CPU decodes a prepared copy, as `Pipeline.load` would
+    (the plain-transformers baseline and the compiled mode keep the model as it is)."""
+    if MODES[mode] is None and model.device.type == "cpu":
+        return Pipeline(prepare_for_cpu_decoding(copy.deepcopy(model)), processor)
+    return Pipeline(model, processor, compiler=MODES[mode])
 
 
 def measure(pipeline: Pipeline, messages: list[dict], settings: GenerationSettings, reps: int) -> dict:
@@ -93,7 +102,7 @@ def plain_generate(model, processor, messages: list[dict], tokens: int, reps: in
 
 def load(args: argparse.Namespace, scratch: Path):
     if not args.random:
-        pipeline = Pipeline.load(args.model, args.device, args.dtype, compile="off")
+        pipeline = Pipeline.load(args.model, args.device, args.dtype, compile="off", cpu_kernels=False)
         return pipeline.model, pipeline.processor
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES.get(args.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -133,8 +142,7 @@ def main() -> None:
         mode for mode in MODES if args.compile == "both" or (mode == "compiled") == (args.compile == "on")
     ]
     results = {
-        mode: measure(Pipeline(model, processor, compiler=MODES[mode]), messages, settings, args.reps)
-        for mode in modes
+        mode: measure(pipeline(model, processor, mode), messages, settings, args.reps) for mode in modes
     }
     plain = plain_generate(model, processor, messages, args.tokens, args.reps)
 

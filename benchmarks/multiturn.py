@@ -34,7 +34,7 @@ import torch
 from common import RESULTS, report
 from PIL import Image
 
-from mmllm.engine.torch_backend import Pipeline
+from mmllm.engine.torch_backend import Pipeline, prepare_for_cpu_decoding
 from mmllm.models.build import ModelConfig, build_model
 from mmllm.serve.app import create_app
 from mmllm.serve.config import ServeConfig
@@ -140,6 +140,8 @@ def load(args: argparse.Namespace) -> Pipeline:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, processor = build_model(cfg, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    if device.type == "cpu" and not compiled:
+        prepare_for_cpu_decoding(model)
     return Pipeline(model.to(device), processor, compiler="inductor" if compiled else None)
 
 

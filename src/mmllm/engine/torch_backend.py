@@ -38,6 +38,15 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def prepare_for_cpu_decoding(model: MultimodalLM) -> MultimodalLM:
+    """What `Pipeline.load` does to a model it decodes eagerly on a CPU: grouped-query attention and
+    linear layers in oneDNN's layout. In place, for inference only: the model no longer trains,
+    exports or compiles."""
+    use_grouped_attention(model.language_model)
+    pack_linears(model)
+    return model
+
+
 def pad_left(tensor: torch.Tensor, columns: int, dim: int) -> torch.Tensor:
     """`tensor` with `columns` zero columns put before dimension `dim`'s first."""
     if not columns:
@@ -298,11 +307,17 @@ class Pipeline(Backend):
 
     @classmethod
     def load(
-        cls, name_or_path: str, device: str | None = None, dtype: str = "auto", compile: str = "auto"
+        cls,
+        name_or_path: str,
+        device: str | None = None,
+        dtype: str = "auto",
+        compile: str = "auto",
+        cpu_kernels: bool = True,
     ) -> Pipeline:
         """`dtype`: auto (bf16 on CUDA, else fp32), fp32, bf16, fp16, or int8 (torchao, for CPUs).
         `compile`: on (static KV cache + torch.compile, CUDA graphs on a GPU), off (eager), or auto (on
-        for CUDA: on a CPU, compiling takes minutes and buys little)."""
+        for CUDA: on a CPU, compiling takes minutes and buys little). `cpu_kernels`: decoding eagerly on
+        a CPU, `prepare_for_cpu_decoding` (False keeps the model as loaded: for baselines)."""
         if compile not in COMPILE_CHOICES:
             raise MmllmError(f"unknown compile setting {compile!r}; choose {', '.join(COMPILE_CHOICES)}")
         device = torch.device(device) if device else default_device()
@@ -326,9 +341,8 @@ class Pipeline(Backend):
 
             quantize_int8(model)
         compiled = compile == "on" or (compile == "auto" and device.type == "cuda")
-        if device.type == "cpu" and not compiled:  # (compiled, inductor packs the weights itself)
-            use_grouped_attention(model.language_model)
-            pack_linears(model)
+        if cpu_kernels and device.type == "cpu" and not compiled:  # (compiled, inductor packs its own)
+            prepare_for_cpu_decoding(model)
         return cls(model.to(device), processor, compiler="inductor" if compiled else None)
 
     @property

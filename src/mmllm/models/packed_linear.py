@@ -49,7 +49,7 @@ def pack_linears(model: torch.nn.Module) -> int:
             # Exact types: subclasses (LoRA layers) and quantised weights keep their own forward.
             if (
                 type(child) is torch.nn.Linear
-                and type(child.weight) is torch.nn.Parameter
+                and type(child.weight.data) is torch.Tensor  # not a quantised tensor subclass
                 and child.weight.dtype in dtypes
                 and child.weight.device.type == "cpu"
             ):
