@@ -17,6 +17,7 @@ random CLIP-B/32 tower, SmolLM2-135M-Instruct's weights), built once and exporte
 `export gguf` q8_0) under $MMLLM_HOME/bench/serve_compare.
 
     python benchmarks/serve_compare.py [--quick] [--models llava-smollm2,mmllm-easyvqa]
+    python benchmarks/serve_compare.py --paired 3    # alternating c = 16 rounds, both servers up
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import tempfile
 import threading
@@ -393,6 +395,76 @@ def write(args, rows, pairs, began, load, unfinished="") -> None:
     report("serve_compare" + ("_quick" if args.quick else ""), rows, settings, notes="\n\n".join(notes))
 
 
+@contextlib.contextmanager
+def paused(idle: list[Server]):
+    """The `idle` servers stopped (SIGSTOP to each process group: vLLM's engine core busy-polls when
+    idle, 0.1 of a core here) for the block, resumed after."""
+    for server in idle:
+        os.killpg(server.process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for server in idle:
+            os.killpg(server.process.pid, signal.SIGCONT)
+
+
+def paired(models: list[str], rounds: int, tokens: int) -> None:
+    """c = 16 in alternating rounds, mmllm torch bf16 and vLLM bf16 (both cores) up together, the one
+    not measured paused: this machine's speed drifts by 10-15% from minute to minute (other tenants of
+    the host), and rounds that take turns share the drift. Reported: each server's median round,
+    every round's tokens/s, and what other processes used meanwhile ("others' CPU")."""
+    specs = [s for s in servers(False) if s["name"] in ("mmllm torch bf16", "vLLM bf16")]
+    rows, began, load = [], time.perf_counter(), os.getloadavg()
+    for model in models:
+        folders = prepare(model, {"vllm"})
+        up = []
+        try:
+            for spec in specs:
+                up.append(Server(spec, folders))
+                measure(up[-1], throughput_bodies(4, 8, 1000), 4)  # warm-up
+            runs: dict[str, list[dict]] = {spec["name"]: [] for spec in specs}
+            for round_ in range(rounds):
+                for spec, server in zip(specs, up, strict=True):  # the same requests for both
+                    with paused([other for other in up if other is not server]):
+                        result = measure(server, throughput_bodies(64, tokens, 2000 + 64 * round_), 16)
+                    runs[spec["name"]].append(result)
+                    print(
+                        f"{model}: {spec['name']}, round {round_ + 1}: {result['tokens/s']} tok/s", flush=True
+                    )
+        finally:
+            for server in up:
+                server.stop()
+        for spec in specs:
+            done = sorted(runs[spec["name"]], key=lambda r: r["tokens/s"])
+            middle = done[len(done) // 2]
+            rows.append(
+                {
+                    "model": model,
+                    "server": spec["name"],
+                    "c": 16,
+                    "median output tokens/s": middle["tokens/s"],
+                    "TTFT p50 (ms), median round": middle["TTFT p50 (ms)"],
+                    "TTFT p99 (ms), median round": middle["TTFT p99 (ms)"],
+                    "rounds (tokens/s)": " / ".join(str(r["tokens/s"]) for r in runs[spec["name"]]),
+                    "others' CPU (cores), most": max(r["others' CPU (cores)"] for r in runs[spec["name"]]),
+                }
+            )
+    settings = {
+        "models": models,
+        "rounds": rounds,
+        "requests": f"64 x {tokens} tok, ignore_eos, a round",
+        "cpu": isa(),
+        **versions(),
+        "load average at start (1, 5, 15 min)": [round(x, 2) for x in load],
+        "minutes": round((time.perf_counter() - began) / 60, 1),
+    }
+    notes = (
+        f"Both servers up; rounds alternate (mmllm, vLLM, mmllm, ...), {rounds} each, 64 requests x {tokens} "
+        "tokens at 16 clients a round, every image different. CPU: " + settings["cpu"] + "."
+    )
+    report("serve_compare_paired", rows, settings, notes=notes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -404,7 +476,13 @@ def main() -> None:
     parser.add_argument("--mixed", type=int, default=30, help="mixed-row requests at c = 16")
     parser.add_argument("--servers", default="", help="only the servers whose names contain one of these")
     parser.add_argument("--quick", action="store_true", help="mmllm-easyvqa; torch bf16 and vLLM; c = 1, 4")
+    parser.add_argument(
+        "--paired", type=int, default=0, help="only this: N alternating c = 16 rounds, mmllm bf16 vs vLLM"
+    )
     args = parser.parse_args()
+    if args.paired:
+        paired(args.models.split(","), args.paired, args.tokens)
+        return
     if args.quick:
         args.models, args.concurrency, args.agreement, args.mixed = "mmllm-easyvqa", "1:2,4:4", 4, 0
     logging.basicConfig(level=logging.WARNING)

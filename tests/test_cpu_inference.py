@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 
 from conftest import make_tiny, save_tiny, start_server
@@ -19,7 +20,7 @@ from mmllm.engine.prefix_cache import PrefixCache
 from mmllm.engine.torch_backend import Pipeline, TorchSession, slack_cache
 from mmllm.models.attention import use_grouped_attention
 from mmllm.models.language import cache_keyword
-from mmllm.models.packed_linear import PackedLinear, pack_linears
+from mmllm.models.packed_linear import FusedPart, PackedLinear, pack_linears
 from mmllm.serve.launch import free_port
 
 DESIGN = {"feature_mode": "patch", "lm_init_std": 0.3}
@@ -62,16 +63,26 @@ def test_packed_linears_compute_what_their_linears_do(dtype):
     model, _ = make_tiny("qwen2", **DESIGN)
     model = model.to(dtype)
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(2)).to(dtype)  # (B, T, D)
-    gate = model.language_model.model.layers[0].mlp.gate_proj
-    expected, features = gate(x), torch.randn(2, 16, 32).to(dtype)
+    up_weight = model.language_model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    x, y = torch.randn(2, 2, 7, 64, generator=torch.Generator().manual_seed(2)).to(dtype)  # (B, T, D)
+    attention, mlp = model.language_model.model.layers[0].self_attn, model.language_model.model.layers[0].mlp
+    names = [(attention, "q_proj"), (attention, "k_proj"), (attention, "v_proj"), (mlp, "gate_proj")]
+    names += [(mlp, "up_proj"), (model.language_model, "lm_head")]
+    expected = {name: getattr(module, name)(x) for module, name in names}
+    inner = torch.randn(2, 7, 128).to(dtype)
+    expected["down_proj"] = mlp.down_proj(inner)
+    features = torch.randn(2, 16, 32).to(dtype)
     projected = model.project_images(features)
     assert pack_linears(model) == len(linears)
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
-    packed = model.language_model.model.layers[0].mlp.gate_proj
-    assert isinstance(packed, PackedLinear)
+    assert isinstance(attention.q_proj, FusedPart) and isinstance(mlp.down_proj, PackedLinear)
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}
-    torch.testing.assert_close(packed(x), expected, **tolerance)
+    for module, name in names:  # q_proj computes q, k and v; k_proj and v_proj take theirs
+        torch.testing.assert_close(getattr(module, name)(x), expected[name], **tolerance)
+    assert attention.q_proj.fused.output is None  # all three taken: nothing held
+    torch.testing.assert_close(mlp.down_proj(inner), expected["down_proj"], **tolerance)
+    torch.testing.assert_close(mlp.gate_proj(x), expected["gate_proj"], **tolerance)
+    torch.testing.assert_close(mlp.up_proj(y), F.linear(y, up_weight), **tolerance)  # another input
     torch.testing.assert_close(model.project_images(features), projected, **tolerance)
 
 

@@ -131,6 +131,7 @@ class TorchSession:
         self.context = pipeline.context_length
         self.reading: dict[int, Reading] = {}
         self.handles: list[int] = []  # the batch's rows, in cache order
+        self.leaving: set[int] = set()  # rows stopped since the last pass: cut out together before the next
         self.cache: Cache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # (B, L)
         self.positions = torch.zeros(0, dtype=torch.long)  # (B,) each row's next position
@@ -139,7 +140,7 @@ class TorchSession:
 
     @property
     def rows_held(self) -> int:
-        return len(self.reading) + len(self.handles)
+        return len(self.reading) + len(self.handles) - len(self.leaving)
 
     def start(self, prompt: Prompt) -> tuple[int, int]:
         self.issued += 1
@@ -227,6 +228,7 @@ class TorchSession:
     ) -> None:
         """Rows done reading join the batch: (R, H, L, d) keys and values a layer, each row's `length`
         columns right-aligned."""
+        self._cut_leaving()
         device = self.model.device
         length = keys[0].shape[2]
         columns = torch.arange(length, device=device)
@@ -247,6 +249,7 @@ class TorchSession:
 
     @torch.inference_mode()
     def step(self, handles: list[int], tokens: list[int]) -> np.ndarray:
+        self._cut_leaving()
         order = {handle: index for index, handle in enumerate(self.handles)}
         if sorted(order[h] for h in handles) != list(range(len(self.handles))):
             raise ValueError("a step appends a token to every row of the batch")
@@ -275,9 +278,19 @@ class TorchSession:
         length = int(self.positions[row])  # its last columns: padding is on the left
         kept = functools.partial(row_columns, keys, values, row, slice(-length, None))
         self.prefix_cache.end(handle, length, kv_bytes(keys), kept)
-        keep = [index for index, h in enumerate(self.handles) if h != handle]
-        self.handles.remove(handle)
-        if not self.handles:
+        self.leaving.add(handle)
+        if len(self.leaving) == len(self.handles):  # the batch is empty: free its cache now, no copy
+            self._cut_leaving()
+
+    def _cut_leaving(self) -> None:
+        """Cut the rows that stopped out of the batch, all in one copy (answers of the same length end
+        together), and the columns only padding holds then."""
+        if not self.leaving:
+            return
+        keep = [index for index, handle in enumerate(self.handles) if handle not in self.leaving]
+        self.handles = [self.handles[index] for index in keep]
+        self.leaving.clear()
+        if not keep:
             self.cache, self.mask = None, self.mask[:0, :0]
             self.positions = self.positions[:0]
             return

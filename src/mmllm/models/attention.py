@@ -39,19 +39,21 @@ def grouped_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
         )
         return output.transpose(1, 2), None
-    kv_heads = key.shape[1]
-    grouped = query.view(
-        batch, kv_heads, heads // kv_heads, dim
-    )  # head h = kv head h // G (repeat_kv's order)
-    # keys x queries, not queries x keys^T: bmm reads the keys' (L, d) rows where they lie (a view of
-    # a cache with spare columns), where their transpose would be copied first, every layer
-    scores = torch.matmul(key, grouped.transpose(-1, -2)).transpose(-1, -2) * (
-        scaling or dim**-0.5
-    )  # (B, H_kv, G, L)
-    if attention_mask is not None:
-        scores = scores + attention_mask  # (B, 1, 1, L)
-    weights = torch.softmax(scores, -1, dtype=torch.float32).to(value.dtype)
-    return torch.matmul(weights, value).view(batch, 1, heads, dim), None  # (B, H_kv, G, d) -> (B, 1, H, d)
+    kv_heads, length = key.shape[1], key.shape[2]
+    rows = batch * kv_heads  # one (L, d) block of keys each, shared by G = H / H_kv query heads
+    # Keys x queries, not queries x keys^T: bmm reads the keys' rows where they lie (views of a cache
+    # with spare columns), where their transpose would be copied first, every layer.
+    keys = key.reshape(rows, length, dim)  # (B·H_kv, L, d)
+    grouped = query.reshape(rows, heads // kv_heads, dim).transpose(1, 2)  # (B·H_kv, d, G): repeat_kv's order
+    scale = scaling or dim**-0.5
+    if attention_mask is None:
+        scores = torch.bmm(keys, grouped) * scale
+    else:  # scale and mask in the same call: (B, 1, 1, L) -> (B·H_kv, L, 1)
+        mask = attention_mask.reshape(batch, 1, length, 1).expand(batch, kv_heads, length, 1)
+        scores = torch.baddbmm(mask.reshape(rows, length, 1), keys, grouped, alpha=scale)  # (B·H_kv, L, G)
+    weights = torch.softmax(scores, 1, dtype=torch.float32).to(value.dtype)
+    output = torch.bmm(weights.transpose(1, 2), value.reshape(rows, length, dim))  # (B·H_kv, G, d)
+    return output.view(batch, 1, heads, dim), None
 
 
 AttentionInterface.register(GROUPED, grouped_attention)
