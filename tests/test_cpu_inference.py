@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -83,6 +84,10 @@ def test_packed_linears_compute_what_their_linears_do(dtype):
     torch.testing.assert_close(mlp.down_proj(inner), expected["down_proj"], **tolerance)
     torch.testing.assert_close(mlp.gate_proj(x), expected["gate_proj"], **tolerance)
     torch.testing.assert_close(mlp.up_proj(y), F.linear(y, up_weight), **tolerance)  # another input
+    other = ThreadPoolExecutor(1)  # another thread between q_proj and k_proj takes its own, never ours
+    attention.q_proj(x)
+    other.submit(lambda: attention.q_proj(y)).result()
+    torch.testing.assert_close(attention.k_proj(x), expected["k_proj"], **tolerance)
     torch.testing.assert_close(model.project_images(features), projected, **tolerance)
 
 

@@ -14,6 +14,7 @@ Linears that read the same input (q, k, v; gate, up) become one matmul over thei
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 
@@ -62,18 +63,22 @@ class FusedLinears(torch.nn.Module):
         )
         ends = torch.tensor([linear.out_features for linear in linears]).cumsum(0).tolist()
         self.columns = list(zip([0, *ends[:-1]], ends, strict=True))
-        self.input: torch.Tensor | None = None
-        self.output: torch.Tensor | None = None
-        self.taken: set[int] = set()
+        self.last = threading.local()  # per thread: two threads running the model never mix their outputs
+
+    @property
+    def output(self) -> torch.Tensor | None:
+        """This thread's last output not yet taken by every part."""
+        return getattr(self.last, "output", None)
 
     def part(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        if x is not self.input:
-            self.input, self.output, self.taken = x, self.linear(x), set()  # (..., N_1 + N_2 + ...)
+        last = self.last
+        if getattr(last, "input", None) is not x:
+            last.input, last.output, last.taken = x, self.linear(x), set()  # (..., N_1 + N_2 + ...)
         start, end = self.columns[index]
-        output = self.output[..., start:end]
-        self.taken.add(index)
-        if len(self.taken) == len(self.columns):  # every part has its columns: hold no tensors
-            self.input = self.output = None
+        output = last.output[..., start:end]
+        last.taken.add(index)
+        if len(last.taken) == len(self.columns):  # every part has its columns: hold no tensors
+            last.input = last.output = None
         return output
 
 
