@@ -459,7 +459,8 @@ def paired(models: list[str], rounds: int, tokens: int) -> None:
         "minutes": round((time.perf_counter() - began) / 60, 1),
     }
     notes = (
-        f"Both servers up; rounds alternate (mmllm, vLLM, mmllm, ...), {rounds} each, 64 requests x {tokens} "
+        "Both servers up, the one not measured paused (SIGSTOP); rounds alternate (mmllm, vLLM, ...), "
+        f"{rounds} each, 64 requests x {tokens} "
         "tokens at 16 clients a round, every image different. CPU: " + settings["cpu"] + "."
     )
     report("serve_compare_paired", rows, settings, notes=notes)

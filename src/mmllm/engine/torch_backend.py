@@ -103,9 +103,8 @@ class Reading:
 
     prompt: Prompt
     length: int = 0  # prompt tokens read (or taken from the prefix cache): C
-    past: tuple[list[torch.Tensor], list[torch.Tensor]] | None = (
-        None  # their keys, values: (1, H, C, d) a layer
-    )
+    # the keys and values of those tokens, (1, H, C, d) a layer; None before it has any
+    past: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
     embeds: torch.Tensor | None = None  # (1, P, D), made at its first read (its images with others')
 
 
@@ -201,10 +200,10 @@ class TorchSession:
         ).logits[:, -1]  # (R, V)
         keys, values = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
         for i, (start, count) in enumerate(zip(past, new, strict=True)):
-            if start and count < chunk:  # a gap between its past and its chunk: close it
+            if start and count < chunk:  # a gap between its past and its chunk: move the past up to it
+                chunk_start = width + chunk - count
                 for part in keys + values:
-                    end = width + chunk - count
-                    part[i, :, end - start : end] = part[i, :, width - start : width].clone()
+                    part[i, :, chunk_start - start : chunk_start] = part[i, :, width - start : width].clone()
         done = []
         for i, ((handle, end), row) in enumerate(zip(chunks, rows, strict=True)):
             if end == row.embeds.shape[1]:
