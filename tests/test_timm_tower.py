@@ -264,10 +264,11 @@ def test_photo_qa_reports_per_kind_and_true_answer():
     assert metrics["answerable_accuracy"] == pytest.approx(1 / 2)  # the yes/no questions only
 
 
-def test_the_held_out_photo_questions_keep_their_mix():
+@pytest.mark.parametrize("held_out", ["heldout", "heldout2"])
+def test_the_held_out_photo_questions_keep_their_mix(held_out: str):
     """At least 60% naming or presence questions about subjects ImageNet-1k covers, at most a third that
     should be declined; every image is a transformed copy that exists."""
-    folder = Path(__file__).parents[1] / "data/photo-qa/heldout"
+    folder = Path(__file__).parents[1] / "data/photo-qa" / held_out
     rows = [json.loads(line) for line in (folder / "questions.jsonl").read_text().splitlines()]
     kinds = [r["question_type"] for r in rows]
     assert sum(k in ("what", "yes-no") for k in kinds) >= 0.6 * len(rows)

@@ -19,13 +19,14 @@ SKIMAGE_FILES = {
     "chelsea": "chelsea.png", "clock": "clock_motion.png", "coffee": "coffee.png", "coins": "coins.png",
     "grass": "grass.png", "gravel": "gravel.png", "hubble_deep_field": "hubble_deep_field.jpg",
     "moon": "moon.png", "page": "page.png", "rocket": "rocket.jpg", "text": "text.png",
-    "motorcycle": "motorcycle_left.png",
+    "motorcycle": "motorcycle_left.png", "horse": "horse.png",
 }  # fmt: skip
 PACKAGE_PHOTOS = {
     **{name: ("skimage", f"data/{file}") for name, file in SKIMAGE_FILES.items()},
     "grace_hopper": ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
     "lion": ("gradio", "media_assets/images/lion.jpg"),
     "cheetah": ("gradio", "media_assets/images/cheetah.jpg"),
+    "cheetah_portrait": ("gradio", "media_assets/images/cheetah1.jpg"),
     "bus": ("gradio", "media_assets/images/bus.png"),
     "tower": ("gradio", "media_assets/images/tower.jpg"),
     "china": ("sklearn", "datasets/images/china.jpg"),
