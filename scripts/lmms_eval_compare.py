@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,7 +66,8 @@ def run_lmms(python: str, url: str, model: str, tasks: list[str], simple: bool, 
     ] + (["--force_simple"] if simple else [])  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     log = out / "lmms-eval.log"
-    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out, ignore_errors=True)  # an earlier run's results would be read as this one's
+    out.mkdir(parents=True)
     with log.open("w") as sink:
         done = subprocess.run(command, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
     text = log.read_text()

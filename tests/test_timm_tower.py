@@ -157,6 +157,44 @@ def test_the_bridge_names_what_it_is_sure_of_in_words_people_use():
     assert unsure.answer is None and "not sure" in bridge.sentence(unsure)
 
 
+def test_below_the_sure_level_the_top_two_classes_agreeing_name_their_kind():
+    bridge = LabelBridge()
+    # missile 30% and projectile 15%: both weapons, 45% together -> a weapon, the missile its guess.
+    weapon = bridge.verdict(_probabilities(bridge, {"missile": 0.3, "projectile": 0.15, "matchstick": 0.05}))
+    assert weapon.answer == "Some kind of weapon, perhaps a missile." and weapon.kind == "weapon"
+    assert weapon.confidence == pytest.approx(0.45) and "weapon" in weapon.shows
+    assert "missile" in weapon.may_show
+    # Both under "vehicle", but only 28% together: not enough to name it.
+    weak = bridge.verdict(_probabilities(bridge, {"moped": 0.16, "motor scooter": 0.12}))
+    assert weak.answer is None
+    # The top two disagree (a flower and a fungus): nothing named, however close the shares.
+    split = bridge.verdict(_probabilities(bridge, {"daisy": 0.3, "mushroom": 0.29}))
+    assert split.answer is None
+    # A runner-up under 5% is no vote: one class at 45% alone is not sure of its kind.
+    assert bridge.verdict(_probabilities(bridge, {"moped": 0.45, "motor scooter": 0.04})).answer is None
+
+
+def test_sure_of_nothing_it_names_the_everyday_kinds_it_rules_out():
+    bridge = LabelBridge()
+    # A thin background over every class, then two weak guesses and a little on dogs.
+    probabilities = torch.full((len(bridge.class_names),), 0.2 / len(bridge.class_names))
+    probabilities += _probabilities(bridge, {"bubble": 0.3, "spotlight": 0.2, "pug-dog": 0.02})
+    verdict = bridge.verdict(probabilities)
+    scores = bridge.membership @ probabilities.numpy()
+    assert verdict.answer is None and verdict.ruled_out
+    for word, node in bridge.everyday.items():  # ruled out exactly when under 1%
+        assert (word in verdict.ruled_out) == (scores[node] < 0.01), word
+    assert "dog" not in verdict.ruled_out and "animal" not in verdict.ruled_out
+    assert {"car", "cat", "food"} <= set(verdict.ruled_out)
+    # Kinds covered by three classes or fewer are never ruled out: a photo can show a horse, an airplane
+    # or a bus the classifier puts nothing on.
+    assert not {"horse", "airplane", "flower", "cup", "bus", "clock"} & set(verdict.ruled_out)
+    assert all(bridge.sizes[n] >= 4 and w in bridge.vocabulary for w, n in bridge.everyday.items())
+    assert bridge.sentence(verdict).endswith(f"Rules out: {', '.join(verdict.ruled_out)}.]")
+    # Sure of something, it rules nothing out by name: "no" then covers all it does not show.
+    assert bridge.verdict(_probabilities(bridge, {"lion": 0.65})).ruled_out == []
+
+
 ANSWER_FORMS = (  # the first that matches
     r"Some kind of (?P<kind>[^,]+)\.",
     r"Some kind of (?P<kind>[^,]+), perhaps an? (?P<name>.+)\.",
@@ -284,13 +322,17 @@ def test_generated_label_questions_follow_their_verdicts():
     assert {"Yes.", "No.", "Possibly.", DECLINE} <= set(answers)
     for prompt, answer in pairs:
         sentence, question = prompt.split("\n")
+        words = re.findall(r"[\w'-]+", question.lower())  # "pug-dog" does not say "dog"
+        asked = " " + " ".join(words) + " "
         if "is not sure" in sentence:
-            assert answer == DECLINE, f"an unsure verdict was answered: {prompt!r} -> {answer!r}"
+            # Unsure, it answers only "no", and only about a word it names as ruled out, word for word.
+            assert answer in (DECLINE, "No."), f"an unsure verdict was answered: {prompt!r} -> {answer!r}"
+            ruled_out = sentence.partition("Rules out: ")[2].rstrip(".]").split(", ")
+            said_no = any(f" {w} " in asked or f" {w}s " in asked or f" {w}es " in asked for w in ruled_out)
+            assert answer == DECLINE or said_no, prompt
             continue
         said = re.search(r"sure: (.+?) Shows: (.+?)\.( May show: (.+?)\.)? Top guesses", sentence)
         shows, may_show = said[2].split(", "), said[4].split(", ") if said[4] else []
-        words = re.findall(r"[\w'-]+", question.lower())  # "pug-dog" does not say "dog"
-        asked = " " + " ".join(words) + " "
         if answer == "No.":
             assert not any(f" {w.lower()} " in asked for w in shows + may_show), prompt
         elif answer == "Possibly.":

@@ -3,9 +3,10 @@
 Each sample is a made-up classifier verdict (the bridge's own sentence for drawn class probabilities)
 with a question and the answer that verdict supports: what it shows, in the bridge's words ("Some kind of
 flower, perhaps a daisy."); "Yes." for the kinds and synonyms it is sure of, "Possibly." for its guess,
-"No." for what it rules out; and "I can't tell from the image." where the verdict cannot say — the
-classifier is not sure, or the question asks what no class label tells (colours, counts, text, places,
-names, ...). No image is needed: the LM learns to answer from the words it will read in an image's place.
+"No." for what it rules out (when sure of nothing, only the everyday kinds it names as ruled out, word
+for word); and "I can't tell from the image." where the verdict cannot say — the classifier is not
+sure, or the question asks what no class label tells (colours, counts, text, places, names, ...). No
+image is needed: the LM learns to answer from the words it will read in an image's place.
 A data recipe asks for it as `{format: label-qa, limit: 6000}`.
 """
 
@@ -18,7 +19,7 @@ from functools import cache
 import numpy as np
 import torch
 
-from mmllm.models.labels import LabelBridge, Verdict, article
+from mmllm.models.labels import EVERYDAY, LabelBridge, Verdict, article
 
 DECLINE = "I can't tell from the image."
 POSSIBLY = "Possibly."
@@ -52,12 +53,6 @@ COLOURS = ("red", "blue", "green", "black", "white", "brown", "yellow", "grey", 
 STATES = ("running", "sleeping", "happy", "wet", "moving", "old", "young", "big", "small", "broken", "new")
 WEATHER = ("raining", "sunny", "snowing", "cold", "warm")
 PEOPLE = ("person", "man", "woman", "child", "people")
-# Everyday things people ask about, most of which ImageNet has no class for.
-COMMON = (
-    "car", "dog", "cat", "bird", "tree", "house", "table", "chair", "horse", "boat", "airplane", "bicycle",
-    "bus", "truck", "phone", "book", "computer", "flower", "fish", "ball", "cup", "bottle", "shoe", "clock",
-    "train", "cow", "sheep", "elephant", "pizza", "banana", "apple", "umbrella", "laptop", "television",
-)  # fmt: skip
 KINDS_ASKED = (
     "animal", "vehicle", "dog", "bird", "fish", "food", "cat", "drink", "fruit", "building", "flower",
 )  # fmt: skip
@@ -76,9 +71,12 @@ def _families(bridge: LabelBridge) -> tuple[list[int], list[int]]:
 
 def _draw_probabilities(bridge: LabelBridge, rng: random.Random) -> torch.Tensor:
     """Class probabilities like a classifier's: sure of one class, of a family or kind (often with one
-    member standing out), or of nothing."""
+    member standing out), or of nothing; over a thin background on every class, as a softmax leaves."""
     classes = len(bridge.class_names)
-    probabilities = torch.zeros(classes)
+    background = torch.empty(classes).exponential_(
+        generator=torch.Generator().manual_seed(rng.getrandbits(32))
+    )
+    probabilities = background**3 / (background**3).sum() * rng.uniform(0.02, 0.3)
     scenario = rng.random()
     if scenario < 0.4:  # one class
         probabilities[rng.randrange(classes)] = rng.uniform(0.45, 0.98)
@@ -144,9 +142,9 @@ def _ruled_out(verdict: Verdict, bridge: LabelBridge, rng: random.Random) -> str
             relatives = np.flatnonzero(bridge.membership[rng.choice(near)] - bridge.membership[verdict.node])
             other = bridge.class_names[int(rng.choice(relatives.tolist() or [0]))]
         elif near and roll < 0.45:  # a sibling kind: a car, when the verdict is a moped
-            other = rng.choice(_kinds_under(bridge, rng.choice(near)) or [rng.choice(COMMON)])
+            other = rng.choice(_kinds_under(bridge, rng.choice(near)) or [rng.choice(EVERYDAY)])
         elif roll < 0.6:
-            other = rng.choice(COMMON)
+            other = rng.choice(EVERYDAY)
         elif roll < 0.8:
             other = rng.choice(sorted(bridge.kinds.values()))
         else:
@@ -155,16 +153,41 @@ def _ruled_out(verdict: Verdict, bridge: LabelBridge, rng: random.Random) -> str
             return other
 
 
+def _not_ruled_out(verdict: Verdict, bridge: LabelBridge, rng: random.Random) -> str:
+    """Something an unsure verdict does not name as ruled out, which it must not answer "no" about: most
+    often what a weak guess is a kind of ("motorcycle" for a moped at 30%, when "car" is ruled out), else a
+    person, an everyday thing or vocabulary word it does not name (a member of a kind it names too: "pug"
+    is not "dog" word for word), a weak guess itself, or any class."""
+    while True:
+        roll = rng.random()
+        if roll < 0.35:
+            name = rng.choice(verdict.guesses)[0]
+            column = bridge.class_names.index(name)
+            word = rng.choice([w for n, w in bridge.kinds.items() if bridge.membership[n, column]] or [name])
+        elif roll < 0.45:
+            word = rng.choice(PEOPLE)
+        elif roll < 0.7:
+            word = rng.choice(EVERYDAY)
+        elif roll < 0.85:
+            word = rng.choice(sorted(bridge.vocabulary))
+        else:
+            word = rng.choice([name for name, _ in verdict.guesses] + [rng.choice(bridge.class_names)])
+        if word not in verdict.ruled_out:
+            return word
+
+
 def _question(verdict: Verdict, bridge: LabelBridge, rng: random.Random) -> tuple[str, str]:
     """One question about the verdict and the answer it supports."""
     subject = verdict.kind or rng.choice(["object", "thing", "animal", "car"])
     roll = rng.random()
     if roll < 0.22:  # unanswerable from labels, whatever the classifier says
         return _unanswerable(subject, rng), DECLINE
-    if verdict.answer is None:  # nothing it is sure of: nothing to answer
-        if roll < 0.65:
+    if verdict.answer is None:  # nothing it is sure of: only what it rules out can be answered
+        if roll < 0.5:
             return rng.choice(WHAT), DECLINE
-        return _presence(rng.choice(bridge.class_names), rng), DECLINE
+        if verdict.ruled_out and roll < 0.68:
+            return _presence(rng.choice(verdict.ruled_out), rng), "No."
+        return _presence(_not_ruled_out(verdict, bridge, rng), rng), DECLINE
     if roll < 0.45:
         kinds = [k for k in KINDS_ASKED if k in verdict.shows]
         if kinds and rng.random() < 0.5:

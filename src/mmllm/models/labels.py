@@ -5,8 +5,10 @@ as text. Class probabilities are summed up WordNet's hypernym tree ("tiger cat 3
 tabby 21%" -> domestic cat 89%), and the verdict names the most specific thing it is sure of **in the
 words people use**: the vocabulary of `photo_vocabulary.json` (the class names of COCO, LVIS and Open
 Images mapped onto the tree), so a lion photo is "Some kind of cat, perhaps a lion.", never
-"Placental.". One class standing out under that kind is offered as a guess; sure of nothing, the
-verdict says so and the LM declines.
+"Placental.". One class standing out under that kind is offered as a guess. Below the sure level, the
+top two classes agreeing on a kind still name it (missile 26% and projectile 19%: a weapon, 46%). Sure
+of nothing, the verdict says so, and names the everyday kinds the classifier rules out (under 1% summed:
+"Rules out: bird, car, cat, ..."), so the LM can answer "no" about those and decline the rest.
 
 Every backend (torch, ONNX, llama.cpp) turns class probabilities into the LM's words here and only here.
 """
@@ -14,7 +16,7 @@ Every backend (torch, ONNX, llama.cpp) turns class probabilities into the LM's w
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,22 @@ HIERARCHY_FILE = Path(__file__).with_name("imagenet_hierarchy.json")
 VOCABULARY_FILE = Path(__file__).with_name("photo_vocabulary.json")
 # A class stands out, and is offered as a guess, at this share and this many times the runner-up's.
 GUESS_SHARE, GUESS_LEAD = 0.25, 1.5
+# Below the sure level, a kind holding both top classes (each a weak guess or more) is named at this share.
+AGREED = 0.3
+# Sure of nothing, an everyday kind is ruled out under this summed probability.
+RULE_OUT = 0.01
+# Things people ask about in photos (basic-level words). The bridge rules out only those whose node
+# holds at least RULED_OUT_MIN_CLASSES ImageNet classes: a kind covered by a few classes ("horse",
+# "flower"; "bus": school bus, minibus, trolleybus) can be in a photo the classifier puts nothing on (a
+# drawn bus: pencil sharpener 8%, the bus classes together under 1%).
+EVERYDAY = (
+    "car", "dog", "cat", "bird", "tree", "house", "table", "chair", "horse", "boat", "airplane", "bicycle",
+    "bus", "truck", "phone", "book", "computer", "flower", "fish", "ball", "cup", "bottle", "shoe", "clock",
+    "train", "cow", "sheep", "elephant", "pizza", "banana", "apple", "umbrella", "laptop", "television",
+    "animal", "vehicle", "food", "fruit", "vegetable", "building", "insect", "snake", "spider", "monkey",
+    "bear", "hat", "drink",
+)  # fmt: skip
+RULED_OUT_MIN_CLASSES = 4
 MAX_SYNONYMS = 2  # WordNet synonyms listed per kind ("car, auto, automobile")
 
 
@@ -41,6 +59,7 @@ class Verdict:
     shows: list[str]  # what a presence question is answered "yes" for: the kinds it is sure of, synonyms
     may_show: list[str]  # the guess and its kinds below the sure one: "possibly"
     guesses: list[tuple[str, float]]  # the top classes with their probabilities
+    ruled_out: list[str] = field(default_factory=list)  # everyday kinds it rules out (when sure of nothing)
 
 
 class LabelBridge:
@@ -58,6 +77,7 @@ class LabelBridge:
         self.sizes = self.membership.sum(1)  # (nodes,) classes under each node
         self.depths = [len(self.path_up(n)) for n in range(len(self.words))]
         self.class_names = [self.name(c) for c in self.classes]
+        self.everyday = self._everyday_nodes()
 
     def name(self, node: int) -> str:
         """A node's word: its vocabulary word if it has one, else WordNet's first lemma."""
@@ -74,10 +94,18 @@ class LabelBridge:
             if probabilities[i] >= self.min_probability
         ] or [(self.class_names[int(top[0])], float(probabilities[top[0]]))]
         scores = self.membership @ probabilities  # (nodes,) summed over the classes under each node
-        sure = np.flatnonzero(scores >= self.sure).tolist()
+        level = self.sure
+        sure = np.flatnonzero(scores >= level).tolist()
         named = [n for n in sure if n in self.kinds]
+        if not named and min(probabilities[order[:2]]) >= self.min_probability:
+            # The top two classes agree on a kind: sure of it at a lower level.
+            level = AGREED
+            both = self.membership[:, order[0]] * self.membership[:, order[1]]
+            sure = np.flatnonzero((scores >= level) & (both > 0)).tolist()
+            named = [n for n in sure if n in self.kinds]
         if not named:
-            return Verdict(None, None, None, 0.0, [], [], guesses)
+            ruled_out = [word for word, n in self.everyday.items() if scores[n] < RULE_OUT]
+            return Verdict(None, None, None, 0.0, [], [], guesses, ruled_out)
         kind = self._most_specific(named)
         node = self._most_specific(sure)
         first, second = float(probabilities[order[0]]), float(probabilities[order[1]])
@@ -98,7 +126,7 @@ class LabelBridge:
             answer = f"Some kind of {word}, perhaps {article(best_name)} {best_name}."
             # The guess and what it is a kind of, short of what is sure ("missile" may be a rocket).
             maybe = [
-                n for n in self.kinds if self.membership[n, order[0]] and scores[n] < self.sure and n != best
+                n for n in self.kinds if self.membership[n, order[0]] and scores[n] < level and n != best
             ]
             may_show = self._words(best) + [self.name(n) for n in sorted(maybe, key=self.sizes.__getitem__)]
         else:
@@ -106,6 +134,15 @@ class LabelBridge:
         shows = list(dict.fromkeys(shows))
         may_show = [w for w in dict.fromkeys(may_show) if w not in shows]
         return Verdict(answer, word, node, float(scores[kind]), shows, may_show, guesses)
+
+    def _everyday_nodes(self) -> dict[str, int]:
+        """Each everyday word the bridge may rule out -> its node (of a word's senses, the one with the most
+        classes), for those covered by enough classes."""
+        nodes: dict[str, int] = {}
+        for node, word in self.kinds.items():
+            if word in EVERYDAY and (word not in nodes or self.sizes[node] > self.sizes[nodes[word]]):
+                nodes[word] = node
+        return {w: n for w, n in sorted(nodes.items()) if self.sizes[n] >= RULED_OUT_MIN_CLASSES}
 
     def _most_specific(self, nodes: list[int]) -> int:
         # The fewest classes under it, then the deepest (a class before its one-class parent).
@@ -134,7 +171,8 @@ class LabelBridge:
         """The words a verdict reaches the LM as."""
         guesses = ", ".join(f"{name} {round(100 * p)}%" for name, p in verdict.guesses)
         if verdict.answer is None:
-            return f"[Photo. An ImageNet classifier is not sure what it shows; weak guesses: {guesses}.]"
+            unsure = f"[Photo. An ImageNet classifier is not sure what it shows; weak guesses: {guesses}."
+            return unsure + (f" Rules out: {', '.join(verdict.ruled_out)}.]" if verdict.ruled_out else "]")
         may = f" May show: {', '.join(verdict.may_show)}." if verdict.may_show else ""
         return (
             f"[Photo. An ImageNet classifier, {round(100 * verdict.confidence)}% sure: {verdict.answer} "
