@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny
 from mmllm.cli import main
@@ -195,6 +196,25 @@ def test_eval_resumes_only_the_run_that_made_the_predictions(model_dir, tmp_path
     assert main(["eval", "--task", "easy-vqa", "--out", str(out), "--from-predictions"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["decoding"]["max_new_tokens"] == 8 and report["model"] == str(model_dir)
+
+
+def test_eval_does_not_resume_a_model_retrained_under_the_same_path(model_dir, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    out = tmp_path / "eval"
+    common = ["eval", "--task", "easy-vqa", "--data", "easy-vqa:test", "--out", str(out), "--batch-size", "5"]
+    common += ["datasets=[{format: easy-vqa, split: test, limit: 5}]", "--model", str(model)]
+    assert main([*common, "--max-new-tokens", "3"]) == 0
+    first = json.loads((out / "run.json").read_text())["weights"]
+    assert main([*common, "--max-new-tokens", "3"]) == 0  # the same weights resume
+    weights = next(model.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    save_file({**tensors, name: tensors[name] + 1}, weights, metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main([*common, "--max-new-tokens", "3"]) == 2
+    error = capsys.readouterr().err
+    assert "holds predictions of another run" in error and f"weights: {first} -> " in error
 
 
 def test_a_task_checks_its_data_before_loading_a_model(tmp_path, capsys):

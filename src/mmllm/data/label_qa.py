@@ -157,13 +157,16 @@ def _not_ruled_out(verdict: Verdict, bridge: LabelBridge, rng: random.Random) ->
     """Something an unsure verdict does not name as ruled out, which it must not answer "no" about: most
     often what a weak guess is a kind of ("motorcycle" for a moped at 30%, when "car" is ruled out), else a
     person, an everyday thing or vocabulary word it does not name (a member of a kind it names too: "pug"
-    is not "dog" word for word), a weak guess itself, or any class."""
+    is not "dog" word for word), a weak guess itself, or any class. Never a name holding a listed word
+    ("fire truck" when "truck" is ruled out): those are left out of training either way."""
     while True:
         roll = rng.random()
         if roll < 0.35:
             name = rng.choice(verdict.guesses)[0]
-            column = bridge.class_names.index(name)
-            word = rng.choice([w for n, w in bridge.kinds.items() if bridge.membership[n, column]] or [name])
+            # ImageNet names a few classes alike ("crane": a bird and a machine): either may be the guess.
+            columns = [c for c, other in enumerate(bridge.class_names) if other == name]
+            above = np.flatnonzero(bridge.membership[:, columns].any(1)).tolist()
+            word = rng.choice([bridge.kinds[n] for n in above if n in bridge.kinds] or [name])
         elif roll < 0.45:
             word = rng.choice(PEOPLE)
         elif roll < 0.7:
@@ -172,13 +175,15 @@ def _not_ruled_out(verdict: Verdict, bridge: LabelBridge, rng: random.Random) ->
             word = rng.choice(sorted(bridge.vocabulary))
         else:
             word = rng.choice([name for name, _ in verdict.guesses] + [rng.choice(bridge.class_names)])
-        if word not in verdict.ruled_out:
+        if not set(word.lower().replace("-", " ").split()) & set(verdict.ruled_out):
             return word
 
 
 def _question(verdict: Verdict, bridge: LabelBridge, rng: random.Random) -> tuple[str, str]:
     """One question about the verdict and the answer it supports."""
-    subject = verdict.kind or rng.choice(["object", "thing", "animal", "car"])
+    subject = verdict.kind or rng.choice(
+        [s for s in ("object", "thing", "animal", "car") if s not in verdict.ruled_out]
+    )
     roll = rng.random()
     if roll < 0.22:  # unanswerable from labels, whatever the classifier says
         return _unanswerable(subject, rng), DECLINE

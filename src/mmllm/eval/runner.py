@@ -8,6 +8,7 @@ OUT/report.md, *.png    the same for people
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ from mmllm.eval.easy_vqa import easy_vqa_metrics
 from mmllm.eval.photo_qa import photo_qa_metrics
 from mmllm.eval.report import write_report
 from mmllm.eval.vqa import exact_match_metrics, vqav2_metrics
+from mmllm.models.build import resolve_model_name
 
 if TYPE_CHECKING:
     from mmllm.engine.torch_backend import Pipeline
@@ -41,6 +43,7 @@ log = logging.getLogger("mmllm")
 
 PREDICTIONS = "predictions.jsonl"
 RUN = "run.json"  # the model, data and decoding that made the predictions
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx")
 
 
 def task_samples(task: str, cfg: DataConfig) -> list[Sample]:
@@ -215,12 +218,32 @@ def run_identity(
     identity = {
         "task": task,
         "model": model,
+        "weights": weights_digest(model),
         "backend": backend,
         "dtype": dtype,
         "data": [vars(spec) for spec in data.datasets],
         "decoding": vars(settings),
     }
     return json.loads(json.dumps(identity, default=str))  # as it reads back from run.json
+
+
+def weights_digest(model: str) -> str | None:
+    """A digest of a local model folder's weight files, names and bytes (None for a hub id): a model
+    retrained under the same name or path must not resume the old weights' predictions."""
+    try:
+        folder = Path(resolve_model_name(model))
+    except MmllmError:
+        return None
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(folder.rglob("*")):
+        if file.is_file() and file.suffix in WEIGHT_SUFFIXES:
+            digest.update(str(file.relative_to(folder)).encode())
+            with file.open("rb") as stream:
+                while chunk := stream.read(1 << 20):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def _check_resume(out: Path, identity: dict, overwrite: bool) -> None:

@@ -33,10 +33,10 @@ GUESS_SHARE, GUESS_LEAD = 0.25, 1.5
 AGREED = 0.3
 # Sure of nothing, an everyday kind is ruled out under this summed probability.
 RULE_OUT = 0.01
-# Things people ask about in photos (basic-level words). The bridge rules out only those whose node
-# holds at least RULED_OUT_MIN_CLASSES ImageNet classes: a kind covered by a few classes ("horse",
-# "flower"; "bus": school bus, minibus, trolleybus) can be in a photo the classifier puts nothing on (a
-# drawn bus: pencil sharpener 8%, the bus classes together under 1%).
+# Things people ask about in photos (basic-level words). The bridge rules out only those that name at
+# least RULED_OUT_MIN_CLASSES ImageNet classes (all their senses together): a kind covered by a few
+# classes ("horse", "flower"; "bus": school bus, minibus, trolleybus) can be in a photo the classifier
+# puts nothing on (a drawn bus: pencil sharpener 8%, the bus classes together under 1%).
 EVERYDAY = (
     "car", "dog", "cat", "bird", "tree", "house", "table", "chair", "horse", "boat", "airplane", "bicycle",
     "bus", "truck", "phone", "book", "computer", "flower", "fish", "ball", "cup", "bottle", "shoe", "clock",
@@ -77,7 +77,7 @@ class LabelBridge:
         self.sizes = self.membership.sum(1)  # (nodes,) classes under each node
         self.depths = [len(self.path_up(n)) for n in range(len(self.words))]
         self.class_names = [self.name(c) for c in self.classes]
-        self.everyday = self._everyday_nodes()
+        self.everyday = self._everyday_classes()
 
     def name(self, node: int) -> str:
         """A node's word: its vocabulary word if it has one, else WordNet's first lemma."""
@@ -94,17 +94,15 @@ class LabelBridge:
             if probabilities[i] >= self.min_probability
         ] or [(self.class_names[int(top[0])], float(probabilities[top[0]]))]
         scores = self.membership @ probabilities  # (nodes,) summed over the classes under each node
-        level = self.sure
-        sure = np.flatnonzero(scores >= level).tolist()
+        sure = np.flatnonzero(scores >= self.sure).tolist()
         named = [n for n in sure if n in self.kinds]
         if not named and min(probabilities[order[:2]]) >= self.min_probability:
             # The top two classes agree on a kind: sure of it at a lower level.
-            level = AGREED
             both = self.membership[:, order[0]] * self.membership[:, order[1]]
-            sure = np.flatnonzero((scores >= level) & (both > 0)).tolist()
+            sure = np.flatnonzero((scores >= min(AGREED, self.sure)) & (both > 0)).tolist()
             named = [n for n in sure if n in self.kinds]
         if not named:
-            ruled_out = [word for word, n in self.everyday.items() if scores[n] < RULE_OUT]
+            ruled_out = [word for word, row in self.everyday.items() if row @ probabilities < RULE_OUT]
             return Verdict(None, None, None, 0.0, [], [], guesses, ruled_out)
         kind = self._most_specific(named)
         node = self._most_specific(sure)
@@ -126,7 +124,7 @@ class LabelBridge:
             answer = f"Some kind of {word}, perhaps {article(best_name)} {best_name}."
             # The guess and what it is a kind of, short of what is sure ("missile" may be a rocket).
             maybe = [
-                n for n in self.kinds if self.membership[n, order[0]] and scores[n] < level and n != best
+                n for n in self.kinds if self.membership[n, order[0]] and scores[n] < self.sure and n != best
             ]
             may_show = self._words(best) + [self.name(n) for n in sorted(maybe, key=self.sizes.__getitem__)]
         else:
@@ -135,14 +133,15 @@ class LabelBridge:
         may_show = [w for w in dict.fromkeys(may_show) if w not in shows]
         return Verdict(answer, word, node, float(scores[kind]), shows, may_show, guesses)
 
-    def _everyday_nodes(self) -> dict[str, int]:
-        """Each everyday word the bridge may rule out -> its node (of a word's senses, the one with the most
-        classes), for those covered by enough classes."""
-        nodes: dict[str, int] = {}
+    def _everyday_classes(self) -> dict[str, np.ndarray]:
+        """Each everyday word the bridge may rule out -> the (classes,) 0/1 row of every class it names, in
+        any of its senses ("cat": the house cats and the big cats; "food": fruit and dishes), for the words
+        covered by enough classes."""
+        rows: dict[str, np.ndarray] = {}
         for node, word in self.kinds.items():
-            if word in EVERYDAY and (word not in nodes or self.sizes[node] > self.sizes[nodes[word]]):
-                nodes[word] = node
-        return {w: n for w, n in sorted(nodes.items()) if self.sizes[n] >= RULED_OUT_MIN_CLASSES}
+            if word in EVERYDAY:
+                rows[word] = np.maximum(rows.get(word, 0), self.membership[node])
+        return {w: row for w, row in sorted(rows.items()) if row.sum() >= RULED_OUT_MIN_CLASSES}
 
     def _most_specific(self, nodes: list[int]) -> int:
         # The fewest classes under it, then the deepest (a class before its one-class parent).
