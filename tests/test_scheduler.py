@@ -117,6 +117,14 @@ def test_stop_strings_and_cancelled_rows_leave_while_others_go_on(pipeline, prom
     short = loop.run_until_complete(short_job.future)
     loop.close()
     assert short.text == pipeline.complete_prompts([prompts[5]], greedy(5))[0].text
+    # A client that leaves before the scheduler takes its job: the job still ends, as cancelled.
+    loop = asyncio.new_event_loop()
+    gone = queue.job(prompts[2], greedy(5), loop=loop)
+    gone.cancelled.set()
+    queue.submit(gone)
+    left = loop.run_until_complete(asyncio.wait_for(gone.future, 30))  # before the fix: never settled
+    loop.close()
+    assert left.finish_reason == "cancelled" and left.completion_tokens == 0
     assert not pipeline.session.rows_held
     queue.close()
 

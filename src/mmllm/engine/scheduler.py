@@ -63,9 +63,7 @@ class Scheduler(RequestQueue):
             if job is None:
                 self.closing = True
                 continue
-            idle = False
-            if job.cancelled.is_set():
-                continue
+            idle = False  # a job already cancelled still goes in line: it ends there, counted, as cancelled
             if job.settings.num_beams > 1:
                 self._run_alone(job)
                 continue
