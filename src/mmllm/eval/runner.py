@@ -218,7 +218,7 @@ def run_identity(
     identity = {
         "task": task,
         "model": model,
-        "weights": weights_digest(model),
+        "weights": weight_files_digest(model),
         "backend": backend,
         "dtype": dtype,
         "data": [vars(spec) for spec in data.datasets],
@@ -227,7 +227,7 @@ def run_identity(
     return json.loads(json.dumps(identity, default=str))  # as it reads back from run.json
 
 
-def weights_digest(model: str) -> str | None:
+def weight_files_digest(model: str) -> str | None:
     """A digest of a local model folder's weight files, names and bytes (None for a hub id): a model
     retrained under the same name or path must not resume the old weights' predictions."""
     try:
@@ -291,13 +291,17 @@ def evaluate(
     path = out / PREDICTIONS
     timings: dict[str, float] = {}
     generated = 0
-    identity = run_identity(task, model, data, settings, dtype, backend)
     if from_predictions:
         if not path.is_file():
             raise MmllmError(f"{path} does not exist: run the evaluation once without --from-predictions")
-        if (out / RUN).is_file():
-            identity = json.loads((out / RUN).read_text())
+        made = out / RUN
+        identity = (
+            json.loads(made.read_text())
+            if made.is_file()
+            else run_identity(task, model, data, settings, dtype, backend)
+        )
     else:
+        identity = run_identity(task, model, data, settings, dtype, backend)
         samples = task_samples(task, data)
         check_task_data(task, samples)
         _check_resume(out, identity, overwrite)
