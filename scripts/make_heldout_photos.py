@@ -7,17 +7,24 @@ one file's exact classifier output. Each set was written, with its questions, be
 measures: `heldout` before the vocabulary work of 0.2, `heldout2` (other transforms, and two photos no
 earlier set used) before the work of 0.3.
 
+`selection` is the other kind of set: the one the bridge's settings are chosen on (and so no measure of
+them). Five copies of each covered photo, one to three transforms drawn at random with random strengths,
+three questions each (what it is, is its subject there, is an unrelated everyday thing there).
+
     python scripts/make_heldout_photos.py
 """
 
 from __future__ import annotations
 
 import io
+import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
+from mmllm.models.labels import article
 from mmllm.samples import sample
 
 DATA = Path(__file__).resolve().parents[1] / "data/photo-qa"
@@ -145,17 +152,86 @@ SETS: dict[str, dict[str, tuple[str, list[Transform]]]] = {
 }
 
 
+# The selection set's photos: (the names a "what" question accepts, the word its presence question asks).
+SUBJECTS = {
+    "chelsea": (["cat", "kitten", "tabby"], "cat"),
+    "coffee": (["coffee", "espresso", "cappuccino", "cup"], "cup"),
+    "rocket": (["rocket", "missile", "spacecraft", "launch vehicle"], "rocket"),
+    "motorcycle": (["motorcycle", "motorbike", "moped", "bike", "scooter"], "motorcycle"),
+    "lion": (["lion", "big cat"], "lion"),
+    "cheetah": (["cheetah", "big cat"], "cheetah"),
+    "cheetah_portrait": (["cheetah", "big cat"], "cat"),
+    "bus": (["bus", "minibus", "school bus", "trolleybus"], "bus"),
+    "china": (["temple", "pagoda", "palace", "tower", "stupa", "monastery", "building"], "building"),
+    "flower": (["flower", "dahlia", "daisy"], "flower"),
+    "clock": (["clock", "wall clock", "analog clock"], "clock"),
+    "camera": (["camera", "tripod"], "camera"),
+    "horse": (["horse"], "horse"),
+    "grace_hopper": (["uniform", "military uniform", "suit", "jacket", "tie"], "tie"),
+}
+# Everyday things none of those photos shows (China's has a lake shore, so no boat).
+ABSENT = ["dog", "car", "bird", "horse", "fish", "airplane", "train", "chair", "bottle", "elephant", "boat"]
+ABSENT += ["truck", "pizza", "banana", "snake", "sheep"]
+SELECTION_COPIES, SELECTION_SEED = 5, 2026
+
+
+def random_transforms(rng: random.Random) -> list[Transform]:
+    """One to three of the held-out sets' transforms, with strengths drawn at random."""
+    border = (255, 255, 255) if rng.random() < 0.5 else (0, 0, 0)
+    choices = [
+        lambda: crop(rng.uniform(0.05, 0.2), rng.choice(["centre", "left", "right", "top", "bottom"])),
+        lambda: rotate(rng.uniform(-20, 20)),
+        lambda: grey,
+        lambda: flip,
+        lambda: rescale(rng.uniform(0.2, 0.6)),
+        lambda: blur(rng.uniform(1.0, 3.0)),
+        lambda: jpeg(rng.randint(10, 30)),
+        lambda: brightness(rng.uniform(0.5, 1.5)),
+        lambda: contrast(rng.uniform(0.4, 1.6)),
+        lambda: squash(rng.uniform(0.6, 1.5)),
+        lambda: pad(rng.uniform(0.05, 0.2), border),
+    ]
+    return [make() for make in rng.sample(choices, rng.randint(1, 3))]
+
+
+def selection_set(rng: random.Random) -> tuple[dict[str, tuple[str, list[Transform]]], list[dict]]:
+    """The selection set's copies and their questions."""
+    photos, questions = {}, []
+    for photo, (names, word) in SUBJECTS.items():
+        for copy in range(SELECTION_COPIES):
+            file = f"{photo}-{copy}"
+            photos[file] = (photo, random_transforms(rng))
+            absent = rng.choice([w for w in ABSENT if w != word and w not in names])
+            asked = [
+                ("What is this?", names, "what"),
+                (f"Is there {article(word)} {word}?", ["yes"], "yes-no"),
+                (f"Is there {article(absent)} {absent}?", ["no"], "yes-no"),
+            ]
+            for question, answers, kind in asked:
+                row = {"id": f"{file}-{len(questions)}", "image": f"{file}.jpg", "question": question}
+                questions.append(row | {"answers": answers, "question_type": kind})
+    return photos, questions
+
+
+def write(name: str, photos: dict[str, tuple[str, list[Transform]]]) -> None:
+    out = DATA / name
+    out.mkdir(parents=True, exist_ok=True)
+    for file, (photo, transforms) in photos.items():
+        image = Image.open(sample(photo)).convert("RGB")
+        for transform in transforms:
+            image = transform(image)
+        image.thumbnail((512, 512))
+        image.save(out / f"{file}.jpg", quality=90)
+        print(f"{name}/{file}.jpg  {image.size[0]}x{image.size[1]}  from sample:{photo}")
+
+
 def main() -> None:
     for name, photos in SETS.items():
-        out = DATA / name
-        out.mkdir(parents=True, exist_ok=True)
-        for file, (photo, transforms) in photos.items():
-            image = Image.open(sample(photo)).convert("RGB")
-            for transform in transforms:
-                image = transform(image)
-            image.thumbnail((512, 512))
-            image.save(out / f"{file}.jpg", quality=90)
-            print(f"{name}/{file}.jpg  {image.size[0]}x{image.size[1]}  from sample:{photo}")
+        write(name, photos)
+    photos, questions = selection_set(random.Random(SELECTION_SEED))
+    write("selection", photos)
+    lines = "".join(json.dumps(row) + "\n" for row in questions)
+    (DATA / "selection" / "questions.jsonl").write_text(lines)
 
 
 if __name__ == "__main__":

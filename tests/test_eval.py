@@ -215,6 +215,12 @@ def test_eval_does_not_resume_a_model_retrained_under_the_same_path(model_dir, t
     assert main([*common, "--max-new-tokens", "3"]) == 2
     error = capsys.readouterr().err
     assert "holds predictions of another run" in error and f"weights: {first} -> " in error
+    # A retuned config.json (a labels model's bridge lives there) is another model too.
+    assert main([*common, "--max-new-tokens", "3", "--overwrite"]) == 0
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "projector_labels_sure": 0.4}))
+    assert main([*common, "--max-new-tokens", "3"]) == 2
+    assert "holds predictions of another run" in capsys.readouterr().err
 
 
 def test_a_task_checks_its_data_before_loading_a_model(tmp_path, capsys):

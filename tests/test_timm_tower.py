@@ -180,12 +180,17 @@ def test_below_the_sure_level_the_top_two_classes_agreeing_name_their_kind():
 
 def test_sure_of_nothing_it_names_the_everyday_kinds_it_rules_out():
     bridge = LabelBridge()
-    # A thin background (0.02% over all classes), two weak guesses, and 2% on one dog breed.
+    assert bridge.rule_out == 0.05  # the shipped line, chosen on the photo-qa selection set
+    # A thin background (0.02% over all classes), two weak guesses, and 6% on one dog breed.
     probabilities = torch.full((len(bridge.class_names),), 0.0002 / len(bridge.class_names))
-    probabilities += _probabilities(bridge, {"bubble": 0.3, "spotlight": 0.2, "pug-dog": 0.02})
+    probabilities += _probabilities(bridge, {"bubble": 0.3, "spotlight": 0.2, "pug-dog": 0.06})
     verdict = bridge.verdict(probabilities)
     assert verdict.answer is None
-    assert "dog" not in verdict.ruled_out and "animal" not in verdict.ruled_out  # 2% on them
+    assert "dog" not in verdict.ruled_out and "animal" not in verdict.ruled_out  # 6% on them
+    # 4% is under the line; a stricter bridge keeps the dog in.
+    probabilities = _probabilities(bridge, {"bubble": 0.3, "spotlight": 0.2, "pug-dog": 0.04})
+    assert "dog" in bridge.verdict(probabilities).ruled_out
+    assert "dog" not in LabelBridge(rule_out=0.01).verdict(probabilities).ruled_out
     assert {"car", "cat", "food", "bird", "vehicle"} <= set(verdict.ruled_out)
     # Kinds covered by three classes or fewer are never ruled out: a photo can show a horse, an airplane
     # or a bus the classifier puts nothing on.
@@ -315,6 +320,26 @@ def test_the_held_out_photo_questions_keep_their_mix(held_out: str):
     assert sum(k in ("what", "yes-no") for k in kinds) >= 0.6 * len(rows)
     assert kinds.count("decline") <= len(rows) / 3
     assert all((folder / r["image"]).is_file() for r in rows)
+
+
+def test_the_selection_set_is_what_its_script_writes():
+    """The set the bridge's settings are chosen on: its questions come from the script's seed (so they
+    are no hand-picked list), three per copy, each image present."""
+    import random
+    import runpy
+
+    root = Path(__file__).parents[1]
+    script = runpy.run_path(str(root / "scripts/make_heldout_photos.py"))
+    photos, questions = script["selection_set"](random.Random(script["SELECTION_SEED"]))
+    folder = root / "data/photo-qa/selection"
+    committed = [json.loads(line) for line in (folder / "questions.jsonl").read_text().splitlines()]
+    assert committed == questions and len(questions) == 3 * len(photos)
+    assert all((folder / f"{file}.jpg").is_file() for file in photos)
+    # Per copy: what it is, its subject (yes), an everyday thing it does not show (no).
+    for what, subject, absent in zip(questions[::3], questions[1::3], questions[2::3], strict=True):
+        assert subject["answers"] == ["yes"] and absent["answers"] == ["no"]
+        asked = absent["question"].removesuffix("?").split()[-1]
+        assert asked not in what["answers"] and asked != subject["question"].removesuffix("?").split()[-1]
 
 
 def test_generated_label_questions_follow_their_verdicts():

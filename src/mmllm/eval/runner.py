@@ -228,8 +228,9 @@ def run_identity(
 
 
 def weight_files_digest(model: str) -> str | None:
-    """A digest of a local model folder's weight files, names and bytes (None for a hub id): a model
-    retrained under the same name or path must not resume the old weights' predictions."""
+    """A digest of a local model folder's weight files and config.json, names and bytes (None for a hub
+    id): a model retrained, or its bridge retuned (`projector_labels_*`), under the same name or path must
+    not resume the old model's predictions."""
     try:
         folder = Path(resolve_model_name(model))
     except MmllmError:
@@ -238,7 +239,7 @@ def weight_files_digest(model: str) -> str | None:
         return None
     digest = hashlib.sha256()
     for file in sorted(folder.rglob("*")):
-        if file.is_file() and file.suffix in WEIGHT_SUFFIXES:
+        if file.is_file() and (file.suffix in WEIGHT_SUFFIXES or file.name == "config.json"):
             digest.update(str(file.relative_to(folder)).encode())
             with file.open("rb") as stream:
                 while chunk := stream.read(1 << 20):

@@ -141,7 +141,11 @@ class MultimodalConfig(PreTrainedConfig, ModelDesign):
     @property
     def labels_bridge(self) -> dict[str, Any]:
         """The `LabelBridge` settings of a labels-projector model."""
-        return {"top_k": self.projector_labels_top_k, "sure": self.projector_labels_sure}
+        return {
+            "top_k": self.projector_labels_top_k,
+            "sure": self.projector_labels_sure,
+            "rule_out": self.projector_labels_rule_out,
+        }
 
     @property
     def reads_images_as_words(self) -> bool:

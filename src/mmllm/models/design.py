@@ -43,6 +43,9 @@ class ModelDesign:
     projector_labels_sure: float = 0.5
     """Labels projector: the summed probability at which the bridge names a class or a kind of thing
     (below it, the LM reads that the classifier is not sure)."""
+    projector_labels_rule_out: float = 0.05
+    """Labels projector: sure of nothing, the bridge lists an everyday kind (covered by at least four
+    classes) as ruled out when its classes sum to less than this, so the LM can answer "no" about it."""
 
     def check_design(self) -> None:
         if self.vision_feature_mode not in FEATURE_MODES:

@@ -7,7 +7,7 @@ words people use**: the vocabulary of `photo_vocabulary.json` (the class names o
 Images mapped onto the tree), so a lion photo is "Some kind of cat, perhaps a lion.", never
 "Placental.". One class standing out under that kind is offered as a guess. Below the sure level, the
 top two classes agreeing on a kind still name it (missile 26% and projectile 19%: a weapon, 46%). Sure
-of nothing, the verdict says so, and names the everyday kinds the classifier rules out (under 1% summed:
+of nothing, the verdict says so, and names the everyday kinds the classifier rules out (under 5% summed:
 "Rules out: bird, car, cat, ..."), so the LM can answer "no" about those and decline the rest.
 
 Every backend (torch, ONNX, llama.cpp) turns class probabilities into the LM's words here and only here.
@@ -31,12 +31,10 @@ VOCABULARY_FILE = Path(__file__).with_name("photo_vocabulary.json")
 GUESS_SHARE, GUESS_LEAD = 0.25, 1.5
 # Below the sure level, a kind holding both top classes (each a weak guess or more) is named at this share.
 AGREED = 0.3
-# Sure of nothing, an everyday kind is ruled out under this summed probability.
-RULE_OUT = 0.01
-# Things people ask about in photos (basic-level words). The bridge rules out only those that name at
-# least RULED_OUT_MIN_CLASSES ImageNet classes (all their senses together): a kind covered by a few
-# classes ("horse", "flower"; "bus": school bus, minibus, trolleybus) can be in a photo the classifier
-# puts nothing on (a drawn bus: pencil sharpener 8%, the bus classes together under 1%).
+# Things people ask about in photos (basic-level words). The bridge rules out (under `rule_out`) only
+# those that name at least RULED_OUT_MIN_CLASSES ImageNet classes (all their senses together): a kind
+# covered by a few classes ("horse", "flower"; "bus": school bus, minibus, trolleybus) can be in a photo
+# the classifier puts nothing on (a drawn bus: pencil sharpener 8%, the bus classes together under 1%).
 EVERYDAY = (
     "car", "dog", "cat", "bird", "tree", "house", "table", "chair", "horse", "boat", "airplane", "bicycle",
     "bus", "truck", "phone", "book", "computer", "flower", "fish", "ball", "cup", "bottle", "shoe", "clock",
@@ -70,8 +68,9 @@ class LabelBridge:
         top_k: int = ModelDesign.projector_labels_top_k,
         min_probability: float = 0.05,
         sure: float = ModelDesign.projector_labels_sure,
+        rule_out: float = ModelDesign.projector_labels_rule_out,
     ):
-        self.top_k, self.min_probability, self.sure = top_k, min_probability, sure
+        self.top_k, self.min_probability, self.sure, self.rule_out = top_k, min_probability, sure, rule_out
         self.words, self.parents, self.membership, self.classes = _tree()
         self.vocabulary, self.kinds = _vocabulary()
         self.sizes = self.membership.sum(1)  # (nodes,) classes under each node
@@ -102,7 +101,7 @@ class LabelBridge:
             sure = np.flatnonzero((scores >= min(AGREED, self.sure)) & (both > 0)).tolist()
             named = [n for n in sure if n in self.kinds]
         if not named:
-            ruled_out = [word for word, row in self.everyday.items() if row @ probabilities < RULE_OUT]
+            ruled_out = [word for word, row in self.everyday.items() if row @ probabilities < self.rule_out]
             return Verdict(None, None, None, 0.0, [], [], guesses, ruled_out)
         kind = self._most_specific(named)
         node = self._most_specific(sure)
@@ -185,8 +184,8 @@ def article(noun: str) -> str:
 
 
 @cache
-def _bridge(top_k: int, sure: float) -> LabelBridge:
-    return LabelBridge(top_k=top_k, sure=sure)
+def _bridge(top_k: int, sure: float, rule_out: float = ModelDesign.projector_labels_rule_out) -> LabelBridge:
+    return LabelBridge(top_k=top_k, sure=sure, rule_out=rule_out)
 
 
 def describe_images(features: np.ndarray, settings: dict[str, Any]) -> list[str]:
