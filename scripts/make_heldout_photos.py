@@ -169,9 +169,11 @@ SUBJECTS = {
     "horse": (["horse"], "horse"),
     "grace_hopper": (["uniform", "military uniform", "suit", "jacket", "tie"], "tie"),
 }
-# Everyday things none of those photos shows (China's has a lake shore, so no boat).
+# Everyday things to ask about where the photo does not show them; and what a photo shows besides its
+# subject (China's has boats on the lake).
 ABSENT = ["dog", "car", "bird", "horse", "fish", "airplane", "train", "chair", "bottle", "elephant", "boat"]
 ABSENT += ["truck", "pizza", "banana", "snake", "sheep"]
+ALSO_SHOWN = {"china": {"boat"}}
 SELECTION_COPIES, SELECTION_SEED = 5, 2026
 
 
@@ -201,7 +203,10 @@ def selection_set(rng: random.Random) -> tuple[dict[str, tuple[str, list[Transfo
         for copy in range(SELECTION_COPIES):
             file = f"{photo}-{copy}"
             photos[file] = (photo, random_transforms(rng))
-            absent = rng.choice([w for w in ABSENT if w != word and w not in names])
+            candidates = [w for w in ABSENT if w != word and w not in names]
+            absent = rng.choice(candidates)
+            while absent in ALSO_SHOWN.get(photo, ()):  # drawn again: the set stays as first written
+                absent = rng.choice(candidates)
             asked = [
                 ("What is this?", names, "what"),
                 (f"Is there {article(word)} {word}?", ["yes"], "yes-no"),

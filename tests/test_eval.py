@@ -217,10 +217,13 @@ def test_eval_does_not_resume_a_model_retrained_under_the_same_path(model_dir, t
     assert "holds predictions of another run" in error and f"weights: {first} -> " in error
     # A retuned config.json (a labels model's bridge lives there) is another model too.
     assert main([*common, "--max-new-tokens", "3", "--overwrite"]) == 0
+    settings = json.loads((out / "run.json").read_text())["settings"]
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "projector_labels_sure": 0.4}))
+    capsys.readouterr()
     assert main([*common, "--max-new-tokens", "3"]) == 2
-    assert "holds predictions of another run" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert f"settings: {settings} -> " in error and "weights:" not in error
 
 
 def test_a_task_checks_its_data_before_loading_a_model(tmp_path, capsys):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_tokenizer, tiny_text_config
+from conftest import make_tokenizer, recipe, tiny_text_config
 from mmllm import MultimodalConfig, MultimodalLM, MultimodalProcessor
+from mmllm.config import load_config
 from mmllm.efficientnet_lite0 import lukemelas_to_timm
 from mmllm.engine.torch_backend import Pipeline
 from mmllm.errors import MmllmError
@@ -26,6 +27,8 @@ from mmllm.models.timm_vision import (
     describe_architecture,
     tower_from_state_dict,
 )
+from mmllm.train.config import TrainConfig
+from mmllm.train.loop import train
 
 
 def _wheel_weights() -> Path:
@@ -187,7 +190,7 @@ def test_sure_of_nothing_it_names_the_everyday_kinds_it_rules_out():
     verdict = bridge.verdict(probabilities)
     assert verdict.answer is None
     assert "dog" not in verdict.ruled_out and "animal" not in verdict.ruled_out  # 6% on them
-    # 4% is under the line; a stricter bridge keeps the dog in.
+    # 4% is under the line; a bridge whose line is 1% does not rule the dog out.
     probabilities = _probabilities(bridge, {"bubble": 0.3, "spotlight": 0.2, "pug-dog": 0.04})
     assert "dog" in bridge.verdict(probabilities).ruled_out
     assert "dog" not in LabelBridge(rule_out=0.01).verdict(probabilities).ruled_out
@@ -245,6 +248,29 @@ def test_a_labels_model_reads_images_as_words(images):
     first, second = backend.image_words(processor.image_processor.arrays([load_image(p) for p in images]))
     assert text.index(first) < text.index(" or ") < text.rindex(second)
     assert backend.ask(images[0], "What is it?")  # the whole path runs
+
+
+def test_a_labels_model_trains_on_label_qa_only_where_its_bridge_reads_as_label_qa_writes(tmp_path):
+    """label-qa's sentences are the bridge's at its default settings: a model whose bridge reads at
+    other settings would learn from sentences it is never shown, and is refused before a step."""
+    for name, rule_out in (("defaults", 0.05), ("retuned", 0.1)):
+        model, processor = _tiny_timm_model("classes", "labels", projector_labels_rule_out=rule_out)
+        model.config.trained_parts = ["language_model"]
+        model.save_pretrained(tmp_path / name)
+        processor.save_pretrained(tmp_path / name)
+    overrides = {
+        "data.datasets": [{"format": "label-qa", "limit": 8}],
+        "parts.projector": "frozen",
+        "parts.language_model": "lora",
+        "max_steps": 2,
+        "save_every": 2,
+    }
+    defaults = recipe(tmp_path / "defaults", tmp_path / "a", **overrides)
+    final = train(load_config(TrainConfig, None, base=defaults))
+    assert MultimodalLM.from_pretrained(final).config.labels_bridge == LabelBridge().settings
+    retuned = recipe(tmp_path / "retuned", tmp_path / "b", **overrides)
+    with pytest.raises(MmllmError, match=r"label-qa writes the bridge's sentences at its defaults .*0\.1"):
+        train(load_config(TrainConfig, None, base=retuned))
 
 
 def test_a_labels_model_answers_alike_on_onnx(tmp_path, images):
@@ -340,6 +366,7 @@ def test_the_selection_set_is_what_its_script_writes():
         assert subject["answers"] == ["yes"] and absent["answers"] == ["no"]
         asked = absent["question"].removesuffix("?").split()[-1]
         assert asked not in what["answers"] and asked != subject["question"].removesuffix("?").split()[-1]
+        assert asked not in script["ALSO_SHOWN"].get(absent["image"].rsplit("-", 1)[0], ())
 
 
 def test_generated_label_questions_follow_their_verdicts():

@@ -25,6 +25,8 @@ from mmllm.data.readers import read
 from mmllm.data.records import Sample
 from mmllm.engine import load_backend
 from mmllm.engine.backend import Backend
+from mmllm.engine.llama_cpp import LLAMA_CPP_CONFIG
+from mmllm.engine.onnx import ONNX_CONFIG
 from mmllm.engine.scheduler import Scheduler
 from mmllm.engine.settings import GenerationSettings
 from mmllm.errors import MmllmError
@@ -44,6 +46,7 @@ log = logging.getLogger("mmllm")
 PREDICTIONS = "predictions.jsonl"
 RUN = "run.json"  # the model, data and decoding that made the predictions
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx")
+SETTINGS_FILES = ("config.json", ONNX_CONFIG, LLAMA_CPP_CONFIG)  # at the model folder's top
 
 
 def task_samples(task: str, cfg: DataConfig) -> list[Sample]:
@@ -219,6 +222,7 @@ def run_identity(
         "task": task,
         "model": model,
         "weights": weight_files_digest(model),
+        "settings": settings_files_digest(model),
         "backend": backend,
         "dtype": dtype,
         "data": [vars(spec) for spec in data.datasets],
@@ -227,10 +231,8 @@ def run_identity(
     return json.loads(json.dumps(identity, default=str))  # as it reads back from run.json
 
 
-def weight_files_digest(model: str) -> str | None:
-    """A digest of a local model folder's weight files and config.json, names and bytes (None for a hub
-    id): a model retrained, or its bridge retuned (`projector_labels_*`), under the same name or path must
-    not resume the old model's predictions."""
+def files_digest(model: str, wanted: Callable[[Path], bool]) -> str | None:
+    """A digest of the `wanted` files of a local model folder, names and bytes (None for a hub id)."""
     try:
         folder = Path(resolve_model_name(model))
     except MmllmError:
@@ -239,12 +241,23 @@ def weight_files_digest(model: str) -> str | None:
         return None
     digest = hashlib.sha256()
     for file in sorted(folder.rglob("*")):
-        if file.is_file() and (file.suffix in WEIGHT_SUFFIXES or file.name == "config.json"):
+        if file.is_file() and wanted(file.relative_to(folder)):
             digest.update(str(file.relative_to(folder)).encode())
             with file.open("rb") as stream:
                 while chunk := stream.read(1 << 20):
                     digest.update(chunk)
     return digest.hexdigest()[:16]
+
+
+def weight_files_digest(model: str) -> str | None:
+    """A model retrained under the same name or path must not resume the old weights' predictions."""
+    return files_digest(model, lambda file: file.suffix in WEIGHT_SUFFIXES)
+
+
+def settings_files_digest(model: str) -> str | None:
+    """Nor one retuned: its config.json, or an export's settings, hold what the weights do not (the
+    labels bridge's `projector_labels_*` lines)."""
+    return files_digest(model, lambda file: str(file) in SETTINGS_FILES)
 
 
 def _check_resume(out: Path, identity: dict, overwrite: bool) -> None:

@@ -7,8 +7,9 @@ words people use**: the vocabulary of `photo_vocabulary.json` (the class names o
 Images mapped onto the tree), so a lion photo is "Some kind of cat, perhaps a lion.", never
 "Placental.". One class standing out under that kind is offered as a guess. Below the sure level, the
 top two classes agreeing on a kind still name it (missile 26% and projectile 19%: a weapon, 46%). Sure
-of nothing, the verdict says so, and names the everyday kinds the classifier rules out (under 5% summed:
-"Rules out: bird, car, cat, ..."), so the LM can answer "no" about those and decline the rest.
+of nothing, the verdict says so, and names the everyday kinds the classifier rules out (summed under
+`rule_out`, 5% by default: "Rules out: bird, car, cat, ..."), so the LM can answer "no" about those and
+decline the rest.
 
 Every backend (torch, ONNX, llama.cpp) turns class probabilities into the LM's words here and only here.
 """
@@ -77,6 +78,11 @@ class LabelBridge:
         self.depths = [len(self.path_up(n)) for n in range(len(self.words))]
         self.class_names = [self.name(c) for c in self.classes]
         self.everyday = self._everyday_classes()
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings a model's config sets (`MultimodalConfig.labels_bridge`)."""
+        return {"top_k": self.top_k, "sure": self.sure, "rule_out": self.rule_out}
 
     def name(self, node: int) -> str:
         """A node's word: its vocabulary word if it has one, else WordNet's first lemma."""
@@ -183,7 +189,7 @@ def article(noun: str) -> str:
     return "an" if noun[:1].lower() in "aeiou" else "a"
 
 
-@cache
+@cache  # rule_out's default: the settings of exports written before it was a setting
 def _bridge(top_k: int, sure: float, rule_out: float = ModelDesign.projector_labels_rule_out) -> LabelBridge:
     return LabelBridge(top_k=top_k, sure=sure, rule_out=rule_out)
 

@@ -22,10 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from mmllm.conversation import IGNORE_INDEX
+from mmllm.data.config import DataConfig
 from mmllm.data.features import cache_for_training
 from mmllm.data.loading import LoadReport, build_dataloader, processor_for
 from mmllm.errors import MmllmError
 from mmllm.models.build import build_model, load_model
+from mmllm.models.labels import LabelBridge
 from mmllm.models.multimodal import MultimodalLM
 from mmllm.models.nf4 import nf4_layers
 from mmllm.processor import MultimodalProcessor
@@ -139,11 +141,20 @@ def _compile_layers(model: MultimodalLM) -> None:
     log.info("compiling %d %s layers (the first steps take longer)", len(layers), type(layers[0]).__name__)
 
 
-def _check_words_model_data(model: MultimodalLM, dataset) -> None:
+def _check_words_model_data(model: MultimodalLM, dataset, data: DataConfig) -> None:
     """A model that reads images as words learns from the words: its data must be text (the bridge's
-    sentences already in the prompt), not images it has no rows for."""
+    sentences already in the prompt), not images it has no rows for; and label-qa's sentences, written
+    by the bridge at its default settings, only where the model's bridge is set so."""
     if not model.config.reads_images_as_words:
         return
+    written_with = LabelBridge().settings
+    label_qa = any(spec.format == "label-qa" for spec in data.datasets)
+    if label_qa and model.config.labels_bridge != written_with:
+        raise MmllmError(
+            f"label-qa writes the bridge's sentences at its defaults ({written_with}); this model's bridge "
+            f"reads at {model.config.labels_bridge}: train at the defaults, or the model would learn from "
+            "sentences it is never shown"
+        )
     with_images = [s.id for s in getattr(dataset, "samples", ()) if s.images]
     if with_images or not hasattr(dataset, "samples"):
         raise MmllmError(
@@ -304,7 +315,7 @@ def train(cfg: TrainConfig, resume: str = "") -> Path:
         cfg.data.feature_cache, cfg.data.augment.enabled, cfg.parts.vision_tower == "full", model, processor
     )
     loader = build_dataloader(cfg.data, processor, feature_cache=cache)
-    _check_words_model_data(model, loader.dataset)
+    _check_words_model_data(model, loader.dataset, cfg.data)
     total, end = _steps(cfg, loader)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, cfg.optim), betas=(cfg.optim.beta1, cfg.optim.beta2)
