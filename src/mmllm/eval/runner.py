@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +46,7 @@ log = logging.getLogger("mmllm")
 PREDICTIONS = "predictions.jsonl"
 RUN = "run.json"  # the model, data and decoding that made the predictions
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx")
-SETTINGS_FILES = ("config.json", ONNX_CONFIG, LLAMA_CPP_CONFIG)  # at the model folder's top
+SETTINGS_FILES = ("config.json", ONNX_CONFIG, LLAMA_CPP_CONFIG)  # in the model folder itself
 
 
 def task_samples(task: str, cfg: DataConfig) -> list[Sample]:
@@ -231,8 +231,8 @@ def run_identity(
     return json.loads(json.dumps(identity, default=str))  # as it reads back from run.json
 
 
-def files_digest(model: str, wanted: Callable[[Path], bool]) -> str | None:
-    """A digest of the `wanted` files of a local model folder, names and bytes (None for a hub id)."""
+def files_digest(model: str, pick: Callable[[Path], Iterable[Path]]) -> str | None:
+    """A digest of the files `pick` finds in a local model folder, names and bytes (None for a hub id)."""
     try:
         folder = Path(resolve_model_name(model))
     except MmllmError:
@@ -240,24 +240,25 @@ def files_digest(model: str, wanted: Callable[[Path], bool]) -> str | None:
     if not folder.is_dir():
         return None
     digest = hashlib.sha256()
-    for file in sorted(folder.rglob("*")):
-        if file.is_file() and wanted(file.relative_to(folder)):
-            digest.update(str(file.relative_to(folder)).encode())
-            with file.open("rb") as stream:
-                while chunk := stream.read(1 << 20):
-                    digest.update(chunk)
+    for file in sorted(pick(folder)):
+        digest.update(str(file.relative_to(folder)).encode())
+        with file.open("rb") as stream:
+            while chunk := stream.read(1 << 20):
+                digest.update(chunk)
     return digest.hexdigest()[:16]
 
 
 def weight_files_digest(model: str) -> str | None:
     """A model retrained under the same name or path must not resume the old weights' predictions."""
-    return files_digest(model, lambda file: file.suffix in WEIGHT_SUFFIXES)
+    return files_digest(
+        model, lambda folder: (f for f in folder.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
+    )
 
 
 def settings_files_digest(model: str) -> str | None:
     """Nor one retuned: its config.json, or an export's settings, hold what the weights do not (the
     labels bridge's `projector_labels_*` lines)."""
-    return files_digest(model, lambda file: str(file) in SETTINGS_FILES)
+    return files_digest(model, lambda folder: (folder / n for n in SETTINGS_FILES if (folder / n).is_file()))
 
 
 def _check_resume(out: Path, identity: dict, overwrite: bool) -> None:

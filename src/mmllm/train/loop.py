@@ -147,9 +147,9 @@ def _check_words_model_data(model: MultimodalLM, dataset, data: DataConfig) -> N
     by the bridge at its default settings, only where the model's bridge is set so."""
     if not model.config.reads_images_as_words:
         return
-    written_with = LabelBridge().settings
-    label_qa = any(spec.format == "label-qa" for spec in data.datasets)
-    if label_qa and model.config.labels_bridge != written_with:
+    if any(spec.format == "label-qa" for spec in data.datasets) and (
+        model.config.labels_bridge != (written_with := LabelBridge().settings)
+    ):
         raise MmllmError(
             f"label-qa writes the bridge's sentences at its defaults ({written_with}); this model's bridge "
             f"reads at {model.config.labels_bridge}: train at the defaults, or the model would learn from "
